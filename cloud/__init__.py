@@ -1,0 +1,1 @@
+"""The cloud receiver: ingest, durable per-channel buffers, connector endpoints."""

@@ -1,0 +1,25 @@
+"""Storage backends behind one :class:`~cloud.buffers.base.Buffer` protocol, chosen by URL."""
+
+from __future__ import annotations
+
+from cloud.buffers.base import Buffer, ChannelSpec, DeadLetter, Delivery, TokenRecord
+
+SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+
+
+def open_buffer(url: str) -> Buffer:
+    """Return the backend for ``url``; nothing is connected until first use."""
+    if url.startswith("sqlite:///"):
+        from cloud.buffers.sqlite import SQLiteBuffer
+
+        return SQLiteBuffer(url)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from cloud.buffers.redis import RedisBuffer
+
+        return RedisBuffer(url)
+    raise ValueError(
+        f"unsupported storage URL {url!r}: use sqlite:///path.db or redis://host:port/db"
+    )
+
+
+__all__ = ["Buffer", "ChannelSpec", "DeadLetter", "Delivery", "TokenRecord", "open_buffer"]

@@ -1,0 +1,162 @@
+"""The ``Buffer`` protocol every storage backend implements, and the values it trades in.
+
+Semantics shared by every backend (the conformance suite in ``tests/test_buffers.py`` holds
+each of them to it):
+
+* A channel is provisioned with a :class:`ChannelSpec`; its limits live in the backend so every
+  cloud replica sees the same ones. The ``default`` group exists from provisioning on, so
+  messages sent before any connector connects wait for it. Another group starts at the first
+  message appended after it joined.
+* ``append`` refuses with :class:`~shared.exceptions.ChannelFull` at ``max_queue_size`` retained
+  messages and returns the message id only once the message is durable.
+* ``read`` hands a consumer of a group messages nobody else in that group holds, marks them in
+  flight and counts the attempt. Each group gets every message.
+* ``ack`` removes a message from the group. ``nack(retry=True)`` makes it deliverable again
+  after ``retry_delay_seconds`` (capped at the ack timeout); ``nack(retry=False)`` dead-letters
+  it. A message in flight longer than ``ack_timeout_seconds`` is deliverable again; one read
+  more than ``max_delivery_attempts`` times is dead-lettered instead.
+* A message older than ``ttl_seconds`` is expired (counted), never delivered. A message is
+  removed from storage only when every group has acked, expired or dead-lettered it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shared.envelope import Envelope
+
+DEFAULT_GROUP = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """A channel and its limits."""
+
+    name: str
+    ttl_seconds: int = 86400
+    max_queue_size: int = 10000
+    max_connections: int = 10
+    max_in_flight: int = 100
+    ack_timeout_seconds: float = 30.0
+    max_delivery_attempts: int = 5
+    retry_delay_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """A connector token as stored: only its hash, never the token."""
+
+    token_id: str
+    channel: str
+    token_hash: str
+    label: str = ""
+    created_at: float = 0.0
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message handed to a consumer: ``attempt`` is 1 on first delivery."""
+
+    message_id: str
+    attempt: int
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message a group gave up on, with why and after how many attempts."""
+
+    dead_letter_id: str
+    message_id: str
+    group: str
+    reason: str
+    attempts: int
+    dead_at: float
+    envelope: Envelope
+
+
+@dataclass(slots=True)
+class ChannelStats:
+    """Counters and gauges of one channel."""
+
+    depth: int = 0
+    in_flight: int = 0
+    dead_letters: int = 0
+    oldest_age_seconds: float | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+COUNTERS = ("accepted", "delivered", "redelivered", "dead_lettered", "expired")
+
+
+class Buffer(Protocol):
+    """Durable per-channel message storage with consumer groups."""
+
+    url: str
+
+    async def aclose(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise :class:`~shared.exceptions.StorageUnavailable` unless the backend answers."""
+
+    async def provision(self, spec: ChannelSpec) -> None:
+        """Create the channel, or update its limits; existing messages are kept."""
+
+    async def get_channel(self, name: str) -> ChannelSpec | None: ...
+
+    async def list_channels(self) -> list[ChannelSpec]: ...
+
+    async def delete_channel(self, name: str) -> bool:
+        """Remove the channel with its messages, dead letters and tokens."""
+
+    async def put_token(self, token: TokenRecord) -> None: ...
+
+    async def find_token(self, token_hash: str) -> TokenRecord | None: ...
+
+    async def list_tokens(self, channel: str) -> list[TokenRecord]: ...
+
+    async def delete_token(self, channel: str, token_id: str) -> bool: ...
+
+    async def append(self, envelope: Envelope) -> str:
+        """Store ``envelope`` durably in its channel and return the message id."""
+
+    async def append_many(self, envelopes: list[Envelope]) -> list[str | Exception]:
+        """Store several envelopes in one round trip; each gets an id or its own error."""
+
+    async def join(self, channel: str, group: str) -> None:
+        """Make sure ``group`` exists on ``channel`` (new groups start at the next message)."""
+
+    async def read(self, channel: str, group: str, consumer: str, count: int) -> list[Delivery]:
+        """Take up to ``count`` deliverable messages for ``consumer`` of ``group``."""
+
+    async def ack(self, channel: str, group: str, message_id: str, consumer: str = "") -> bool:
+        """Remove a message from ``group``; False if it was not in flight (for ``consumer``)."""
+
+    async def nack(
+        self,
+        channel: str,
+        group: str,
+        message_id: str,
+        *,
+        retry: bool,
+        consumer: str = "",
+        reason: str = "",
+    ) -> bool:
+        """Give a message back for a later attempt, or dead-letter it."""
+
+    async def release(self, channel: str, group: str, consumer: str) -> int:
+        """Return everything ``consumer`` holds to the group at once (it disconnected)."""
+
+    async def housekeep(self, channel: str) -> int:
+        """Expire messages past their TTL and drop what every group is done with."""
+
+    async def dead_letters(self, channel: str, limit: int = 100) -> list[DeadLetter]: ...
+
+    async def replay_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
+        """Deliver dead letters again, each to the group that gave up on it, with new ids."""
+
+    async def purge_dead_letters(self, channel: str, ids: list[str] | None = None) -> int: ...
+
+    async def stats(self, channel: str) -> ChannelStats: ...

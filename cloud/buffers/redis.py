@@ -1,0 +1,359 @@
+"""Redis Streams backend: one stream per channel, consumer groups for connector groups.
+
+Keys of a channel share the hash tag ``{<channel>}`` so a Redis Cluster keeps them in one slot.
+All state changes run as Lua scripts (``redis_scripts.lua``) so concurrent cloud replicas never
+see a half-done step. Channel names are restricted to ``[A-Za-z0-9._-]``, so they are safe inside
+a key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from importlib import resources
+from typing import Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from cloud.buffers.base import (
+    COUNTERS,
+    DEFAULT_GROUP,
+    ChannelSpec,
+    ChannelStats,
+    DeadLetter,
+    Delivery,
+    TokenRecord,
+)
+from cloud.coalescer import Coalescer
+from shared.envelope import Envelope
+from shared.exceptions import ChannelFull, StorageError, StorageUnavailable, UnknownChannel
+
+STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+CHANNELS_KEY = "wc:channels"
+TOKENS_KEY = "wc:tokens"
+SCRIPT_NAMES = ("append", "read", "ack", "nack", "release", "housekeep", "depth")
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def channel_keys(channel: str) -> list[str]:
+    """The keys of one channel, in the order every script expects them."""
+    tag = "{" + channel + "}"
+    return [f"wc:{tag}:s", f"wc:{tag}:cfg", f"wc:{tag}:stats", f"wc:{tag}:dlq"]
+
+
+def _load_scripts() -> dict[str, str]:
+    text = resources.files("cloud.buffers").joinpath("redis_scripts.lua").read_text()
+    prelude, *sections = text.split("\n-- script: ")
+    scripts = {}
+    for section in sections:
+        name, _, body = section.partition("\n")
+        scripts[name.strip()] = prelude + "\n" + body
+    assert set(scripts) == set(SCRIPT_NAMES), sorted(scripts)
+    return scripts
+
+
+class RedisBuffer:
+    """The production backend. ``url`` is a ``redis://`` or ``rediss://`` URL."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+        )
+        self._sources = _load_scripts()
+        self._shas: dict[str, str] = {}
+        # Concurrent ingest requests share one pipelined round trip; each still waits for
+        # its own write to be confirmed before it answers 202.
+        self._appender = Coalescer(self._append_batch, max_batch=512)
+
+    async def aclose(self) -> None:
+        await self._appender.aclose()
+        await self._redis.aclose()
+
+    async def _call(self, name: str, channel: str, *args: Any) -> Any:
+        try:
+            return await self._evalsha(self._redis, name, channel, *args)
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+
+    async def _evalsha(self, client: Any, name: str, channel: str, *args: Any) -> Any:
+        sha = self._shas.get(name)
+        if sha is None:
+            sha = self._shas[name] = await self._redis.script_load(self._sources[name])
+        try:
+            return await client.evalsha(sha, 4, *channel_keys(channel), *args)
+        except NoScriptError:
+            # Redis restarted without persistence of scripts: load again once.
+            self._shas.clear()
+            return await self._evalsha(client, name, channel, *args)
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+
+    # Channels and tokens ------------------------------------------------------------------
+
+    async def provision(self, spec: ChannelSpec) -> None:
+        stream, cfg, _, _ = channel_keys(spec.name)
+        mapping = {
+            "spec": orjson.dumps(dataclasses.asdict(spec)),
+            "max_queue_size": spec.max_queue_size,
+            "ttl_ms": spec.ttl_seconds * 1000,
+            "ack_timeout_ms": int(spec.ack_timeout_seconds * 1000),
+            "max_attempts": spec.max_delivery_attempts,
+            "retry_delay_ms": int(spec.retry_delay_seconds * 1000),
+        }
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(cfg, mapping=mapping)  # type: ignore[arg-type]
+                pipe.sadd(CHANNELS_KEY, spec.name)
+                await pipe.execute()
+            await self.join(spec.name, DEFAULT_GROUP, from_start=True)
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+
+    async def get_channel(self, name: str) -> ChannelSpec | None:
+        raw = await self._redis.hget(channel_keys(name)[1], "spec")
+        return None if raw is None else ChannelSpec(**orjson.loads(raw))
+
+    async def list_channels(self) -> list[ChannelSpec]:
+        members: Any = await self._redis.smembers(CHANNELS_KEY)
+        names = sorted(n.decode() for n in members)
+        specs = [await self.get_channel(name) for name in names]
+        return [spec for spec in specs if spec is not None]
+
+    async def delete_channel(self, name: str) -> bool:
+        tokens = await self.list_tokens(name)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.srem(CHANNELS_KEY, name)
+            pipe.delete(*channel_keys(name))
+            if tokens:
+                pipe.hdel(TOKENS_KEY, *(t.token_hash for t in tokens))
+            removed, *_ = await pipe.execute()
+        return bool(removed)
+
+    async def put_token(self, token: TokenRecord) -> None:
+        record = orjson.dumps(dataclasses.asdict(token))
+        await self._redis.hset(TOKENS_KEY, token.token_hash, record)
+
+    async def find_token(self, token_hash: str) -> TokenRecord | None:
+        try:
+            raw = await self._redis.hget(TOKENS_KEY, token_hash)
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        return None if raw is None else TokenRecord(**orjson.loads(raw))
+
+    async def list_tokens(self, channel: str) -> list[TokenRecord]:
+        records = [TokenRecord(**orjson.loads(v)) for v in await self._redis.hvals(TOKENS_KEY)]
+        return sorted((r for r in records if r.channel == channel), key=lambda r: r.created_at)
+
+    async def delete_token(self, channel: str, token_id: str) -> bool:
+        for record in await self.list_tokens(channel):
+            if record.token_id == token_id:
+                return bool(await self._redis.hdel(TOKENS_KEY, record.token_hash))
+        return False
+
+    # Messages -----------------------------------------------------------------------------
+
+    async def append(self, envelope: Envelope) -> str:
+        return await self._appender.submit(envelope)
+
+    async def append_many(self, envelopes: list[Envelope]) -> list[str | Exception]:
+        if not self._shas.get("append"):
+            self._shas["append"] = await self._redis.script_load(self._sources["append"])
+        sha = self._shas["append"]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for envelope in envelopes:
+                    keys = channel_keys(envelope.channel)
+                    pipe.evalsha(sha, 4, *keys, envelope.encode_meta(), envelope.body)
+                replies = await pipe.execute(raise_on_error=False)
+        except NoScriptError:
+            self._shas.clear()
+            return await self.append_many(envelopes)
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        return [_append_result(reply, env) for reply, env in zip(replies, envelopes, strict=True)]
+
+    async def _append_batch(self, envelopes: list[Envelope]) -> list[str | Exception]:
+        return await self.append_many(envelopes)
+
+    async def join(self, channel: str, group: str, *, from_start: bool = False) -> None:
+        stream = channel_keys(channel)[0]
+        try:
+            first = "0" if from_start else "$"
+            await self._redis.xgroup_create(stream, group, id=first, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise StorageError(str(exc)) from exc
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+
+    async def read(self, channel: str, group: str, consumer: str, count: int) -> list[Delivery]:
+        try:
+            rows = await self._call("read", channel, group, consumer, count)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                await self.join(channel, group)
+                return await self.read(channel, group, consumer, count)
+            raise _storage_error(exc, channel) from exc
+        return [
+            Delivery(row[0].decode(), int(row[1]), Envelope.decode(row[2], row[3])) for row in rows
+        ]
+
+    async def ack(self, channel: str, group: str, message_id: str, consumer: str = "") -> bool:
+        if not STREAM_ID.match(message_id):
+            return False
+        return await self._settle("ack", channel, group, message_id, consumer)
+
+    async def nack(
+        self,
+        channel: str,
+        group: str,
+        message_id: str,
+        *,
+        retry: bool,
+        consumer: str = "",
+        reason: str = "",
+    ) -> bool:
+        if not STREAM_ID.match(message_id):
+            return False
+        reason = reason or ("nack_retry" if retry else "nack")
+        return await self._settle(
+            "nack", channel, group, message_id, consumer, "1" if retry else "0", reason
+        )
+
+    async def _settle(self, name: str, channel: str, *args: str) -> bool:
+        try:
+            return bool(await self._call(name, channel, *args))
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return False
+            raise _storage_error(exc, channel) from exc
+
+    async def release(self, channel: str, group: str, consumer: str) -> int:
+        try:
+            return int(await self._call("release", channel, group, consumer))
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return 0
+            raise _storage_error(exc, channel) from exc
+
+    async def housekeep(self, channel: str) -> int:
+        try:
+            return int(await self._call("housekeep", channel))
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return 0
+            raise _storage_error(exc, channel) from exc
+
+    # Dead letters and stats ----------------------------------------------------------------
+
+    async def dead_letters(self, channel: str, limit: int = 100) -> list[DeadLetter]:
+        entries = await self._xrange(channel_keys(channel)[3], count=limit)
+        return [_dead_letter(entry_id, fields) for entry_id, fields in entries]
+
+    async def replay_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
+        stream, _, stats, dlq = channel_keys(channel)
+        letters = await self._select_dead_letters(channel, ids)
+        for letter in letters:
+            # A replay is a new message for the one group that gave up on it.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(
+                    stream,
+                    {
+                        "meta": letter.envelope.encode_meta(),
+                        "body": letter.envelope.body,
+                        "group": letter.group,
+                    },
+                )
+                pipe.xdel(dlq, letter.dead_letter_id)
+                pipe.hincrby(stats, "replayed", 1)
+                await pipe.execute()
+        return len(letters)
+
+    async def purge_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
+        dlq = channel_keys(channel)[3]
+        if ids is None:
+            count = await self._redis.xlen(dlq)
+            await self._redis.delete(dlq)
+            return int(count)
+        valid = [i for i in ids if STREAM_ID.match(i)]
+        return int(await self._redis.xdel(dlq, *valid)) if valid else 0
+
+    async def _select_dead_letters(self, channel: str, ids: list[str] | None) -> list[DeadLetter]:
+        dlq = channel_keys(channel)[3]
+        if ids is None:
+            entries = await self._xrange(dlq)
+        else:
+            entries = []
+            for entry_id in ids:
+                if STREAM_ID.match(entry_id):
+                    entries.extend(await self._xrange(dlq, entry_id, entry_id))
+        return [_dead_letter(entry_id, fields) for entry_id, fields in entries]
+
+    async def _xrange(
+        self, key: str, first: str = "-", last: str = "+", count: int | None = None
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        entries: Any = await self._redis.xrange(key, first, last, count=count)
+        return list(entries)
+
+    async def stats(self, channel: str) -> ChannelStats:
+        try:
+            depth, in_flight, oldest = await self._call("depth", channel)
+            _, _, stats_key, dlq = channel_keys(channel)
+            raw = await self._redis.hgetall(stats_key)
+            dead = await self._redis.xlen(dlq)
+        except ResponseError as exc:
+            raise _storage_error(exc, channel) from exc
+        counters = {name: 0 for name in COUNTERS}
+        counters.update({k.decode(): int(v) for k, v in cast(dict[bytes, bytes], raw).items()})
+        oldest_age = None
+        if oldest:
+            oldest_age = max(0.0, time.time() - int(oldest.decode().split("-")[0]) / 1000)
+        return ChannelStats(
+            depth=int(depth),
+            in_flight=int(in_flight),
+            dead_letters=int(dead),
+            oldest_age_seconds=oldest_age,
+            counters=counters,
+        )
+
+
+def _append_result(reply: Any, envelope: Envelope) -> str | Exception:
+    if isinstance(reply, bytes):
+        return reply.decode()
+    if isinstance(reply, ResponseError):
+        return _storage_error(reply, envelope.channel)
+    if isinstance(reply, Exception):
+        return StorageUnavailable(str(reply))
+    return StorageError(f"unexpected reply {reply!r}")
+
+
+def _storage_error(exc: ResponseError, channel: str) -> StorageError:
+    text = str(exc)
+    if text.startswith("FULL"):
+        limit = text.split()[1] if " " in text else "0"
+        return ChannelFull(channel, int(limit))
+    if text.startswith("NOCHANNEL") or "no such key" in text.lower():
+        return UnknownChannel(channel)
+    return StorageError(text)
+
+
+def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    return DeadLetter(
+        dead_letter_id=entry_id.decode(),
+        message_id=fields[b"message_id"].decode(),
+        group=fields[b"group"].decode(),
+        reason=fields[b"reason"].decode(),
+        attempts=int(fields[b"attempts"]),
+        dead_at=int(fields[b"dead_at"]) / 1000,
+        envelope=Envelope.decode(fields[b"meta"], fields[b"body"]),
+    )

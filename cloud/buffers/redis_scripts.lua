@@ -1,0 +1,200 @@
+-- Webhook Connect: the Redis Streams buffer's server-side logic.
+-- Every script receives KEYS = {stream, config, stats, dead letters} of one channel; they share
+-- a hash tag, so they live in one Redis Cluster slot. Each script is this prelude followed by
+-- one `-- script: NAME` section (see cloud/buffers/redis.py).
+local S, CFG, STATS, DLQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local RETRY_CONSUMER = '__retry__'
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+
+local function id_less(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am < bm or (am == bm and as < bs)
+end
+
+local function fields_of(flat)
+  local out = {}
+  for i = 1, #flat, 2 do out[flat[i]] = flat[i + 1] end
+  return out
+end
+
+local function groups_of()
+  local out = {}
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', S)) do
+    table.insert(out, fields_of(g))
+  end
+  return out
+end
+
+-- Messages below the floor are done for every group: acked, expired or dead-lettered.
+-- Never trims anything a group still has to read or has in flight.
+local function trim()
+  local floor = nil
+  for _, g in ipairs(groups_of()) do
+    local gfloor
+    if tonumber(g['pending']) > 0 then
+      gfloor = redis.call('XPENDING', S, g['name'])[2]
+    else
+      local ms, seq = id_parts(g['last-delivered-id'])
+      gfloor = ms .. '-' .. (seq + 1)
+    end
+    if floor == nil or id_less(gfloor, floor) then floor = gfloor end
+  end
+  if floor == nil then return 0 end
+  return redis.call('XTRIM', S, 'MINID', floor)
+end
+
+local function dead_letter(group, id, fields, attempts, reason, now)
+  redis.call('XADD', DLQ, '*', 'message_id', id, 'group', group, 'reason', reason,
+    'attempts', attempts, 'dead_at', now, 'meta', fields['meta'], 'body', fields['body'])
+  redis.call('XACK', S, group, id)
+  redis.call('HINCRBY', STATS, 'dead_lettered', 1)
+end
+
+local function config()
+  local c = redis.call('HMGET', CFG, 'max_queue_size', 'ttl_ms', 'ack_timeout_ms',
+    'max_attempts', 'retry_delay_ms')
+  if not c[1] then return nil end
+  return {
+    max_queue_size = tonumber(c[1]), ttl_ms = tonumber(c[2]), ack_timeout_ms = tonumber(c[3]),
+    max_attempts = tonumber(c[4]), retry_delay_ms = tonumber(c[5]),
+  }
+end
+
+-- script: append
+-- ARGV: meta, body. Returns the id, or an error reply 'FULL' / 'NOCHANNEL'.
+local cfg = config()
+if not cfg then return redis.error_reply('NOCHANNEL') end
+if redis.call('XLEN', S) >= cfg.max_queue_size then
+  trim()
+  if redis.call('XLEN', S) >= cfg.max_queue_size then return redis.error_reply('FULL ' .. cfg.max_queue_size) end
+end
+local id = redis.call('XADD', S, '*', 'meta', ARGV[1], 'body', ARGV[2])
+redis.call('HINCRBY', STATS, 'accepted', 1)
+return id
+
+-- script: read
+-- ARGV: group, consumer, count. Returns {{id, attempts, meta, body}, ...}.
+local group, consumer, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local cfg = config()
+if not cfg then return redis.error_reply('NOCHANNEL') end
+local now = now_ms()
+local cutoff = now - cfg.ttl_ms
+local out = {}
+local function offer(id, flat, attempts)
+  local f = fields_of(flat)
+  if id_parts(id) < cutoff then
+    redis.call('XACK', S, group, id)
+    redis.call('HINCRBY', STATS, 'expired', 1)
+  elseif f['group'] and f['group'] ~= group then
+    redis.call('XACK', S, group, id)  -- a replay meant for another group
+  elseif attempts > cfg.max_attempts then
+    dead_letter(group, id, f, attempts - 1, 'max_delivery_attempts', now)
+  else
+    if attempts > 1 then redis.call('HINCRBY', STATS, 'redelivered', 1) end
+    table.insert(out, {id, attempts, f['meta'], f['body']})
+  end
+end
+local claimed = redis.call('XAUTOCLAIM', S, group, consumer, cfg.ack_timeout_ms, '0-0',
+  'COUNT', count)
+for _, entry in ipairs(claimed[2]) do
+  local p = redis.call('XPENDING', S, group, entry[1], entry[1], 1)
+  offer(entry[1], entry[2], tonumber(p[1][4]))
+end
+if #out < count then
+  local fresh = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count - #out,
+    'STREAMS', S, '>')
+  if fresh then
+    for _, entry in ipairs(fresh[1][2]) do offer(entry[1], entry[2], 1) end
+  end
+end
+return out
+
+-- script: ack
+-- ARGV: group, id, consumer ('' for any). Returns 1 if the message was in flight.
+local group, id, consumer = ARGV[1], ARGV[2], ARGV[3]
+if consumer ~= '' then
+  local p = redis.call('XPENDING', S, group, id, id, 1)
+  if #p == 0 or p[1][2] ~= consumer then return 0 end
+end
+local n = redis.call('XACK', S, group, id)
+if n == 1 then redis.call('HINCRBY', STATS, 'delivered', 1) end
+return n
+
+-- script: nack
+-- ARGV: group, id, consumer ('' for any), retry ('1'/'0'), reason.
+local group, id, consumer, retry, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local cfg = config()
+if not cfg then return 0 end
+local p = redis.call('XPENDING', S, group, id, id, 1)
+if #p == 0 or (consumer ~= '' and p[1][2] ~= consumer) then return 0 end
+if retry == '1' then
+  -- Due again once its idle time reaches the ack timeout: that is, after the retry delay.
+  local idle = math.max(cfg.ack_timeout_ms - cfg.retry_delay_ms, 0)
+  redis.call('XCLAIM', S, group, RETRY_CONSUMER, 0, id, 'IDLE', idle, 'JUSTID')
+else
+  local entry = redis.call('XRANGE', S, id, id)[1]
+  dead_letter(group, id, fields_of(entry[2]), tonumber(p[1][4]), reason, now_ms())
+end
+return 1
+
+-- script: release
+-- ARGV: group, consumer. Makes everything the consumer holds due at once; returns how many.
+local group, consumer = ARGV[1], ARGV[2]
+local cfg = config()
+local released = 0
+while cfg do
+  local p = redis.call('XPENDING', S, group, '-', '+', 1000, consumer)
+  if #p == 0 then break end
+  local ids = {}
+  for i, entry in ipairs(p) do ids[i] = entry[1] end
+  redis.call('XCLAIM', S, group, RETRY_CONSUMER, 0, 'IDLE', cfg.ack_timeout_ms, 'JUSTID',
+    unpack(ids))
+  released = released + #ids
+end
+pcall(redis.call, 'XGROUP', 'DELCONSUMER', S, group, consumer)
+return released
+
+-- script: housekeep
+-- Expires what is past the TTL for every group, then trims. Returns how many expired.
+local cfg = config()
+if not cfg then return 0 end
+local cutoff = (now_ms() - cfg.ttl_ms) .. '-0'
+local expired = 0
+for _, g in ipairs(groups_of()) do
+  local old = redis.call('XPENDING', S, g['name'], '-', '(' .. cutoff, 10000)
+  for _, entry in ipairs(old) do
+    expired = expired + redis.call('XACK', S, g['name'], entry[1])
+  end
+  if id_less(g['last-delivered-id'], cutoff) then
+    local unread = redis.call('XRANGE', S, '(' .. g['last-delivered-id'], '(' .. cutoff,
+      'COUNT', 10000)
+    for _, entry in ipairs(unread) do
+      local f = fields_of(entry[2])
+      if not f['group'] or f['group'] == g['name'] then expired = expired + 1 end
+    end
+    if #unread > 0 then
+      redis.call('XGROUP', 'SETID', S, g['name'], unread[#unread][1])
+    end
+  end
+end
+if expired > 0 then redis.call('HINCRBY', STATS, 'expired', expired) end
+trim()
+return expired
+
+-- script: depth
+-- Returns {retained, in flight, oldest id or false} after trimming.
+trim()
+local in_flight = 0
+for _, g in ipairs(groups_of()) do in_flight = in_flight + tonumber(g['pending']) end
+local first = redis.call('XRANGE', S, '-', '+', 'COUNT', 1)[1]
+return {redis.call('XLEN', S), in_flight, first and first[1] or false}

@@ -1,0 +1,604 @@
+"""Embedded default backend: one SQLite file, so the cloud runs with nothing else installed.
+
+Every statement runs on one worker thread that owns the connection. WAL with
+``synchronous=FULL`` makes a commit durable before ``append`` returns; concurrent appends are
+committed together (group commit), so the fsync is shared. Several cloud processes may open the
+same file: each state change is one ``BEGIN IMMEDIATE`` transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from cloud.buffers.base import (
+    COUNTERS,
+    DEFAULT_GROUP,
+    ChannelSpec,
+    ChannelStats,
+    DeadLetter,
+    Delivery,
+    TokenRecord,
+)
+from cloud.coalescer import Coalescer
+from shared.envelope import Envelope
+from shared.exceptions import ChannelFull, StorageError, StorageUnavailable, UnknownChannel
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS channels (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_hash TEXT PRIMARY KEY, channel TEXT NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, received_at REAL NOT NULL,
+    only_group TEXT, meta BLOB NOT NULL, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_by_channel ON messages (channel, seq);
+CREATE TABLE IF NOT EXISTS groups (
+    channel TEXT NOT NULL, name TEXT NOT NULL, cursor INTEGER NOT NULL,
+    PRIMARY KEY (channel, name));
+CREATE TABLE IF NOT EXISTS pending (
+    channel TEXT NOT NULL, grp TEXT NOT NULL, seq INTEGER NOT NULL, consumer TEXT NOT NULL,
+    attempts INTEGER NOT NULL, due_at REAL NOT NULL, PRIMARY KEY (channel, grp, seq));
+CREATE INDEX IF NOT EXISTS pending_by_due ON pending (channel, grp, due_at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, grp TEXT NOT NULL,
+    message_id TEXT NOT NULL, reason TEXT NOT NULL, attempts INTEGER NOT NULL,
+    dead_at REAL NOT NULL, meta BLOB NOT NULL, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS dead_letters_by_channel ON dead_letters (channel, id);
+CREATE TABLE IF NOT EXISTS counters (
+    channel TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
+    PRIMARY KEY (channel, name));
+"""
+
+
+def path_from_url(url: str) -> str:
+    """``sqlite:///relative.db`` or ``sqlite:////abs/path.db`` to a file path."""
+    if not url.startswith("sqlite:///"):
+        raise ValueError(f"not a sqlite:/// URL: {url!r}")
+    return url.removeprefix("sqlite:///") or "webhook-connect.db"
+
+
+class SQLiteBuffer:
+    """Channels in one SQLite file. ``url`` is ``sqlite:///path.db``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._path = path_from_url(url)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-buffer")
+        self._db: sqlite3.Connection | None = None
+        self._appender = Coalescer(self._append_batch, max_batch=512)
+
+    # Plumbing -----------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._in_thread, fn, args)
+        except sqlite3.OperationalError as exc:
+            raise StorageUnavailable(f"sqlite: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"sqlite: {exc}") from exc
+
+    def _in_thread(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if self._db is None:
+            self._db = self._connect()
+        return fn(self._db, *args)
+
+    def _connect(self) -> sqlite3.Connection:
+        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA journal_mode = WAL")
+        # At-least-once: a 202 promises the message survives a crash, so fsync every commit.
+        db.execute("PRAGMA synchronous = FULL")
+        db.executescript(SCHEMA)
+        return db
+
+    async def aclose(self) -> None:
+        await self._appender.aclose()
+
+        def close(db: sqlite3.Connection) -> None:
+            db.close()
+            self._db = None
+
+        if self._db is not None:
+            await self._run(close)
+        self._executor.shutdown(wait=True)
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    # Channels and tokens ------------------------------------------------------------------
+
+    async def provision(self, spec: ChannelSpec) -> None:
+        def provision(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "INSERT INTO channels (name, spec) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+                    (spec.name, orjson.dumps(dataclasses.asdict(spec)).decode()),
+                )
+                _join(db, spec.name, DEFAULT_GROUP, from_start=True)
+
+        await self._run(provision)
+
+    async def get_channel(self, name: str) -> ChannelSpec | None:
+        return await self._run(_get_channel, name)
+
+    async def list_channels(self) -> list[ChannelSpec]:
+        def list_all(db: sqlite3.Connection) -> list[ChannelSpec]:
+            rows = db.execute("SELECT spec FROM channels ORDER BY name").fetchall()
+            return [ChannelSpec(**orjson.loads(row[0])) for row in rows]
+
+        return await self._run(list_all)
+
+    async def delete_channel(self, name: str) -> bool:
+        def delete(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                found = db.execute("DELETE FROM channels WHERE name = ?", (name,)).rowcount
+                for table in CHANNEL_TABLES:
+                    db.execute(f"DELETE FROM {table} WHERE channel = ?", (name,))
+            return bool(found)
+
+        return await self._run(delete)
+
+    async def put_token(self, token: TokenRecord) -> None:
+        def put(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "INSERT OR REPLACE INTO tokens (token_hash, channel, record) VALUES (?, ?, ?)",
+                    (token.token_hash, token.channel, orjson.dumps(dataclasses.asdict(token))),
+                )
+
+        await self._run(put)
+
+    async def find_token(self, token_hash: str) -> TokenRecord | None:
+        def find(db: sqlite3.Connection) -> TokenRecord | None:
+            row = db.execute(
+                "SELECT record FROM tokens WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+            return None if row is None else TokenRecord(**orjson.loads(row[0]))
+
+        return await self._run(find)
+
+    async def list_tokens(self, channel: str) -> list[TokenRecord]:
+        def list_all(db: sqlite3.Connection) -> list[TokenRecord]:
+            rows = db.execute("SELECT record FROM tokens WHERE channel = ?", (channel,))
+            records = [TokenRecord(**orjson.loads(row[0])) for row in rows]
+            return sorted(records, key=lambda r: r.created_at)
+
+        return await self._run(list_all)
+
+    async def delete_token(self, channel: str, token_id: str) -> bool:
+        for record in await self.list_tokens(channel):
+            if record.token_id == token_id:
+
+                def delete(db: sqlite3.Connection, token_hash: str = record.token_hash) -> bool:
+                    with _transaction(db):
+                        sql = "DELETE FROM tokens WHERE token_hash = ?"
+                        return bool(db.execute(sql, (token_hash,)).rowcount)
+
+                return await self._run(delete)
+        return False
+
+    # Messages -----------------------------------------------------------------------------
+
+    async def append(self, envelope: Envelope) -> str:
+        return await self._appender.submit(envelope)
+
+    async def append_many(self, envelopes: list[Envelope]) -> list[str | Exception]:
+        return await self._run(_append_many, envelopes)
+
+    async def _append_batch(self, envelopes: list[Envelope]) -> list[str | Exception]:
+        return await self.append_many(envelopes)
+
+    async def join(self, channel: str, group: str) -> None:
+        def join(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                _join(db, channel, group, from_start=False)
+
+        await self._run(join)
+
+    async def read(self, channel: str, group: str, consumer: str, count: int) -> list[Delivery]:
+        return await self._run(_read, channel, group, consumer, count, time.time())
+
+    async def ack(self, channel: str, group: str, message_id: str, consumer: str = "") -> bool:
+        return await self._run(_ack, channel, group, message_id, consumer)
+
+    async def nack(
+        self,
+        channel: str,
+        group: str,
+        message_id: str,
+        *,
+        retry: bool,
+        consumer: str = "",
+        reason: str = "",
+    ) -> bool:
+        reason = reason or ("nack_retry" if retry else "nack")
+        return await self._run(
+            _nack, channel, group, message_id, consumer, retry, reason, time.time()
+        )
+
+    async def release(self, channel: str, group: str, consumer: str) -> int:
+        def release(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                return db.execute(
+                    "UPDATE pending SET due_at = 0, consumer = '' "
+                    "WHERE channel = ? AND grp = ? AND consumer = ?",
+                    (channel, group, consumer),
+                ).rowcount
+
+        return await self._run(release)
+
+    async def housekeep(self, channel: str) -> int:
+        return await self._run(_housekeep, channel, time.time())
+
+    # Dead letters and stats ----------------------------------------------------------------
+
+    async def dead_letters(self, channel: str, limit: int = 100) -> list[DeadLetter]:
+        def select(db: sqlite3.Connection) -> list[DeadLetter]:
+            rows = db.execute(
+                f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE channel = ? "
+                "ORDER BY id LIMIT ?",
+                (channel, limit),
+            )
+            return [_dead_letter(row) for row in rows]
+
+        return await self._run(select)
+
+    async def replay_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
+        return await self._run(_replay_dead_letters, channel, ids, time.time())
+
+    async def purge_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
+        def purge(db: sqlite3.Connection) -> int:
+            with _transaction(db):
+                if ids is None:
+                    sql = "DELETE FROM dead_letters WHERE channel = ?"
+                    return db.execute(sql, (channel,)).rowcount
+                sql = "DELETE FROM dead_letters WHERE channel = ? AND id = ?"
+                return sum(db.execute(sql, (channel, _int(i))).rowcount for i in ids)
+
+        return await self._run(purge)
+
+    async def stats(self, channel: str) -> ChannelStats:
+        return await self._run(_stats, channel, time.time())
+
+
+# Work done on the database thread ------------------------------------------------------------
+
+CHANNEL_TABLES = ("tokens", "messages", "groups", "pending", "dead_letters", "counters")
+DEAD_LETTER_COLUMNS = "id, message_id, grp, reason, attempts, dead_at, meta, body"
+
+
+class _transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on error: one writer at a time."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, value: object, traceback: object) -> None:
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return -1
+
+
+def _get_channel(db: sqlite3.Connection, name: str) -> ChannelSpec | None:
+    row = db.execute("SELECT spec FROM channels WHERE name = ?", (name,)).fetchone()
+    return None if row is None else ChannelSpec(**orjson.loads(row[0]))
+
+
+def _join(db: sqlite3.Connection, channel: str, group: str, *, from_start: bool) -> None:
+    cursor = 0
+    if not from_start:
+        row = db.execute("SELECT MAX(seq) FROM messages").fetchone()
+        cursor = row[0] or 0
+    db.execute(
+        "INSERT OR IGNORE INTO groups (channel, name, cursor) VALUES (?, ?, ?)",
+        (channel, group, cursor),
+    )
+
+
+def _count(db: sqlite3.Connection, channel: str, name: str, amount: int = 1) -> None:
+    db.execute(
+        "INSERT INTO counters (channel, name, value) VALUES (?, ?, ?) "
+        "ON CONFLICT (channel, name) DO UPDATE SET value = value + excluded.value",
+        (channel, name, amount),
+    )
+
+
+def _depth(db: sqlite3.Connection, channel: str) -> int:
+    sql = "SELECT COUNT(*) FROM messages WHERE channel = ?"
+    return int(db.execute(sql, (channel,)).fetchone()[0])
+
+
+def _append_many(db: sqlite3.Connection, envelopes: list[Envelope]) -> list[str | Exception]:
+    results: list[str | Exception] = []
+    room: dict[str, int] = {}
+    accepted: dict[str, int] = {}
+    with _transaction(db):
+        for envelope in envelopes:
+            channel = envelope.channel
+            if channel not in room:
+                spec = _get_channel(db, channel)
+                if spec is None:
+                    room[channel] = -1
+                else:
+                    if _depth(db, channel) >= spec.max_queue_size:
+                        _trim(db, channel)
+                    room[channel] = spec.max_queue_size - _depth(db, channel)
+            if room[channel] < 0:
+                results.append(UnknownChannel(channel))
+                continue
+            if room[channel] == 0:
+                spec = _get_channel(db, channel)
+                results.append(ChannelFull(channel, spec.max_queue_size if spec else 0))
+                continue
+            row = db.execute(
+                "INSERT INTO messages (channel, received_at, meta, body) VALUES (?, ?, ?, ?)",
+                (channel, envelope.received_at, envelope.encode_meta(), envelope.body),
+            )
+            room[channel] -= 1
+            accepted[channel] = accepted.get(channel, 0) + 1
+            results.append(str(row.lastrowid))
+        for channel, amount in accepted.items():
+            _count(db, channel, "accepted", amount)
+    return results
+
+
+def _read(
+    db: sqlite3.Connection, channel: str, group: str, consumer: str, count: int, now: float
+) -> list[Delivery]:
+    with _transaction(db):
+        spec = _get_channel(db, channel)
+        if spec is None:
+            raise UnknownChannel(channel)
+        _join(db, channel, group, from_start=False)
+        cutoff = now - spec.ttl_seconds
+        due_at = now + spec.ack_timeout_seconds
+        out: list[Delivery] = []
+        # Messages whose ack timeout passed or whose retry delay is over come first.
+        redue = db.execute(
+            "SELECT p.seq, p.attempts, m.received_at, m.meta, m.body "
+            "FROM pending p JOIN messages m ON m.seq = p.seq "
+            "WHERE p.channel = ? AND p.grp = ? AND p.due_at <= ? ORDER BY p.seq LIMIT ?",
+            (channel, group, now, count),
+        ).fetchall()
+        for seq, attempts, received_at, meta, body in redue:
+            attempts += 1
+            if received_at < cutoff:
+                _settle(db, channel, group, seq)
+                _count(db, channel, "expired")
+            elif attempts > spec.max_delivery_attempts:
+                reason = "max_delivery_attempts"
+                _dead_letter_now(db, channel, group, seq, attempts - 1, reason, now)
+            else:
+                db.execute(
+                    "UPDATE pending SET attempts = ?, consumer = ?, due_at = ? "
+                    "WHERE channel = ? AND grp = ? AND seq = ?",
+                    (attempts, consumer, due_at, channel, group, seq),
+                )
+                _count(db, channel, "redelivered")
+                out.append(Delivery(str(seq), attempts, Envelope.decode(meta, body)))
+        if len(out) < count:
+            (cursor,) = db.execute(
+                "SELECT cursor FROM groups WHERE channel = ? AND name = ?", (channel, group)
+            ).fetchone()
+            fresh = db.execute(
+                "SELECT seq, received_at, only_group, meta, body FROM messages "
+                "WHERE channel = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (channel, cursor, count - len(out)),
+            ).fetchall()
+            for seq, received_at, only_group, meta, body in fresh:
+                cursor = seq
+                if received_at < cutoff:
+                    _count(db, channel, "expired")
+                elif only_group is None or only_group == group:
+                    db.execute(
+                        "INSERT INTO pending (channel, grp, seq, consumer, attempts, due_at) "
+                        "VALUES (?, ?, ?, ?, 1, ?)",
+                        (channel, group, seq, consumer, due_at),
+                    )
+                    out.append(Delivery(str(seq), 1, Envelope.decode(meta, body)))
+            db.execute(
+                "UPDATE groups SET cursor = ? WHERE channel = ? AND name = ?",
+                (cursor, channel, group),
+            )
+        return out
+
+
+def _settle(db: sqlite3.Connection, channel: str, group: str, seq: int) -> None:
+    db.execute(
+        "DELETE FROM pending WHERE channel = ? AND grp = ? AND seq = ?", (channel, group, seq)
+    )
+
+
+def _dead_letter_now(
+    db: sqlite3.Connection,
+    channel: str,
+    group: str,
+    seq: int,
+    attempts: int,
+    reason: str,
+    now: float,
+) -> None:
+    db.execute(
+        "INSERT INTO dead_letters "
+        "(channel, grp, message_id, reason, attempts, dead_at, meta, body) "
+        "SELECT channel, ?, ?, ?, ?, ?, meta, body FROM messages WHERE seq = ?",
+        (group, str(seq), reason, attempts, now, seq),
+    )
+    _settle(db, channel, group, seq)
+    _count(db, channel, "dead_lettered")
+
+
+def _pending_row(
+    db: sqlite3.Connection, channel: str, group: str, message_id: str, consumer: str
+) -> tuple[int, int] | None:
+    seq = _int(message_id)
+    row = db.execute(
+        "SELECT attempts, consumer FROM pending WHERE channel = ? AND grp = ? AND seq = ?",
+        (channel, group, seq),
+    ).fetchone()
+    if row is None or (consumer and row[1] != consumer):
+        return None
+    return seq, row[0]
+
+
+def _ack(db: sqlite3.Connection, channel: str, group: str, message_id: str, consumer: str) -> bool:
+    with _transaction(db):
+        found = _pending_row(db, channel, group, message_id, consumer)
+        if found is None:
+            return False
+        _settle(db, channel, group, found[0])
+        _count(db, channel, "delivered")
+        return True
+
+
+def _nack(
+    db: sqlite3.Connection,
+    channel: str,
+    group: str,
+    message_id: str,
+    consumer: str,
+    retry: bool,
+    reason: str,
+    now: float,
+) -> bool:
+    with _transaction(db):
+        found = _pending_row(db, channel, group, message_id, consumer)
+        spec = _get_channel(db, channel)
+        if found is None or spec is None:
+            return False
+        seq, attempts = found
+        if retry:
+            delay = min(spec.retry_delay_seconds, spec.ack_timeout_seconds)
+            db.execute(
+                "UPDATE pending SET due_at = ?, consumer = '' "
+                "WHERE channel = ? AND grp = ? AND seq = ?",
+                (now + delay, channel, group, seq),
+            )
+        else:
+            _dead_letter_now(db, channel, group, seq, attempts, reason, now)
+        return True
+
+
+def _trim(db: sqlite3.Connection, channel: str) -> int:
+    """Drop messages every group is done with; never one a group still reads or holds."""
+    floor = db.execute(
+        "SELECT MIN(f) FROM ("
+        " SELECT COALESCE((SELECT MIN(p.seq) FROM pending p"
+        "   WHERE p.channel = g.channel AND p.grp = g.name), g.cursor + 1) AS f"
+        " FROM groups g WHERE g.channel = ?)",
+        (channel,),
+    ).fetchone()[0]
+    if floor is None:
+        return 0
+    sql = "DELETE FROM messages WHERE channel = ? AND seq < ?"
+    return db.execute(sql, (channel, floor)).rowcount
+
+
+def _housekeep(db: sqlite3.Connection, channel: str, now: float) -> int:
+    with _transaction(db):
+        spec = _get_channel(db, channel)
+        if spec is None:
+            return 0
+        cutoff = now - spec.ttl_seconds
+        expired = db.execute(
+            "DELETE FROM pending WHERE channel = ? AND seq IN "
+            "(SELECT seq FROM messages WHERE channel = ? AND received_at < ?)",
+            (channel, channel, cutoff),
+        ).rowcount
+        groups = db.execute(
+            "SELECT name, cursor FROM groups WHERE channel = ?", (channel,)
+        ).fetchall()
+        for name, cursor in groups:
+            row = db.execute(
+                "SELECT COUNT(*), MAX(seq) FROM messages WHERE channel = ? AND seq > ? "
+                "AND received_at < ? AND (only_group IS NULL OR only_group = ?)",
+                (channel, cursor, cutoff, name),
+            ).fetchone()
+            if row[0]:
+                expired += row[0]
+                db.execute(
+                    "UPDATE groups SET cursor = ? WHERE channel = ? AND name = ?",
+                    (row[1], channel, name),
+                )
+        if expired:
+            _count(db, channel, "expired", expired)
+        _trim(db, channel)
+        return expired
+
+
+def _replay_dead_letters(
+    db: sqlite3.Connection, channel: str, ids: list[str] | None, now: float
+) -> int:
+    with _transaction(db):
+        if ids is None:
+            rows = db.execute(
+                "SELECT id FROM dead_letters WHERE channel = ? ORDER BY id", (channel,)
+            ).fetchall()
+        else:
+            sql = "SELECT id FROM dead_letters WHERE channel = ? AND id = ?"
+            rows = [r for i in ids for r in db.execute(sql, (channel, _int(i))).fetchall()]
+        for (dead_id,) in rows:
+            # A replay is a new message for the one group that gave up on it.
+            db.execute(
+                "INSERT INTO messages (channel, received_at, only_group, meta, body) "
+                "SELECT channel, ?, grp, meta, body FROM dead_letters WHERE id = ?",
+                (now, dead_id),
+            )
+            db.execute("DELETE FROM dead_letters WHERE id = ?", (dead_id,))
+        if rows:
+            _count(db, channel, "replayed", len(rows))
+        return len(rows)
+
+
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    dead_id, message_id, group, reason, attempts, dead_at, meta, body = row
+    return DeadLetter(
+        dead_letter_id=str(dead_id),
+        message_id=message_id,
+        group=group,
+        reason=reason,
+        attempts=attempts,
+        dead_at=dead_at,
+        envelope=Envelope.decode(meta, body),
+    )
+
+
+def _stats(db: sqlite3.Connection, channel: str, now: float) -> ChannelStats:
+    with _transaction(db):
+        _trim(db, channel)
+    depth, oldest = db.execute(
+        "SELECT COUNT(*), MIN(received_at) FROM messages WHERE channel = ?", (channel,)
+    ).fetchone()
+    in_flight = db.execute("SELECT COUNT(*) FROM pending WHERE channel = ?", (channel,))
+    dead = db.execute("SELECT COUNT(*) FROM dead_letters WHERE channel = ?", (channel,))
+    counters = {name: 0 for name in COUNTERS}
+    for name, value in db.execute("SELECT name, value FROM counters WHERE channel = ?", (channel,)):
+        counters[name] = value
+    return ChannelStats(
+        depth=depth,
+        in_flight=in_flight.fetchone()[0],
+        dead_letters=dead.fetchone()[0],
+        oldest_age_seconds=None if oldest is None else max(0.0, now - oldest),
+        counters=counters,
+    )

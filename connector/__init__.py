@@ -1,0 +1,1 @@
+"""The connector: dials out to the cloud and delivers messages locally."""

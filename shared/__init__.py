@@ -1,0 +1,1 @@
+"""Code used by both the cloud and the connector: config models, messages, the CLI."""

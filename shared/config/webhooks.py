@@ -1,0 +1,149 @@
+"""``webhooks.json``: ``{"<webhook_id>": {"module": ..., "module-config": {...}, ...}}``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from shared.config.connections import ConnectionEntry
+from shared.config.loading import load_json_file, validate_model
+from shared.exceptions import ConfigError
+
+CHANNEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+WEBHOOK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+DEFAULT_MAX_BODY_SIZE = 1024 * 1024
+
+# Every module name the Core Webhook Module knows, so its files are recognised.
+KNOWN_MODULES = frozenset(
+    {
+        "webhook_connect", "log", "save_to_disk", "http_webhook", "rabbitmq", "redis_rq",
+        "redis_publish", "postgresql", "mysql", "mariadb", "clickhouse", "kafka", "s3",
+        "aws_sqs", "mqtt", "websocket", "zeromq", "activemq", "gcp_pubsub",
+    }
+)  # fmt: skip
+# What this version of the cloud can do with a webhook; the rest fail at start-up, loudly.
+CLOUD_MODULES = frozenset({"webhook_connect"})
+# Inbound checks of the Core Webhook Module's format. Until they are enforced, configuring one
+# must stop start-up: silently accepting unauthenticated webhooks would be worse.
+UNENFORCED_KEYS = (
+    "authorization", "basic_auth", "jwt", "hmac", "ip_whitelist", "query_auth", "header_auth",
+    "oauth2", "digest_auth", "oauth1", "recaptcha", "provider", "rate_limit", "json_schema",
+)  # fmt: skip
+
+HttpMethod = Literal["POST", "PUT", "PATCH"]
+
+
+class WebhookConnectSettings(BaseModel):
+    """``module-config`` of a ``webhook_connect`` entry: the channel and its limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channel: str = Field(pattern=CHANNEL_NAME_PATTERN)
+    channel_token: str = Field(min_length=8)
+    ttl_seconds: PositiveInt = 86400
+    max_queue_size: PositiveInt = 10000
+    max_connections: PositiveInt = 10
+    max_in_flight: PositiveInt = 100
+    ack_timeout_seconds: PositiveFloat = 30.0
+    max_delivery_attempts: PositiveInt = 5
+    retry_delay_seconds: float = Field(default=5.0, ge=0)
+
+
+class WebhookEntry(BaseModel):
+    """One webhook of ``webhooks.json``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    module: str
+    module_config: dict[str, Any] = Field(default_factory=dict, alias="module-config")
+    data_type: Literal["json", "blob"] = "json"
+    methods: tuple[HttpMethod, ...] = ("POST",)
+    max_body_size: PositiveInt = DEFAULT_MAX_BODY_SIZE
+    connection: str | None = None
+
+
+class Webhook(BaseModel):
+    """A validated webhook that the cloud relays through a channel."""
+
+    model_config = ConfigDict(frozen=True)
+
+    webhook_id: str
+    entry: WebhookEntry
+    relay: WebhookConnectSettings
+
+
+def load_webhooks(
+    path: str | Path,
+    connections: Mapping[str, ConnectionEntry] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Webhook]:
+    """Load and validate ``webhooks.json`` for the cloud."""
+
+    source = str(path)
+    tree = load_json_file(path, environ)
+    if not isinstance(tree, dict):
+        raise ConfigError(source, "", "expected a JSON object of webhooks keyed by id")
+    webhooks: dict[str, Webhook] = {}
+    for webhook_id, raw in tree.items():
+        if not re.match(WEBHOOK_ID_PATTERN, webhook_id):
+            raise ConfigError(
+                source, webhook_id, "webhook id must be 1-128 letters, digits, '.', '_' or '-'"
+            )
+        entry = validate_model(WebhookEntry, raw, source, webhook_id)
+        _check_entry(entry, webhook_id, source, connections or {})
+        relay = validate_model(
+            WebhookConnectSettings, entry.module_config, source, f"{webhook_id}.module-config"
+        )
+        webhooks[webhook_id] = Webhook(webhook_id=webhook_id, entry=entry, relay=relay)
+    _check_channels_agree(webhooks, source)
+    return webhooks
+
+
+def _check_entry(
+    entry: WebhookEntry, webhook_id: str, source: str, connections: Mapping[str, ConnectionEntry]
+) -> None:
+    if entry.module not in KNOWN_MODULES:
+        raise ConfigError(source, f"{webhook_id}.module", f"unknown module {entry.module!r}")
+    if entry.module not in CLOUD_MODULES:
+        raise ConfigError(
+            source,
+            f"{webhook_id}.module",
+            f"module {entry.module!r} is not available in the cloud of this version; "
+            "use 'webhook_connect' and deliver it from a connector",
+        )
+    for key in UNENFORCED_KEYS:
+        if key in (entry.model_extra or {}):
+            raise ConfigError(
+                source,
+                f"{webhook_id}.{key}",
+                "not supported by this version (refusing to start "
+                "rather than accept webhooks without the check)",
+            )
+    if entry.model_extra:
+        key = next(iter(entry.model_extra))
+        raise ConfigError(source, f"{webhook_id}.{key}", "unknown key")
+    if entry.connection is not None and entry.connection not in connections:
+        raise ConfigError(
+            source, f"{webhook_id}.connection", f"no connection named {entry.connection!r}"
+        )
+
+
+def _check_channels_agree(webhooks: Mapping[str, Webhook], source: str) -> None:
+    """Several webhooks may feed one channel, but they must agree on its limits."""
+    seen: dict[str, Webhook] = {}
+    for webhook in webhooks.values():
+        first = seen.setdefault(webhook.relay.channel, webhook)
+        mine = webhook.relay.model_dump(exclude={"channel_token"})
+        theirs = first.relay.model_dump(exclude={"channel_token"})
+        for key, value in mine.items():
+            if value != theirs[key]:
+                raise ConfigError(
+                    source,
+                    f"{webhook.webhook_id}.module-config.{key}",
+                    f"channel {webhook.relay.channel!r} already has {key}={theirs[key]!r} "
+                    f"from webhook {first.webhook_id!r}",
+                )
