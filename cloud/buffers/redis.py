@@ -166,10 +166,10 @@ class RedisBuffer:
         return await self._appender.submit(envelope)
 
     async def append_many(self, envelopes: list[Envelope]) -> list[str | Exception]:
-        if not self._shas.get("append"):
-            self._shas["append"] = await self._redis.script_load(self._sources["append"])
-        sha = self._shas["append"]
         try:
+            sha = self._shas.get("append")
+            if sha is None:
+                sha = self._shas["append"] = await self._redis.script_load(self._sources["append"])
             async with self._redis.pipeline(transaction=False) as pipe:
                 for envelope in envelopes:
                     keys = channel_keys(envelope.channel)
@@ -180,6 +180,9 @@ class RedisBuffer:
             return await self.append_many(envelopes)
         except UNAVAILABLE as exc:
             raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        if any(isinstance(r, NoScriptError) for r in replies):
+            self._shas.clear()  # Redis restarted and lost its script cache
+            return await self.append_many(envelopes)
         return [_append_result(reply, env) for reply, env in zip(replies, envelopes, strict=True)]
 
     async def _append_batch(self, envelopes: list[Envelope]) -> list[str | Exception]:

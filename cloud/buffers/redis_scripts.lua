@@ -155,11 +155,12 @@ local released = 0
 while cfg do
   local p = redis.call('XPENDING', S, group, '-', '+', 1000, consumer)
   if #p == 0 then break end
-  local ids = {}
-  for i, entry in ipairs(p) do ids[i] = entry[1] end
-  redis.call('XCLAIM', S, group, RETRY_CONSUMER, 0, 'IDLE', cfg.ack_timeout_ms, 'JUSTID',
-    unpack(ids))
-  released = released + #ids
+  local args = {S, group, RETRY_CONSUMER, 0}
+  for _, entry in ipairs(p) do table.insert(args, entry[1]) end
+  table.insert(args, 'IDLE'); table.insert(args, cfg.ack_timeout_ms)
+  table.insert(args, 'JUSTID')
+  redis.call('XCLAIM', unpack(args))
+  released = released + #p
 end
 pcall(redis.call, 'XGROUP', 'DELCONSUMER', S, group, consumer)
 return released

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from cloud.buffers import Buffer, open_buffer
+from tests.servers import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server per test session, with append-only persistence."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The session's Redis, flushed for this test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each backend in turn: a fresh SQLite file, or the session's flushed Redis."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'buffer.db'}"
+    return str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+async def buffer(storage_url: str) -> AsyncIterator[Buffer]:
+    store = open_buffer(storage_url)
+    try:
+        yield store
+    finally:
+        await store.aclose()

@@ -1,0 +1,139 @@
+"""Real peers for the tests: redis-server, the cloud under uvicorn, all on free loopback ports.
+
+Each helper starts a process it owns, waits on a condition with a deadline (never a fixed
+sleep), and stops exactly that process by its PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except Exception:  # not ready yet: any exception here means "try again"
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Stop a process we started, by PID; kill it if it does not go in time."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
+class RedisServer:
+    """A redis-server with append-only persistence in ``directory``."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run scripts/test (it installs it)")
+        self.binary = binary
+        self.directory = directory
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory),
+            "--daemonize", "no", "--loglevel", "warning",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        wait_until(self._answers, what=f"redis-server on port {self.port}")
+
+    def _answers(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None:
+            stop(self.process, sig)
+            self.process = None
+
+
+class Cloud:
+    """``webhook-connect cloud`` as a real process under uvicorn."""
+
+    def __init__(self, storage: str, webhooks: Path, workdir: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.storage = storage
+        self.webhooks = webhooks
+        self.workdir = workdir
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = workdir / f"cloud-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [
+            sys.executable, "-m", "shared.cli", "cloud", "--host", "127.0.0.1",
+            "--port", str(self.port), "--webhooks", str(self.webhooks),
+            "--storage", self.storage, *self.extra,
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                args, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_until(self._healthy, timeout=20, what=f"cloud on port {self.port}")
+
+    def _healthy(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"cloud exited: {self.log.read_text()}")
+        return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None:
+            stop(self.process, sig)
+            self.process = None
+
+
+@contextlib.contextmanager
+def running(server: RedisServer | Cloud) -> Iterator[RedisServer | Cloud]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,291 @@
+"""One conformance suite for every storage backend (PRODUCT.md §7, the Buffer semantics)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cloud.buffers import Buffer, ChannelSpec, TokenRecord, open_buffer
+from shared.envelope import Envelope
+from shared.exceptions import ChannelFull, StorageUnavailable, UnknownChannel
+from tests.servers import free_port
+
+EVERY_BYTE = bytes(range(256))
+
+
+def envelope(body: bytes = b'{"n": 1}', channel: str = "orders", **extra: str) -> Envelope:
+    return Envelope(
+        channel=channel,
+        webhook_id="shop",
+        received_at=time.time(),
+        method="POST",
+        path="/webhook/shop",
+        query_string="a=1&b=%20x",
+        headers=(("content-type", "application/json"), ("x-custom", "\xe9\xff"), *extra.items()),
+        body=body,
+        client="127.0.0.1",
+    )
+
+
+async def test_channels_are_provisioned_listed_updated_and_deleted(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders", max_queue_size=5))
+    await buffer.provision(ChannelSpec("billing"))
+    assert [c.name for c in await buffer.list_channels()] == ["billing", "orders"]
+    message_id = await buffer.append(envelope())
+    await buffer.provision(ChannelSpec("orders", max_queue_size=7))
+    spec = await buffer.get_channel("orders")
+    assert spec is not None and spec.max_queue_size == 7
+    [delivery] = await buffer.read("orders", "default", "c1", 10)
+    assert delivery.message_id == message_id, "updating limits keeps messages"
+    assert await buffer.delete_channel("orders")
+    assert await buffer.get_channel("orders") is None
+    assert not await buffer.delete_channel("orders")
+    with pytest.raises(UnknownChannel):
+        await buffer.append(envelope())
+
+
+async def test_a_message_comes_back_byte_exact_with_its_first_attempt(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    sent = envelope(EVERY_BYTE)
+    message_id = await buffer.append(sent)
+    [delivery] = await buffer.read("orders", "default", "c1", 10)
+    assert delivery.message_id == message_id
+    assert delivery.attempt == 1
+    assert delivery.envelope == sent
+
+
+async def test_messages_wait_for_the_default_group_and_keep_their_order(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    ids = [await buffer.append(envelope(str(i).encode())) for i in range(20)]
+    got = await buffer.read("orders", "default", "c1", 100)
+    assert [d.message_id for d in got] == ids
+    assert [d.envelope.body for d in got] == [str(i).encode() for i in range(20)]
+
+
+async def test_ack_removes_a_message_once(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders", ack_timeout_seconds=0.2))
+    message_id = await buffer.append(envelope())
+    await buffer.read("orders", "default", "c1", 10)
+    assert not await buffer.ack("orders", "default", message_id, consumer="someone-else")
+    assert await buffer.ack("orders", "default", message_id, consumer="c1")
+    assert not await buffer.ack("orders", "default", message_id)
+    assert not await buffer.ack("orders", "default", "not-an-id")
+    assert not await buffer.ack("orders", "default", "99999999-0")
+    await asyncio.sleep(0.3)
+    assert await buffer.read("orders", "default", "c1", 10) == []
+    stats = await buffer.stats("orders")
+    assert (stats.depth, stats.in_flight, stats.counters["delivered"]) == (0, 0, 1)
+
+
+async def test_two_consumers_of_one_group_never_hold_the_same_message(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    ids = {await buffer.append(envelope(str(i).encode())) for i in range(50)}
+    first, second = await asyncio.gather(
+        *(buffer.read("orders", "default", name, 30) for name in ("c1", "c2"))
+    )
+    held_first = {d.message_id for d in first}
+    held_second = {d.message_id for d in second}
+    assert not held_first & held_second
+    assert held_first | held_second == ids
+
+
+async def test_each_group_gets_every_message(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    await buffer.join("orders", "analytics")
+    ids = [await buffer.append(envelope(str(i).encode())) for i in range(10)]
+    for group in ("default", "analytics"):
+        got = await buffer.read("orders", group, "c1", 100)
+        assert [d.message_id for d in got] == ids
+        for message_id in ids:
+            assert await buffer.ack("orders", group, message_id)
+    assert (await buffer.stats("orders")).depth == 0
+
+
+async def test_a_message_stays_until_every_group_is_done(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    await buffer.join("orders", "analytics")
+    message_id = await buffer.append(envelope())
+    [delivery] = await buffer.read("orders", "default", "c1", 10)
+    assert await buffer.ack("orders", "default", delivery.message_id)
+    assert (await buffer.stats("orders")).depth == 1
+    [late] = await buffer.read("orders", "analytics", "c9", 10)
+    assert late.message_id == message_id
+
+
+async def test_nack_with_retry_delivers_again_after_the_delay(buffer: Buffer) -> None:
+    spec = ChannelSpec("orders", ack_timeout_seconds=5, retry_delay_seconds=0.3)
+    await buffer.provision(spec)
+    message_id = await buffer.append(envelope())
+    await buffer.read("orders", "default", "c1", 10)
+    assert await buffer.nack("orders", "default", message_id, retry=True, consumer="c1")
+    assert await buffer.read("orders", "default", "c1", 10) == []
+    await asyncio.sleep(0.35)
+    [again] = await buffer.read("orders", "default", "c2", 10)
+    assert (again.message_id, again.attempt) == (message_id, 2)
+    assert (await buffer.stats("orders")).counters["redelivered"] == 1
+
+
+async def test_nack_without_retry_dead_letters(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    sent = envelope(EVERY_BYTE)
+    message_id = await buffer.append(sent)
+    await buffer.read("orders", "default", "c1", 10)
+    assert await buffer.nack("orders", "default", message_id, retry=False, reason="http_400")
+    assert not await buffer.nack("orders", "default", message_id, retry=False)
+    [letter] = await buffer.dead_letters("orders")
+    assert (letter.message_id, letter.group, letter.reason, letter.attempts) == (
+        message_id,
+        "default",
+        "http_400",
+        1,
+    )
+    assert letter.envelope == sent
+    stats = await buffer.stats("orders")
+    assert (stats.depth, stats.dead_letters, stats.counters["dead_lettered"]) == (0, 1, 1)
+
+
+async def test_an_unacked_message_is_delivered_again_after_the_ack_timeout(
+    buffer: Buffer,
+) -> None:
+    await buffer.provision(ChannelSpec("orders", ack_timeout_seconds=0.3))
+    message_id = await buffer.append(envelope())
+    [first] = await buffer.read("orders", "default", "c1", 10)
+    assert await buffer.read("orders", "default", "c2", 10) == []
+    await asyncio.sleep(0.4)
+    [second] = await buffer.read("orders", "default", "c2", 10)
+    assert (second.message_id, second.attempt) == (message_id, 2)
+    assert not await buffer.ack("orders", "default", message_id, consumer="c1")
+    assert await buffer.ack("orders", "default", message_id, consumer="c2")
+
+
+async def test_the_last_attempt_is_followed_by_the_dead_letter_queue(buffer: Buffer) -> None:
+    spec = ChannelSpec("orders", ack_timeout_seconds=0.2, max_delivery_attempts=2)
+    await buffer.provision(spec)
+    message_id = await buffer.append(envelope())
+    for attempt in (1, 2):
+        [delivery] = await buffer.read("orders", "default", "c1", 10)
+        assert delivery.attempt == attempt
+        await asyncio.sleep(0.25)
+    assert await buffer.read("orders", "default", "c1", 10) == []
+    [letter] = await buffer.dead_letters("orders")
+    assert (letter.message_id, letter.reason, letter.attempts) == (
+        message_id,
+        "max_delivery_attempts",
+        2,
+    )
+
+
+async def test_release_returns_in_flight_messages_at_once(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders", ack_timeout_seconds=30))
+    ids = [await buffer.append(envelope()) for _ in range(3)]
+    await buffer.read("orders", "default", "gone", 10)
+    assert await buffer.release("orders", "default", "gone") == 3
+    got = await buffer.read("orders", "default", "c2", 10)
+    assert [d.message_id for d in got] == ids
+
+
+async def test_ttl_expiry_is_counted_and_nothing_expired_is_delivered(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders", ttl_seconds=1, ack_timeout_seconds=0.1))
+    await buffer.append(envelope(b"unread"))
+    await buffer.append(envelope(b"in flight"))
+    await buffer.read("orders", "default", "c1", 1)
+    await asyncio.sleep(1.1)
+    fresh_id = await buffer.append(envelope(b"fresh"))
+    assert await buffer.housekeep("orders") == 2
+    [delivery] = await buffer.read("orders", "default", "c1", 10)
+    assert delivery.message_id == fresh_id
+    stats = await buffer.stats("orders")
+    assert stats.counters["expired"] == 2
+    assert stats.depth == 1
+
+
+async def test_expiry_found_while_reading_is_counted_too(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders", ttl_seconds=1))
+    await buffer.append(envelope())
+    await asyncio.sleep(1.1)
+    assert await buffer.read("orders", "default", "c1", 10) == []
+    assert (await buffer.stats("orders")).counters["expired"] == 1
+
+
+async def test_a_full_channel_refuses_and_keeps_what_it_has(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders", max_queue_size=3))
+    ids = [await buffer.append(envelope()) for _ in range(3)]
+    with pytest.raises(ChannelFull) as refused:
+        await buffer.append(envelope())
+    assert refused.value.limit == 3
+    in_flight = await buffer.read("orders", "default", "c1", 2)
+    with pytest.raises(ChannelFull):
+        await buffer.append(envelope())  # in flight still counts: nothing trimmed silently
+    assert await buffer.ack("orders", "default", in_flight[0].message_id)
+    ids.append(await buffer.append(envelope()))
+    rest = await buffer.read("orders", "default", "c2", 10)
+    assert [d.message_id for d in rest] == ids[2:]
+
+
+async def test_dead_letters_are_replayed_to_their_group_and_purged(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    await buffer.join("orders", "analytics")
+    for body in (b"a", b"b", b"c"):
+        await buffer.append(envelope(body))
+    for d in await buffer.read("orders", "default", "c1", 10):
+        await buffer.nack("orders", "default", d.message_id, retry=False)
+    for d in await buffer.read("orders", "analytics", "c1", 10):
+        await buffer.ack("orders", "analytics", d.message_id)
+    letters = await buffer.dead_letters("orders")
+    assert [letter.envelope.body for letter in letters] == [b"a", b"b", b"c"]
+    assert await buffer.replay_dead_letters("orders", [letters[0].dead_letter_id]) == 1
+    assert await buffer.read("orders", "analytics", "c1", 10) == []
+    [replayed] = await buffer.read("orders", "default", "c1", 10)
+    assert replayed.envelope.body == b"a"
+    assert replayed.message_id != letters[0].message_id
+    assert await buffer.purge_dead_letters("orders", [letters[1].dead_letter_id, "junk"]) == 1
+    assert [x.envelope.body for x in await buffer.dead_letters("orders")] == [b"c"]
+    assert await buffer.replay_dead_letters("orders") == 1
+    assert await buffer.purge_dead_letters("orders") == 0
+
+
+async def test_token_hashes_are_stored_found_and_deleted(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    record = TokenRecord("tok_1", "orders", "ab" * 32, label="laptop", created_at=1.0)
+    await buffer.put_token(record)
+    assert await buffer.find_token("ab" * 32) == record
+    assert await buffer.list_tokens("orders") == [record]
+    assert await buffer.list_tokens("billing") == []
+    assert await buffer.delete_token("orders", "tok_1")
+    assert await buffer.find_token("ab" * 32) is None
+
+
+async def test_another_replica_sees_the_same_channels_and_messages(storage_url: str) -> None:
+    first, second = open_buffer(storage_url), open_buffer(storage_url)
+    try:
+        await first.provision(ChannelSpec("orders", max_queue_size=42))
+        message_id = await first.append(envelope())
+        spec = await second.get_channel("orders")
+        assert spec is not None and spec.max_queue_size == 42
+        [delivery] = await second.read("orders", "default", "c1", 10)
+        assert delivery.message_id == message_id
+        assert await first.ack("orders", "default", message_id, consumer="c1")
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+async def test_concurrent_appends_are_batched_and_each_gets_its_id(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    ids = await asyncio.gather(*(buffer.append(envelope(str(i).encode())) for i in range(300)))
+    assert len(set(ids)) == 300
+    got = await buffer.read("orders", "default", "c1", 1000)
+    assert sorted(d.envelope.body for d in got) == sorted(str(i).encode() for i in range(300))
+
+
+async def test_unreachable_redis_is_reported_as_unavailable() -> None:
+    store = open_buffer(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        with pytest.raises(StorageUnavailable):
+            await store.ping()
+        with pytest.raises(StorageUnavailable):
+            await store.append(envelope())
+    finally:
+        await store.aclose()
