@@ -1,0 +1,123 @@
+"""The cloud's ASGI application: ingest fast path, health, readiness, background upkeep."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from cloud.buffers import Buffer, open_buffer
+from cloud.config import CloudConfig, config_from_environment
+from cloud.ingest import PREFIX, IngestEndpoint
+from cloud.provisioning import provision
+from shared.exceptions import StorageError
+
+logger = logging.getLogger("webhook_connect.cloud")
+
+HOUSEKEEPING_INTERVAL = 5.0
+PROVISION_RETRY_MAX = 5.0
+PROVISION_FIRST_WAIT = 3.0
+
+
+class CloudApp:
+    """Routes ``/webhook/...`` straight to the ingest endpoint; everything else to Starlette."""
+
+    def __init__(self, config: CloudConfig, buffer: Buffer | None = None) -> None:
+        self.config = config
+        self.buffer = buffer or open_buffer(config.storage_url)
+        self.ingest = IngestEndpoint(config.webhooks, self.buffer)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.router: ASGIApp = Starlette(
+            routes=[
+                Route("/health", self.health),
+                Route("/ready", self.ready),
+            ],
+            lifespan=self.lifespan,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(PREFIX):
+            await self.ingest(scope, receive, send)
+        else:
+            await self.router(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._provisioned = asyncio.create_task(self._provision_until_done())
+        # Serve ready from the first request when storage is up; otherwise keep trying.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._provisioned), PROVISION_FIRST_WAIT)
+        self._tasks = [self._provisioned, asyncio.create_task(self._housekeep_forever())]
+        try:
+            yield
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.buffer.aclose()
+
+    async def _provision_until_done(self) -> None:
+        # Storage may come up after us (a Redis restart): keep trying, stay not-ready meanwhile.
+        delay = 0.1
+        while True:
+            try:
+                await provision(self.buffer, self.config)
+            except StorageError as exc:
+                logger.warning("storage not ready, retrying in %.1fs: %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PROVISION_RETRY_MAX)
+            else:
+                self.ingest.is_ready = True
+                logger.info(
+                    "storage %s ready with %d channel(s)",
+                    _safe_url(self.config.storage_url),
+                    len(self.config.channels()),
+                )
+                return
+
+    async def _housekeep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            try:
+                for spec in await self.buffer.list_channels():
+                    await self.buffer.housekeep(spec.name)
+            except StorageError as exc:
+                logger.warning("housekeeping skipped: %s", exc)
+
+    async def health(self, request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> JSONResponse:
+        try:
+            await self.buffer.ping()
+        except StorageError as exc:
+            return JSONResponse(
+                {"status": "unavailable", "detail": str(exc)}, 503, {"retry-after": "2"}
+            )
+        if not self.ingest.is_ready:
+            return JSONResponse({"status": "provisioning"}, 503, {"retry-after": "1"})
+        return JSONResponse({"status": "ready", "storage": _safe_url(self.config.storage_url)})
+
+
+def _safe_url(url: str) -> str:
+    """The storage URL without its password, for logs and answers."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+def create_app(config: CloudConfig) -> CloudApp:
+    return CloudApp(config)
+
+
+def app_from_environment() -> CloudApp:
+    """uvicorn factory for worker processes (``--workers N``)."""
+    return CloudApp(config_from_environment())

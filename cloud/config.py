@@ -1,0 +1,109 @@
+"""The cloud's configuration: one typed object built at the edge (the CLI) and passed in."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from cloud.buffers import ChannelSpec
+from shared.config import Webhook, load_connections, load_webhooks
+from shared.exceptions import ConfigError
+
+DEFAULT_STORAGE = "sqlite:///webhook-connect.db"
+STORAGE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# Handed to uvicorn's worker processes, which rebuild the config from it.
+CONFIG_ENV = "WEBHOOK_CONNECT_INTERNAL_CLOUD_CONFIG"
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """Everything ``webhook-connect cloud`` needs; validated before anything starts."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    webhooks_path: str | None = None
+    connections_path: str | None = None
+    storage_url: str = DEFAULT_STORAGE
+    admin_token: str | None = None
+    workers: int = 1
+    log_level: str = "info"
+    webhooks: Mapping[str, Webhook] = field(default_factory=dict)
+
+    def channels(self) -> dict[str, ChannelSpec]:
+        """Channels named in ``webhooks.json``, with their limits."""
+        specs: dict[str, ChannelSpec] = {}
+        for webhook in self.webhooks.values():
+            relay = webhook.relay
+            specs[relay.channel] = ChannelSpec(
+                name=relay.channel,
+                ttl_seconds=relay.ttl_seconds,
+                max_queue_size=relay.max_queue_size,
+                max_connections=relay.max_connections,
+                max_in_flight=relay.max_in_flight,
+                ack_timeout_seconds=relay.ack_timeout_seconds,
+                max_delivery_attempts=relay.max_delivery_attempts,
+                retry_delay_seconds=relay.retry_delay_seconds,
+            )
+        return specs
+
+    def to_environment(self) -> str:
+        """Serialise the options (not the loaded files) for worker processes."""
+        options = dataclasses.asdict(self)
+        del options["webhooks"]
+        return orjson.dumps(options).decode()
+
+
+def build_cloud_config(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    webhooks_path: str | None = None,
+    connections_path: str | None = None,
+    storage_url: str | None = None,
+    admin_token: str | None = None,
+    workers: int = 1,
+    log_level: str = "info",
+    environ: Mapping[str, str] | None = None,
+) -> CloudConfig:
+    """Validate options and load the files they name; raise :class:`ConfigError` on a problem."""
+    storage = storage_url or DEFAULT_STORAGE
+    if not storage.startswith(STORAGE_SCHEMES):
+        raise ConfigError(
+            "--storage", "", f"unsupported URL {storage!r}: use sqlite:///FILE or redis://HOST:PORT"
+        )
+    if not 0 < port < 65536:
+        raise ConfigError("--port", "", f"{port} is not a TCP port")
+    if workers < 1:
+        raise ConfigError("--workers", "", "must be at least 1")
+    if log_level.lower() not in LOG_LEVELS:
+        raise ConfigError("--log-level", "", f"must be one of {', '.join(LOG_LEVELS)}")
+    if admin_token is not None and len(admin_token) < 16:
+        raise ConfigError("--admin-token", "", "must be at least 16 characters")
+    connections = load_connections(connections_path, environ)
+    webhooks = {} if webhooks_path is None else load_webhooks(webhooks_path, connections, environ)
+    return CloudConfig(
+        host=host,
+        port=port,
+        webhooks_path=webhooks_path,
+        connections_path=connections_path,
+        storage_url=storage,
+        admin_token=admin_token,
+        workers=workers,
+        log_level=log_level.lower(),
+        webhooks=webhooks,
+    )
+
+
+def config_from_environment() -> CloudConfig:
+    """Rebuild the config in a uvicorn worker from what the parent process validated."""
+    options = orjson.loads(os.environ[CONFIG_ENV])
+    for key in ("webhooks_path", "connections_path"):
+        if options[key] is not None:
+            options[key] = str(Path(options[key]))
+    return build_cloud_config(**options)

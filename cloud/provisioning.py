@@ -1,0 +1,46 @@
+"""Bring the backend in line with ``webhooks.json`` at start-up: channels, limits, tokens."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from cloud.buffers import Buffer, TokenRecord
+from cloud.config import CloudConfig
+from cloud.tokens import CONFIG_LABEL_PREFIX, hash_token
+from shared.config import Webhook
+
+
+async def provision(buffer: Buffer, config: CloudConfig) -> None:
+    """Create or update every configured channel and register its configured tokens.
+
+    Tokens that an earlier ``webhooks.json`` registered and this one no longer has are removed;
+    tokens issued through the admin API are left alone.
+    """
+    for spec in config.channels().values():
+        await buffer.provision(spec)
+    wanted = _config_tokens(config.webhooks)
+    for channel in config.channels():
+        for record in await buffer.list_tokens(channel):
+            stale = record.label.startswith(CONFIG_LABEL_PREFIX) and (
+                record.token_hash not in wanted
+            )
+            if stale:
+                await buffer.delete_token(channel, record.token_id)
+    for record in wanted.values():
+        await buffer.put_token(record)
+
+
+def _config_tokens(webhooks: Mapping[str, Webhook]) -> dict[str, TokenRecord]:
+    now = time.time()
+    records: dict[str, TokenRecord] = {}
+    for webhook in webhooks.values():
+        token_hash = hash_token(webhook.relay.channel_token)
+        records[token_hash] = TokenRecord(
+            token_id=f"cfg-{token_hash[:12]}",
+            channel=webhook.relay.channel,
+            token_hash=token_hash,
+            label=CONFIG_LABEL_PREFIX + webhook.webhook_id,
+            created_at=now,
+        )
+    return records

@@ -1,0 +1,32 @@
+"""Run the cloud under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import uvicorn
+
+from cloud.config import CONFIG_ENV, CloudConfig
+
+
+def run(config: CloudConfig) -> None:
+    """Serve until SIGINT/SIGTERM. The config is already validated."""
+    logging.basicConfig(
+        level=logging.getLevelName(config.log_level.upper()) if config.log_level != "trace" else 5,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ[CONFIG_ENV] = config.to_environment()
+    uvicorn.run(
+        "cloud.app:app_from_environment",
+        factory=True,
+        host=config.host,
+        port=config.port,
+        workers=config.workers,
+        log_level=config.log_level,
+        loop="auto",
+        http="auto",
+        access_log=config.log_level in ("debug", "trace"),
+        server_header=False,
+        proxy_headers=False,
+    )

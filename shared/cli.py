@@ -1,0 +1,96 @@
+"""``webhook-connect``: one console command for every role (PRODUCT.md §8).
+
+Each subcommand imports its side lazily, so a laptop that only runs the connector needs none of
+the cloud's dependencies. The CLI parses, builds the config, calls ``run()`` and maps failure to
+an exit status: 0 clean stop, 2 bad configuration or usage, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import click
+
+from shared.exceptions import ConfigError
+
+ENV_PREFIX = "WEBHOOK_CONNECT_"
+
+
+def fail_config(error: ConfigError) -> NoReturn:
+    click.echo(f"webhook-connect: configuration error: {error}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="webhook-connect")
+def main() -> None:
+    """Webhook Connect: a self-hosted cloud-to-local webhook relay."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, envvar=ENV_PREFIX + "HOST")
+@click.option("--port", default=8000, show_default=True, type=int, envvar=ENV_PREFIX + "PORT")
+@click.option(
+    "--webhooks",
+    "webhooks_path",
+    type=click.Path(dir_okay=False),
+    envvar=ENV_PREFIX + "WEBHOOKS",
+    help="webhooks.json (Core Webhook Module format).",
+)
+@click.option(
+    "--connections",
+    "connections_path",
+    type=click.Path(dir_okay=False),
+    envvar=ENV_PREFIX + "CONNECTIONS",
+    help="connections.json with named connection settings.",
+)
+@click.option(
+    "--storage",
+    "storage_url",
+    envvar=ENV_PREFIX + "STORAGE",
+    help="sqlite:///FILE (default: ./webhook-connect.db) or redis://HOST:PORT/DB.",
+)
+@click.option("--admin-token", envvar=ENV_PREFIX + "ADMIN_TOKEN", help="Token for /admin.")
+@click.option("--workers", default=1, show_default=True, type=int, envvar=ENV_PREFIX + "WORKERS")
+@click.option("--log-level", default="info", show_default=True, envvar=ENV_PREFIX + "LOG_LEVEL")
+def cloud(**options: object) -> None:
+    """Receive webhooks and buffer them durably per channel."""
+    try:
+        from cloud.config import build_cloud_config
+        from cloud.server import run
+    except ImportError as exc:
+        click.echo(
+            f"webhook-connect: the cloud needs its extras: pip install 'webhook-connect[cloud]' "
+            f"({exc})",
+            err=True,
+        )
+        sys.exit(2)
+    try:
+        config = build_cloud_config(**options)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        fail_config(exc)
+    run(config)
+
+
+def _later(name: str, issue: str) -> click.Command:
+    @click.command(
+        name=name,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        help=f"({issue}: not available in this version yet.)",
+    )
+    def command() -> None:
+        click.echo(f"webhook-connect {name}: not available in this version yet", err=True)
+        sys.exit(1)
+
+    return command
+
+
+main.add_command(_later("connector", "the connector"))
+main.add_command(_later("channels", "channel administration"))
+main.add_command(_later("dlq", "dead-letter administration"))
+main.add_command(_later("sink", "the debugging sink"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Configuration files, substitution, flags and environment; bad input stops with exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloud.config import build_cloud_config
+from shared.config import load_connections, load_webhooks
+from shared.config.substitution import substitute
+from shared.exceptions import ConfigError
+from tests.servers import REPO
+
+GOOD = {
+    "github": {
+        "module": "webhook_connect",
+        "module-config": {"channel": "dev", "channel_token": "{$TOKEN:default-token}"},
+    }
+}
+
+
+def write(tmp_path: Path, data: object, name: str = "webhooks.json") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_defaults_of_a_webhook_connect_entry(tmp_path: Path) -> None:
+    [webhook] = load_webhooks(write(tmp_path, GOOD), environ={}).values()
+    relay = webhook.relay
+    assert (relay.channel, relay.channel_token) == ("dev", "default-token")
+    assert (relay.ttl_seconds, relay.max_queue_size, relay.max_connections) == (86400, 10000, 10)
+    assert relay.max_in_flight == 100
+    assert webhook.entry.data_type == "json"
+    assert webhook.entry.methods == ("POST",)
+
+
+def test_placeholders_are_replaced_from_the_environment() -> None:
+    tree = {"a": "{$HOST}:{$PORT:5432}", "b": ["x{$HOST}"], "c": 3, "d": "{$EMPTY:}"}
+    assert substitute(tree, {"HOST": "db"}, "f.json") == {
+        "a": "db:5432",
+        "b": ["xdb"],
+        "c": 3,
+        "d": "",
+    }
+
+
+@pytest.mark.parametrize(
+    ("content", "key_path", "reason"),
+    [
+        ("{ nope", "", "invalid JSON at line 1 column 3"),
+        ([], "", "expected a JSON object"),
+        ({"gh": {"module": "nope"}}, "gh.module", "unknown module 'nope'"),
+        ({"gh": {"module": "kafka"}}, "gh.module", "not available in the cloud"),
+        ({"gh": {"module": "webhook_connect"}}, "gh.module-config.channel", "required"),
+        (
+            {"gh": {"module": "webhook_connect", "module-config": {
+                "channel": "dev", "channel_token": "t" * 10, "max_queue_size": "many"}}},
+            "gh.module-config.max_queue_size",
+            "valid integer",
+        ),
+        (
+            {"gh": {"module": "webhook_connect", "module-config": {
+                "channel": "a/b", "channel_token": "t" * 10}}},
+            "gh.module-config.channel",
+            "should match pattern",
+        ),
+        (
+            {"gh": {"module": "webhook_connect", "module-config": {
+                "channel": "dev", "channel_token": "{$NOT_SET_ANYWHERE}"}}},
+            "gh.module-config.channel_token",
+            "NOT_SET_ANYWHERE is not set",
+        ),
+        (
+            {"gh": {"module": "webhook_connect", "colour": "blue", "module-config": {
+                "channel": "dev", "channel_token": "t" * 10}}},
+            "gh.colour",
+            "unknown key",
+        ),
+        (
+            {"gh": {"module": "webhook_connect", "hmac": {"secret": "s"}, "module-config": {
+                "channel": "dev", "channel_token": "t" * 10}}},
+            "gh.hmac",
+            "not supported by this version",
+        ),
+        (
+            {
+                "a": {"module": "webhook_connect", "module-config": {
+                    "channel": "dev", "channel_token": "t" * 10}},
+                "b": {"module": "webhook_connect", "module-config": {
+                    "channel": "dev", "channel_token": "t" * 10, "ttl_seconds": 5}},
+            },
+            "b.module-config.ttl_seconds",
+            "already has ttl_seconds=86400",
+        ),
+    ],
+)  # fmt: skip
+def test_a_bad_file_names_file_key_and_reason(
+    tmp_path: Path, content: object, key_path: str, reason: str
+) -> None:
+    path = write(tmp_path, content)
+    with pytest.raises(ConfigError) as raised:
+        load_webhooks(path, environ={})
+    error = raised.value
+    assert error.source == str(path)
+    assert error.key_path == key_path
+    assert reason in error.reason
+
+
+def test_connections_are_loaded_and_referenced(tmp_path: Path) -> None:
+    connections = load_connections(
+        write(tmp_path, {"pg": {"type": "postgresql", "host": "{$PGHOST:db}"}}, "c.json"), {}
+    )
+    assert connections["pg"].type == "postgresql"
+    assert connections["pg"].model_extra == {"host": "db"}
+    entry = {**GOOD["github"], "connection": "missing"}
+    with pytest.raises(ConfigError, match="no connection named 'missing'"):
+        load_webhooks(write(tmp_path, {"gh": entry}), connections, environ={})
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )
+
+
+def test_the_cli_stops_with_exit_2_and_one_message(tmp_path: Path) -> None:
+    path = write(tmp_path, {"gh": {"module": "webhook_connect"}})
+    result = run_cli("cloud", "--webhooks", str(path), "--port", "1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"webhook-connect: configuration error: {path}: gh.module-config.channel: "
+        "required key is missing (and 1 more problem)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--storage", "mysql://x"], {}, "--storage: unsupported URL"),
+        (["--webhooks", "/nonexistent/webhooks.json"], {}, "file not found"),
+        ([], {"WEBHOOK_CONNECT_STORAGE": "ftp://x"}, "--storage: unsupported URL 'ftp://x'"),
+        ([], {"WEBHOOK_CONNECT_PORT": "99999"}, "--port: 99999 is not a TCP port"),
+        (["--workers", "0"], {}, "--workers: must be at least 1"),
+        (["--port", "nope"], {}, "'nope' is not a valid integer"),
+    ],
+)
+def test_bad_flags_and_environment_variables_exit_2(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    result = run_cli("cloud", *args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_flags_override_environment_only_when_given(tmp_path: Path) -> None:
+    env = {"WEBHOOK_CONNECT_PORT": "9100"}
+    assert build_cloud_config(port=9100, environ=env).port == 9100
+    result = run_cli("cloud", "--port", "99999", env={"WEBHOOK_CONNECT_PORT": "8000"})
+    assert "--port: 99999" in result.stderr
+
+
+def test_every_level_has_help() -> None:
+    for args in ([], ["cloud"], ["connector"], ["channels"], ["dlq"], ["sink"]):
+        result = run_cli(*args, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "Usage:" in result.stdout
