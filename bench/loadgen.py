@@ -30,7 +30,7 @@ from typing import Any, cast
 ACCEPTED = 202
 DRAIN_TIMEOUT = 10.0  # seconds to wait for the answers still outstanding when sending stops
 CONNECT_TIMEOUT = 5.0
-MIN_SLEEP = 0.001  # the event loops' timer resolution
+MIN_SLEEP = 0.0
 
 
 def build_post(host: str, port: int, path: str, body: bytes, content_type: str) -> bytes:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cloud.buffers import Buffer, ChannelSpec, TokenRecord, open_buffer
+from cloud.buffers import Buffer, ChannelSpec, ConnectionRecord, TokenRecord, open_buffer
 from shared.envelope import Envelope
 from shared.exceptions import ChannelFull, StorageUnavailable, UnknownChannel
 from tests.servers import free_port
@@ -289,3 +289,46 @@ async def test_unreachable_redis_is_reported_as_unavailable() -> None:
             await store.append(envelope())
     finally:
         await store.aclose()
+
+
+async def test_connections_are_registered_up_to_the_limit(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    records = [ConnectionRecord(f"conn-{i}", "orders", "default", connected_at=i) for i in range(3)]
+    assert await buffer.add_connection(records[0], limit=2)
+    assert await buffer.add_connection(records[1], limit=2)
+    assert not await buffer.add_connection(records[2], limit=2)
+    assert [r.connection_id for r in await buffer.list_connections("orders")] == [
+        "conn-0",
+        "conn-1",
+    ]
+    assert await buffer.touch_connection("orders", "conn-0")
+    found = await buffer.get_connection("orders", "conn-0")
+    assert found is not None and found.group == "default" and found.seen_at > 0
+    assert await buffer.remove_connection("orders", "conn-0")
+    assert not await buffer.touch_connection("orders", "conn-0"), "a removed connection must go"
+    assert await buffer.add_connection(records[2], limit=2)
+
+
+async def test_an_append_wakes_a_waiting_reader(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    since = buffer.change_version("orders")
+    waiter = asyncio.create_task(buffer.wait_for_change("orders", since, 30))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await buffer.append(envelope())
+    await asyncio.wait_for(waiter, 5)
+    assert time.monotonic() - started < 2
+
+
+async def test_an_append_on_another_replica_wakes_a_reader(redis_url: str) -> None:
+    first, second = open_buffer(redis_url), open_buffer(redis_url)
+    try:
+        await first.provision(ChannelSpec("orders"))
+        await second.wait_for_change("orders", second.change_version("orders"), 0.2)
+        since = second.change_version("orders")
+        waiter = asyncio.create_task(second.wait_for_change("orders", since, 30))
+        await first.append(envelope())
+        await asyncio.wait_for(waiter, 5)
+    finally:
+        await first.aclose()
+        await second.aclose()

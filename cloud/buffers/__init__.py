@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from cloud.buffers.base import Buffer, ChannelSpec, DeadLetter, Delivery, TokenRecord
+from cloud.buffers.base import (
+    Buffer,
+    ChannelSpec,
+    ConnectionRecord,
+    DeadLetter,
+    Delivery,
+    TokenRecord,
+)
 
 SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
 
@@ -22,4 +29,12 @@ def open_buffer(url: str) -> Buffer:
     )
 
 
-__all__ = ["Buffer", "ChannelSpec", "DeadLetter", "Delivery", "TokenRecord", "open_buffer"]
+__all__ = [
+    "Buffer",
+    "ChannelSpec",
+    "ConnectionRecord",
+    "DeadLetter",
+    "Delivery",
+    "TokenRecord",
+    "open_buffer",
+]

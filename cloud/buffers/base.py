@@ -88,6 +88,24 @@ class ChannelStats:
     counters: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionRecord:
+    """A live connector connection, kept in storage so every replica can see and act on it."""
+
+    connection_id: str
+    channel: str
+    group: str
+    connector_id: str = ""
+    transport: str = "websocket"
+    address: str = ""
+    token_id: str = ""
+    connected_at: float = 0.0
+    seen_at: float = 0.0
+
+
+# A connection not heard of for this long is gone (its replica died): it no longer counts.
+CONNECTION_STALE_SECONDS = 30.0
+
 COUNTERS = ("accepted", "delivered", "redelivered", "dead_lettered", "expired")
 
 
@@ -151,6 +169,24 @@ class Buffer(Protocol):
 
     async def housekeep(self, channel: str) -> int:
         """Expire messages past their TTL and drop what every group is done with."""
+
+    def change_version(self, channel: str) -> int:
+        """A number that changes whenever messages may have become deliverable."""
+
+    async def wait_for_change(self, channel: str, since: int, max_wait: float) -> None:
+        """Wait until ``change_version`` differs from ``since`` (any replica), or ``max_wait``."""
+
+    async def add_connection(self, record: ConnectionRecord, limit: int) -> bool:
+        """Register a connection unless ``limit`` live ones exist already."""
+
+    async def touch_connection(self, channel: str, connection_id: str) -> bool:
+        """Mark a connection alive; False if it was removed (disconnect it)."""
+
+    async def remove_connection(self, channel: str, connection_id: str) -> bool: ...
+
+    async def get_connection(self, channel: str, connection_id: str) -> ConnectionRecord | None: ...
+
+    async def list_connections(self, channel: str) -> list[ConnectionRecord]: ...
 
     async def dead_letters(self, channel: str, limit: int = 100) -> list[DeadLetter]: ...
 

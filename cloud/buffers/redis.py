@@ -8,7 +8,10 @@ a key.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
 import re
 import time
 from importlib import resources
@@ -21,29 +24,37 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cloud.buffers.base import (
+    CONNECTION_STALE_SECONDS,
     COUNTERS,
     DEFAULT_GROUP,
     ChannelSpec,
     ChannelStats,
+    ConnectionRecord,
     DeadLetter,
     Delivery,
     TokenRecord,
 )
 from cloud.coalescer import Coalescer
+from cloud.notifier import Notifier
 from shared.envelope import Envelope
 from shared.exceptions import ChannelFull, StorageError, StorageUnavailable, UnknownChannel
+
+logger = logging.getLogger("webhook_connect.redis")
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 CHANNELS_KEY = "wc:channels"
 TOKENS_KEY = "wc:tokens"
-SCRIPT_NAMES = ("append", "read", "ack", "nack", "release", "housekeep", "depth")
+SCRIPT_NAMES = (
+    "append", "read", "ack", "nack", "release", "housekeep", "depth", "connect", "touch",
+)  # fmt: skip
+NOTIFY_CHANNEL = "wc:changed"
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def channel_keys(channel: str) -> list[str]:
     """The keys of one channel, in the order every script expects them."""
     tag = "{" + channel + "}"
-    return [f"wc:{tag}:s", f"wc:{tag}:cfg", f"wc:{tag}:stats", f"wc:{tag}:dlq"]
+    return [f"wc:{tag}:s", f"wc:{tag}:cfg", f"wc:{tag}:stats", f"wc:{tag}:dlq", f"wc:{tag}:conns"]
 
 
 def _load_scripts() -> dict[str, str]:
@@ -70,9 +81,17 @@ class RedisBuffer:
         # Concurrent ingest requests share one pipelined round trip; each still waits for
         # its own write to be confirmed before it answers 202.
         self._appender = Coalescer(self._append_batch, max_batch=512)
+        self._acker = Coalescer(self._ack_batch, max_batch=512)
+        self._notifier = Notifier()
+        self._listener: asyncio.Task[None] | None = None
 
     async def aclose(self) -> None:
         await self._appender.aclose()
+        await self._acker.aclose()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *UNAVAILABLE):
+                await self._listener
         await self._redis.aclose()
 
     async def _call(self, name: str, channel: str, *args: Any) -> Any:
@@ -86,7 +105,7 @@ class RedisBuffer:
         if sha is None:
             sha = self._shas[name] = await self._redis.script_load(self._sources[name])
         try:
-            return await client.evalsha(sha, 4, *channel_keys(channel), *args)
+            return await client.evalsha(sha, 5, *channel_keys(channel), *args)
         except NoScriptError:
             # Redis restarted without persistence of scripts: load again once.
             self._shas.clear()
@@ -101,7 +120,7 @@ class RedisBuffer:
     # Channels and tokens ------------------------------------------------------------------
 
     async def provision(self, spec: ChannelSpec) -> None:
-        stream, cfg, _, _ = channel_keys(spec.name)
+        cfg = channel_keys(spec.name)[1]
         mapping = {
             "spec": orjson.dumps(dataclasses.asdict(spec)),
             "max_queue_size": spec.max_queue_size,
@@ -173,7 +192,7 @@ class RedisBuffer:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for envelope in envelopes:
                     keys = channel_keys(envelope.channel)
-                    pipe.evalsha(sha, 4, *keys, envelope.encode_meta(), envelope.body)
+                    pipe.evalsha(sha, 5, *keys, envelope.encode_meta(), envelope.body)
                 replies = await pipe.execute(raise_on_error=False)
         except NoScriptError:
             self._shas.clear()
@@ -186,7 +205,40 @@ class RedisBuffer:
         return [_append_result(reply, env) for reply, env in zip(replies, envelopes, strict=True)]
 
     async def _append_batch(self, envelopes: list[Envelope]) -> list[str | Exception]:
-        return await self.append_many(envelopes)
+        results = await self.append_many(envelopes)
+        changed = {e.channel for e, r in zip(envelopes, results, strict=True) if isinstance(r, str)}
+        await self._announce(changed)
+        return results
+
+    async def _announce(self, channels: set[str]) -> None:
+        """Wake readers here at once, and on other replicas through pub/sub."""
+        for channel in channels:
+            self._notifier.notify(channel)
+        if channels:
+            with contextlib.suppress(*UNAVAILABLE):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for channel in channels:
+                        pipe.publish(NOTIFY_CHANNEL, channel)
+                    await pipe.execute()
+
+    def change_version(self, channel: str) -> int:
+        return self._notifier.version(channel)
+
+    async def wait_for_change(self, channel: str, since: int, max_wait: float) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen())
+        await self._notifier.wait(channel, since, max_wait)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(NOTIFY_CHANNEL)
+                    async for message in pubsub.listen():
+                        self._notifier.notify(message["data"].decode())
+            except UNAVAILABLE as exc:
+                logger.warning("change notifications lost, retrying: %s", exc)
+                await asyncio.sleep(1)
 
     async def join(self, channel: str, group: str, *, from_start: bool = False) -> None:
         stream = channel_keys(channel)[0]
@@ -214,7 +266,29 @@ class RedisBuffer:
     async def ack(self, channel: str, group: str, message_id: str, consumer: str = "") -> bool:
         if not STREAM_ID.match(message_id):
             return False
-        return await self._settle("ack", channel, group, message_id, consumer)
+        return await self._acker.submit((channel, group, message_id, consumer))
+
+    async def _ack_batch(self, acks: list[tuple[str, str, str, str]]) -> list[bool | Exception]:
+        sha = self._shas.get("ack")
+        try:
+            if sha is None:
+                sha = self._shas["ack"] = await self._redis.script_load(self._sources["ack"])
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for channel, group, message_id, consumer in acks:
+                    pipe.evalsha(sha, 5, *channel_keys(channel), group, message_id, consumer)
+                replies = await pipe.execute(raise_on_error=False)
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        if any(isinstance(r, NoScriptError) for r in replies):
+            self._shas.clear()
+            return await self._ack_batch(acks)
+        results: list[bool | Exception] = []
+        for (channel, *_), reply in zip(acks, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                results.append(False if "NOGROUP" in str(reply) else _storage_error(reply, channel))
+            else:
+                results.append(bool(reply))
+        return results
 
     async def nack(
         self,
@@ -243,11 +317,14 @@ class RedisBuffer:
 
     async def release(self, channel: str, group: str, consumer: str) -> int:
         try:
-            return int(await self._call("release", channel, group, consumer))
+            released = int(await self._call("release", channel, group, consumer))
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
                 return 0
             raise _storage_error(exc, channel) from exc
+        if released:
+            await self._announce({channel})
+        return released
 
     async def housekeep(self, channel: str) -> int:
         try:
@@ -257,6 +334,33 @@ class RedisBuffer:
                 return 0
             raise _storage_error(exc, channel) from exc
 
+    # Connections ----------------------------------------------------------------------------
+
+    async def add_connection(self, record: ConnectionRecord, limit: int) -> bool:
+        info = orjson.dumps(dataclasses.asdict(record))
+        stale_ms = int(CONNECTION_STALE_SECONDS * 1000)
+        args = (record.connection_id, info, limit, stale_ms)
+        return bool(await self._call("connect", record.channel, *args))
+
+    async def touch_connection(self, channel: str, connection_id: str) -> bool:
+        return bool(await self._call("touch", channel, connection_id))
+
+    async def remove_connection(self, channel: str, connection_id: str) -> bool:
+        try:
+            return bool(await self._redis.hdel(channel_keys(channel)[4], connection_id))
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+
+    async def get_connection(self, channel: str, connection_id: str) -> ConnectionRecord | None:
+        raw = await self._redis.hget(channel_keys(channel)[4], connection_id)
+        return None if raw is None else ConnectionRecord(**orjson.loads(raw))
+
+    async def list_connections(self, channel: str) -> list[ConnectionRecord]:
+        raw: Any = await self._redis.hvals(channel_keys(channel)[4])
+        cutoff = time.time() - CONNECTION_STALE_SECONDS
+        records = [ConnectionRecord(**orjson.loads(value)) for value in raw]
+        return sorted((r for r in records if r.seen_at >= cutoff), key=lambda r: r.connected_at)
+
     # Dead letters and stats ----------------------------------------------------------------
 
     async def dead_letters(self, channel: str, limit: int = 100) -> list[DeadLetter]:
@@ -264,7 +368,7 @@ class RedisBuffer:
         return [_dead_letter(entry_id, fields) for entry_id, fields in entries]
 
     async def replay_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
-        stream, _, stats, dlq = channel_keys(channel)
+        stream, _, stats, dlq, _ = channel_keys(channel)
         letters = await self._select_dead_letters(channel, ids)
         for letter in letters:
             # A replay is a new message for the one group that gave up on it.
@@ -311,7 +415,7 @@ class RedisBuffer:
     async def stats(self, channel: str) -> ChannelStats:
         try:
             depth, in_flight, oldest = await self._call("depth", channel)
-            _, _, stats_key, dlq = channel_keys(channel)
+            _, _, stats_key, dlq, _ = channel_keys(channel)
             raw = await self._redis.hgetall(stats_key)
             dead = await self._redis.xlen(dlq)
         except ResponseError as exc:

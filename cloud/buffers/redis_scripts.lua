@@ -2,7 +2,7 @@
 -- Every script receives KEYS = {stream, config, stats, dead letters} of one channel; they share
 -- a hash tag, so they live in one Redis Cluster slot. Each script is this prelude followed by
 -- one `-- script: NAME` section (see cloud/buffers/redis.py).
-local S, CFG, STATS, DLQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local S, CFG, STATS, DLQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]  -- KEYS[5]: connections
 local RETRY_CONSUMER = '__retry__'
 
 local function now_ms()
@@ -199,3 +199,33 @@ local in_flight = 0
 for _, g in ipairs(groups_of()) do in_flight = in_flight + tonumber(g['pending']) end
 local first = redis.call('XRANGE', S, '-', '+', 'COUNT', 1)[1]
 return {redis.call('XLEN', S), in_flight, first and first[1] or false}
+
+-- script: connect
+-- ARGV: connection id, record JSON, limit, stale ms. Drops stale records; 1 if registered.
+local CONNS = KEYS[5]
+local now = now_ms()
+local live = 0
+local all = redis.call('HGETALL', CONNS)
+for i = 1, #all, 2 do
+  local record = cjson.decode(all[i + 1])
+  if record.seen_at * 1000 < now - tonumber(ARGV[4]) then
+    redis.call('HDEL', CONNS, all[i])
+  else
+    live = live + 1
+  end
+end
+if live >= tonumber(ARGV[3]) then return 0 end
+local record = cjson.decode(ARGV[2])
+record.seen_at = now / 1000
+redis.call('HSET', CONNS, ARGV[1], cjson.encode(record))
+return 1
+
+-- script: touch
+-- ARGV: connection id. 1 if the connection is still registered.
+local CONNS = KEYS[5]
+local raw = redis.call('HGET', CONNS, ARGV[1])
+if not raw then return 0 end
+local record = cjson.decode(raw)
+record.seen_at = now_ms() / 1000
+redis.call('HSET', CONNS, ARGV[1], cjson.encode(record))
+return 1

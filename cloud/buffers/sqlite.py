@@ -20,15 +20,18 @@ from typing import Any, TypeVar
 import orjson
 
 from cloud.buffers.base import (
+    CONNECTION_STALE_SECONDS,
     COUNTERS,
     DEFAULT_GROUP,
     ChannelSpec,
     ChannelStats,
+    ConnectionRecord,
     DeadLetter,
     Delivery,
     TokenRecord,
 )
 from cloud.coalescer import Coalescer
+from cloud.notifier import Notifier
 from shared.envelope import Envelope
 from shared.exceptions import ChannelFull, StorageError, StorageUnavailable, UnknownChannel
 
@@ -54,6 +57,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     message_id TEXT NOT NULL, reason TEXT NOT NULL, attempts INTEGER NOT NULL,
     dead_at REAL NOT NULL, meta BLOB NOT NULL, body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS dead_letters_by_channel ON dead_letters (channel, id);
+CREATE TABLE IF NOT EXISTS connections (
+    channel TEXT NOT NULL, connection_id TEXT NOT NULL, record TEXT NOT NULL,
+    seen_at REAL NOT NULL, PRIMARY KEY (channel, connection_id));
 CREATE TABLE IF NOT EXISTS counters (
     channel TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (channel, name));
@@ -76,6 +82,10 @@ class SQLiteBuffer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-buffer")
         self._db: sqlite3.Connection | None = None
         self._appender = Coalescer(self._append_batch, max_batch=512)
+        # Acks share one commit (and one fsync) as appends do.
+        self._acker = Coalescer(self._ack_batch, max_batch=512)
+        # Other processes on the same file are not notified: readers also wake on a timeout.
+        self._notifier = Notifier()
 
     # Plumbing -----------------------------------------------------------------------------
 
@@ -105,6 +115,7 @@ class SQLiteBuffer:
 
     async def aclose(self) -> None:
         await self._appender.aclose()
+        await self._acker.aclose()
 
         def close(db: sqlite3.Connection) -> None:
             db.close()
@@ -199,7 +210,17 @@ class SQLiteBuffer:
         return await self._run(_append_many, envelopes)
 
     async def _append_batch(self, envelopes: list[Envelope]) -> list[str | Exception]:
-        return await self.append_many(envelopes)
+        results = await self.append_many(envelopes)
+        for envelope, result in zip(envelopes, results, strict=True):
+            if isinstance(result, str):
+                self._notifier.notify(envelope.channel)
+        return results
+
+    def change_version(self, channel: str) -> int:
+        return self._notifier.version(channel)
+
+    async def wait_for_change(self, channel: str, since: int, max_wait: float) -> None:
+        await self._notifier.wait(channel, since, max_wait)
 
     async def join(self, channel: str, group: str) -> None:
         def join(db: sqlite3.Connection) -> None:
@@ -212,7 +233,10 @@ class SQLiteBuffer:
         return await self._run(_read, channel, group, consumer, count, time.time())
 
     async def ack(self, channel: str, group: str, message_id: str, consumer: str = "") -> bool:
-        return await self._run(_ack, channel, group, message_id, consumer)
+        return await self._acker.submit((channel, group, message_id, consumer))
+
+    async def _ack_batch(self, acks: list[tuple[str, str, str, str]]) -> list[bool | Exception]:
+        return await self._run(_ack_many, acks)
 
     async def nack(
         self,
@@ -238,10 +262,54 @@ class SQLiteBuffer:
                     (channel, group, consumer),
                 ).rowcount
 
-        return await self._run(release)
+        released = await self._run(release)
+        if released:
+            self._notifier.notify(channel)
+        return released
 
     async def housekeep(self, channel: str) -> int:
         return await self._run(_housekeep, channel, time.time())
+
+    # Connections ----------------------------------------------------------------------------
+
+    async def add_connection(self, record: ConnectionRecord, limit: int) -> bool:
+        return await self._run(_add_connection, record, limit, time.time())
+
+    async def touch_connection(self, channel: str, connection_id: str) -> bool:
+        def touch(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                sql = "UPDATE connections SET seen_at = ? WHERE channel = ? AND connection_id = ?"
+                return bool(db.execute(sql, (time.time(), channel, connection_id)).rowcount)
+
+        return await self._run(touch)
+
+    async def remove_connection(self, channel: str, connection_id: str) -> bool:
+        def remove(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                sql = "DELETE FROM connections WHERE channel = ? AND connection_id = ?"
+                return bool(db.execute(sql, (channel, connection_id)).rowcount)
+
+        return await self._run(remove)
+
+    async def get_connection(self, channel: str, connection_id: str) -> ConnectionRecord | None:
+        def get(db: sqlite3.Connection) -> ConnectionRecord | None:
+            row = db.execute(
+                "SELECT record, seen_at FROM connections WHERE channel = ? AND connection_id = ?",
+                (channel, connection_id),
+            ).fetchone()
+            return None if row is None else _connection(row)
+
+        return await self._run(get)
+
+    async def list_connections(self, channel: str) -> list[ConnectionRecord]:
+        def list_all(db: sqlite3.Connection) -> list[ConnectionRecord]:
+            rows = db.execute(
+                "SELECT record, seen_at FROM connections WHERE channel = ? AND seen_at >= ?",
+                (channel, time.time() - CONNECTION_STALE_SECONDS),
+            )
+            return sorted((_connection(row) for row in rows), key=lambda r: r.connected_at)
+
+        return await self._run(list_all)
 
     # Dead letters and stats ----------------------------------------------------------------
 
@@ -276,7 +344,9 @@ class SQLiteBuffer:
 
 # Work done on the database thread ------------------------------------------------------------
 
-CHANNEL_TABLES = ("tokens", "messages", "groups", "pending", "dead_letters", "counters")
+CHANNEL_TABLES = (
+    "tokens", "messages", "groups", "pending", "dead_letters", "counters", "connections",
+)  # fmt: skip
 DEAD_LETTER_COLUMNS = "id, message_id, grp, reason, attempts, dead_at, meta, body"
 
 
@@ -462,14 +532,43 @@ def _pending_row(
     return seq, row[0]
 
 
-def _ack(db: sqlite3.Connection, channel: str, group: str, message_id: str, consumer: str) -> bool:
+def _ack_many(
+    db: sqlite3.Connection, acks: list[tuple[str, str, str, str]]
+) -> list[bool | Exception]:
+    results: list[bool | Exception] = []
     with _transaction(db):
-        found = _pending_row(db, channel, group, message_id, consumer)
-        if found is None:
+        for channel, group, message_id, consumer in acks:
+            found = _pending_row(db, channel, group, message_id, consumer)
+            if found is not None:
+                _settle(db, channel, group, found[0])
+                _count(db, channel, "delivered")
+            results.append(found is not None)
+    return results
+
+
+def _add_connection(
+    db: sqlite3.Connection, record: ConnectionRecord, limit: int, now: float
+) -> bool:
+    with _transaction(db):
+        db.execute(
+            "DELETE FROM connections WHERE channel = ? AND seen_at < ?",
+            (record.channel, now - CONNECTION_STALE_SECONDS),
+        )
+        sql = "SELECT COUNT(*) FROM connections WHERE channel = ?"
+        if db.execute(sql, (record.channel,)).fetchone()[0] >= limit:
             return False
-        _settle(db, channel, group, found[0])
-        _count(db, channel, "delivered")
+        db.execute(
+            "INSERT OR REPLACE INTO connections (channel, connection_id, record, seen_at) "
+            "VALUES (?, ?, ?, ?)",
+            (record.channel, record.connection_id, orjson.dumps(dataclasses.asdict(record)), now),
+        )
         return True
+
+
+def _connection(row: tuple[Any, ...]) -> ConnectionRecord:
+    fields = orjson.loads(row[0])
+    fields["seen_at"] = row[1]
+    return ConnectionRecord(**fields)
 
 
 def _nack(

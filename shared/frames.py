@@ -1,0 +1,235 @@
+"""Wire frames between cloud and connector, as pure encode/decode functions.
+
+Two dialects share one WebSocket endpoint (see ``docs/PROTOCOL.md``):
+
+* **seed**: the Core Webhook Module's JSON text frames (``connected``, ``webhook`` with the
+  body as parsed JSON or text, ``heartbeat``; acks one id at a time). Lossy for binary bodies.
+* **native** (subprotocol ``webhook-connect.v1``): byte-exact binary ``messages`` frames that
+  carry several messages each, and batched acks.
+
+Native binary frame: one or more records, each ``u32 meta length | meta JSON | u32 body length
+| body``, lengths big-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.envelope import Envelope
+
+NATIVE_SUBPROTOCOL = "webhook-connect.v1"
+MAX_ACK_IDS = 1000
+_U32 = struct.Struct(">I")
+
+
+class FrameError(ValueError):
+    """A frame that does not parse; the connection is closed with this reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class WireMessage:
+    """A message as the connector sees it: the stored envelope plus delivery facts."""
+
+    message_id: str
+    sequence: int
+    attempt: int
+    channel: str
+    envelope: Envelope
+
+
+# Client -> server ------------------------------------------------------------------------------
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class AckFrame(_Frame):
+    type: Literal["ack"]
+    message_id: str | None = Field(default=None, max_length=200)
+    message_ids: tuple[str, ...] = Field(default=(), max_length=MAX_ACK_IDS)
+
+    def ids(self) -> tuple[str, ...]:
+        return self.message_ids + ((self.message_id,) if self.message_id else ())
+
+
+class NackFrame(_Frame):
+    type: Literal["nack"]
+    message_id: str = Field(max_length=200)
+    retry: bool = True
+    reason: str = Field(default="", max_length=500)
+
+
+class HeartbeatFrame(_Frame):
+    type: Literal["heartbeat", "ping"]
+
+
+ClientFrame = AckFrame | NackFrame | HeartbeatFrame
+_CLIENT_FRAMES: dict[str, type[AckFrame] | type[NackFrame] | type[HeartbeatFrame]] = {
+    "ack": AckFrame,
+    "nack": NackFrame,
+    "heartbeat": HeartbeatFrame,
+    "ping": HeartbeatFrame,
+}
+
+
+def parse_client_frame(text: str | bytes) -> ClientFrame:
+    """Validate one client frame; :class:`FrameError` says what is wrong with it."""
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise FrameError("a frame must be a JSON object")
+    model = _CLIENT_FRAMES.get(str(data.get("type")))
+    if model is None:
+        raise FrameError(f"unknown frame type {data.get('type')!r}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise FrameError(f"{where}: {first['msg']}") from None
+
+
+def encode_acks(message_ids: list[str]) -> bytes:
+    return orjson.dumps({"type": "ack", "message_ids": message_ids})
+
+
+def encode_nack(message_id: str, *, retry: bool, reason: str = "") -> bytes:
+    return orjson.dumps(
+        {"type": "nack", "message_id": message_id, "retry": retry, "reason": reason}
+    )
+
+
+# Server -> client ------------------------------------------------------------------------------
+
+
+def iso_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def encode_connected(connection_id: str, channel: str, now: float, **extra: Any) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "connected",
+            "connection_id": connection_id,
+            "channel": channel,
+            "timestamp": iso_time(now),
+            **extra,
+        }
+    )
+
+
+def encode_heartbeat(now: float) -> bytes:
+    return orjson.dumps({"type": "heartbeat", "timestamp": iso_time(now)})
+
+
+def encode_error(error: str, **detail: Any) -> bytes:
+    return orjson.dumps({"type": "error", "error": error, **detail})
+
+
+def seed_payload(body: bytes) -> Any:
+    """The body as the Core Webhook Module sends it: parsed JSON, else text."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return body.decode()
+    except UnicodeDecodeError:
+        return body.decode("latin-1")
+
+
+def seed_message(message: WireMessage) -> dict[str, Any]:
+    """A ``webhook`` frame of the seed dialect, as a JSON-ready dict."""
+    envelope = message.envelope
+    headers: dict[str, str] = {}
+    for name, value in envelope.headers:
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return {
+        "type": "webhook",
+        "message_id": message.message_id,
+        "sequence": message.sequence,
+        "webhook_id": envelope.webhook_id,
+        "timestamp": iso_time(envelope.received_at),
+        "headers": headers,
+        "payload": seed_payload(envelope.body),
+    }
+
+
+def encode_seed_message(message: WireMessage) -> bytes:
+    return orjson.dumps(seed_message(message))
+
+
+def native_meta(message: WireMessage) -> dict[str, Any]:
+    envelope = message.envelope
+    return {
+        "message_id": message.message_id,
+        "sequence": message.sequence,
+        "attempt": message.attempt,
+        "channel": message.channel,
+        "webhook_id": envelope.webhook_id,
+        "timestamp": envelope.received_at,
+        "method": envelope.method,
+        "path": envelope.path,
+        "query": envelope.query_string,
+        "headers": envelope.headers,
+        "client": envelope.client,
+    }
+
+
+def encode_native_batch(messages: list[WireMessage]) -> bytes:
+    """One binary frame holding every message, bodies raw."""
+    parts: list[bytes] = []
+    for message in messages:
+        meta = orjson.dumps(native_meta(message))
+        parts += (_U32.pack(len(meta)), meta, _U32.pack(len(message.envelope.body)))
+        parts.append(message.envelope.body)
+    return b"".join(parts)
+
+
+def decode_native_batch(frame: bytes) -> list[WireMessage]:
+    """Inverse of :func:`encode_native_batch`; :class:`FrameError` on a malformed frame."""
+    messages: list[WireMessage] = []
+    view = memoryview(frame)
+    offset = 0
+    try:
+        while offset < len(view):
+            (meta_len,) = _U32.unpack_from(view, offset)
+            offset += 4
+            meta = orjson.loads(view[offset : offset + meta_len])
+            offset += meta_len
+            (body_len,) = _U32.unpack_from(view, offset)
+            offset += 4
+            if offset + body_len > len(view):
+                raise FrameError("truncated body")
+            body = bytes(view[offset : offset + body_len])
+            offset += body_len
+            envelope = Envelope(
+                channel=meta["channel"],
+                webhook_id=meta["webhook_id"],
+                received_at=meta["timestamp"],
+                method=meta["method"],
+                path=meta["path"],
+                query_string=meta["query"],
+                headers=tuple((k, v) for k, v in meta["headers"]),
+                body=body,
+                client=meta.get("client", ""),
+            )
+            messages.append(
+                WireMessage(
+                    meta["message_id"], meta["sequence"], meta["attempt"], meta["channel"], envelope
+                )
+            )
+    except (struct.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, FrameError):
+            raise
+        raise FrameError(f"malformed messages frame: {exc}") from None
+    return messages
