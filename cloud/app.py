@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cloud.buffers import Buffer, open_buffer
 from cloud.config import CloudConfig, config_from_environment
 from cloud.ingest import PREFIX, IngestEndpoint
 from cloud.provisioning import provision
+from cloud.stream import StreamEndpoint
 from shared.exceptions import StorageError
 
 logger = logging.getLogger("webhook_connect.cloud")
@@ -38,6 +39,7 @@ class CloudApp:
             routes=[
                 Route("/health", self.health),
                 Route("/ready", self.ready),
+                WebSocketRoute("/connect/stream/{channel}", StreamEndpoint(self.buffer).handle),
             ],
             lifespan=self.lifespan,
         )

@@ -6,8 +6,11 @@ import hashlib
 import hmac
 import secrets
 
+from cloud.buffers import Buffer, TokenRecord
+
 TOKEN_PREFIX = "wct_"
 CONFIG_LABEL_PREFIX = "webhooks.json:"
+MAX_TOKEN_LENGTH = 512
 
 
 def new_token() -> str:
@@ -23,3 +26,31 @@ def hash_token(token: str) -> str:
 def token_matches(token: str, token_hash: str) -> bool:
     """Constant-time comparison of a presented token with a stored hash."""
     return hmac.compare_digest(hash_token(token), token_hash)
+
+
+async def authenticate_connector(
+    buffer: Buffer, channel: str, token: str | None, now: float
+) -> TokenRecord | None:
+    """The token's record if ``token`` opens ``channel`` now, else None.
+
+    Isolation: a token opens exactly one channel; an expired token opens none.
+    """
+    if not token or len(token) > MAX_TOKEN_LENGTH:
+        return None
+    token_hash = hash_token(token)
+    record = await buffer.find_token(token_hash)
+    if record is None or not hmac.compare_digest(record.token_hash, token_hash):
+        return None
+    if record.channel != channel:
+        return None
+    if record.expires_at is not None and record.expires_at <= now:
+        return None
+    return record
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
