@@ -86,10 +86,60 @@ def _later(name: str, issue: str) -> click.Command:
     return command
 
 
-main.add_command(_later("connector", "the connector"))
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar=ENV_PREFIX + "CONFIG",
+    help="connector.json",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(["websocket", "sse", "long_poll"]),
+    envvar=ENV_PREFIX + "PROTOCOL",
+)
+@click.option("--cloud-url", envvar=ENV_PREFIX + "CLOUD_URL")
+@click.option("--channel", envvar=ENV_PREFIX + "CHANNEL")
+@click.option("--token", envvar=ENV_PREFIX + "TOKEN")
+@click.option("--connector-id", envvar=ENV_PREFIX + "CONNECTOR_ID")
+def connector(config_path: str | None, **overrides: str | None) -> None:
+    """Dial out to the cloud and deliver a channel's messages locally.
+
+    Flags (and their WEBHOOK_CONNECT_* variables) override connector.json only when given.
+    """
+    try:
+        from connector.config import load_connector_settings
+        from connector.main import run
+    except ImportError as exc:
+        click.echo(
+            "webhook-connect: the connector needs its extras: "
+            f"pip install 'webhook-connect[connector]' ({exc})",
+            err=True,
+        )
+        sys.exit(2)
+    try:
+        settings = load_connector_settings(config_path, overrides)
+    except ConfigError as exc:
+        fail_config(exc)
+    sys.exit(run(settings))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, envvar=ENV_PREFIX + "SINK_HOST")
+@click.option("--port", default=9000, show_default=True, type=int, envvar=ENV_PREFIX + "SINK_PORT")
+@click.option("--status", default=200, show_default=True, type=click.IntRange(100, 599))
+@click.option("--jsonl", type=click.Path(dir_okay=False), help="Also append each request here.")
+@click.option("--quiet", is_flag=True, help="Do not print requests.")
+def sink(host: str, port: int, status: int, jsonl: str | None, quiet: bool) -> None:
+    """A local target that prints every request it receives and answers STATUS."""
+    from connector.sink import run_sink
+
+    run_sink(host, port, status=status, jsonl_path=jsonl, quiet=quiet)
+
+
 main.add_command(_later("channels", "channel administration"))
 main.add_command(_later("dlq", "dead-letter administration"))
-main.add_command(_later("sink", "the debugging sink"))
 
 
 if __name__ == "__main__":

@@ -370,6 +370,11 @@ def _int(text: str) -> int:
         return -1
 
 
+def _message_id(received_at: float, seq: int | None) -> str:
+    """Ids carry the time received, so a new database never reissues an id a connector saw."""
+    return f"{int(received_at * 1000)}-{seq}"
+
+
 def _get_channel(db: sqlite3.Connection, name: str) -> ChannelSpec | None:
     row = db.execute("SELECT spec FROM channels WHERE name = ?", (name,)).fetchone()
     return None if row is None else ChannelSpec(**orjson.loads(row[0]))
@@ -427,7 +432,7 @@ def _append_many(db: sqlite3.Connection, envelopes: list[Envelope]) -> list[str 
             )
             room[channel] -= 1
             accepted[channel] = accepted.get(channel, 0) + 1
-            results.append(str(row.lastrowid))
+            results.append(_message_id(envelope.received_at, row.lastrowid))
         for channel, amount in accepted.items():
             _count(db, channel, "accepted", amount)
     return results
@@ -466,7 +471,9 @@ def _read(
                     (attempts, consumer, due_at, channel, group, seq),
                 )
                 _count(db, channel, "redelivered")
-                out.append(Delivery(str(seq), attempts, Envelope.decode(meta, body)))
+                out.append(
+                    Delivery(_message_id(received_at, seq), attempts, Envelope.decode(meta, body))
+                )
         if len(out) < count:
             (cursor,) = db.execute(
                 "SELECT cursor FROM groups WHERE channel = ? AND name = ?", (channel, group)
@@ -486,7 +493,9 @@ def _read(
                         "VALUES (?, ?, ?, ?, 1, ?)",
                         (channel, group, seq, consumer, due_at),
                     )
-                    out.append(Delivery(str(seq), 1, Envelope.decode(meta, body)))
+                    out.append(
+                        Delivery(_message_id(received_at, seq), 1, Envelope.decode(meta, body))
+                    )
             db.execute(
                 "UPDATE groups SET cursor = ? WHERE channel = ? AND name = ?",
                 (cursor, channel, group),
@@ -512,8 +521,9 @@ def _dead_letter_now(
     db.execute(
         "INSERT INTO dead_letters "
         "(channel, grp, message_id, reason, attempts, dead_at, meta, body) "
-        "SELECT channel, ?, ?, ?, ?, ?, meta, body FROM messages WHERE seq = ?",
-        (group, str(seq), reason, attempts, now, seq),
+        "SELECT channel, ?, CAST(CAST(received_at * 1000 AS INTEGER) AS TEXT) || '-' || seq, "
+        "?, ?, ?, meta, body FROM messages WHERE seq = ?",
+        (group, reason, attempts, now, seq),
     )
     _settle(db, channel, group, seq)
     _count(db, channel, "dead_lettered")
@@ -522,7 +532,7 @@ def _dead_letter_now(
 def _pending_row(
     db: sqlite3.Connection, channel: str, group: str, message_id: str, consumer: str
 ) -> tuple[int, int] | None:
-    seq = _int(message_id)
+    seq = _int(message_id.rpartition("-")[2])
     row = db.execute(
         "SELECT attempts, consumer FROM pending WHERE channel = ? AND grp = ? AND seq = ?",
         (channel, group, seq),

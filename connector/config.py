@@ -1,0 +1,127 @@
+"""``connector.json``: where to connect and where to deliver, validated before anything starts."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+
+from shared.config.loading import load_json_file, validate_model
+from shared.config.webhooks import CHANNEL_NAME_PATTERN
+from shared.exceptions import ConfigError
+
+Protocol = Literal["websocket", "sse", "long_poll"]
+# Command-line flags and environment variables that may override a key of the file.
+OVERRIDABLE = ("protocol", "cloud_url", "channel", "token", "connector_id")
+
+
+def _http_url(value: str, schemes: tuple[str, ...]) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"must be a {' or '.join(schemes)} URL with a host, not {value!r}")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in {value!r}") from exc
+    return value
+
+
+class Target(BaseModel):
+    """A local HTTP target and its retry policy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    method: str | None = Field(default=None, pattern=r"^[A-Z]{3,10}$")
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_seconds: PositiveFloat = 30.0
+    retry_enabled: bool = True
+    retry_max_attempts: PositiveInt = 3
+    retry_delay_seconds: float = Field(default=1.0, ge=0)
+    retry_backoff_multiplier: float = Field(default=2.0, ge=1)
+    retry_max_delay_seconds: PositiveFloat = 60.0
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return _http_url(value, ("http", "https"))
+
+
+class ConnectorSettings(BaseModel):
+    """The whole connector configuration (file, then environment and flags on top)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cloud_url: str
+    channel: str = Field(pattern=CHANNEL_NAME_PATTERN)
+    token: str = Field(min_length=1)
+    protocol: Protocol = "websocket"
+    connector_id: str = Field(default_factory=socket.gethostname, pattern=r"^[\x21-\x7e]{1,128}$")
+    group: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    max_concurrent_requests: PositiveInt = 10
+    max_in_flight: PositiveInt | None = None
+    reconnect_delay_seconds: PositiveFloat = 1.0
+    max_reconnect_delay_seconds: PositiveFloat = 60.0
+    reconnect_backoff_multiplier: float = Field(default=2.0, ge=1)
+    verify_tls: bool = True
+    ca_file: str | None = None
+    shutdown_timeout_seconds: float = Field(default=10.0, ge=0)
+    state_dir: str | None = None
+    dedup_capacity: PositiveInt = 100_000
+    default_target: Target | None = None
+    targets: dict[str, Target] = Field(default_factory=dict)
+    webhooks_config: str | None = None
+    connections_config: str | None = None
+
+    @field_validator("cloud_url")
+    @classmethod
+    def _check_cloud_url(cls, value: str) -> str:
+        return _http_url(value, ("http", "https", "ws", "wss")).rstrip("/")
+
+    def target_for(self, webhook_id: str) -> Target | None:
+        """``targets[webhook_id]``, else ``default_target``."""
+        return self.targets.get(webhook_id, self.default_target)
+
+
+def load_connector_settings(
+    path: str | Path | None,
+    overrides: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> ConnectorSettings:
+    """Read ``connector.json`` (optional when flags say everything), apply overrides, validate.
+
+    ``overrides`` holds values from flags or ``WEBHOOK_CONNECT_*`` variables; None means
+    "not given", so the file's value stands.
+    """
+    source = str(path) if path is not None else "command line"
+    data: Any = {} if path is None else load_json_file(path, environ)
+    if not isinstance(data, dict):
+        raise ConfigError(source, "", "expected a JSON object")
+    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    settings = validate_model(ConnectorSettings, data, source, "")
+    http_mode = settings.default_target is not None or bool(settings.targets)
+    module_mode = settings.webhooks_config is not None
+    if http_mode and module_mode:
+        raise ConfigError(
+            source,
+            "webhooks_config",
+            "choose one delivery mode: HTTP (default_target/targets) or modules "
+            "(webhooks_config), not both",
+        )
+    if not http_mode and not module_mode:
+        raise ConfigError(
+            source, "default_target", "no delivery mode: set default_target (or targets)"
+        )
+    if module_mode:
+        raise ConfigError(
+            source, "webhooks_config", "module mode is not available in this version yet"
+        )
+    if settings.connections_config is not None:
+        raise ConfigError(
+            source, "connections_config", "only meaningful with webhooks_config (module mode)"
+        )
+    return settings

@@ -1,0 +1,146 @@
+"""The connector's main loop: connect, deliver with bounded concurrency, ack, reconnect.
+
+Per message: skip it if the delivered log already has it (a redelivery), else deliver; on
+success the id goes to the delivered log *before* the ack, so a crash between the two cannot
+cause a second delivery after restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+
+from connector.config import ConnectorSettings
+from connector.dedup import DeliveredLog
+from connector.delivery import DeliveryResult, HttpDeliverer
+from connector.policy import Backoff, Outcome
+from connector.transports import Disconnected, Refused, Transport
+from shared.frames import WireMessage
+
+logger = logging.getLogger("webhook_connect.connector")
+
+
+class Runner:
+    """Runs until ``stop`` is set (exit 0) or the cloud refuses us (exit 1)."""
+
+    def __init__(
+        self,
+        settings: ConnectorSettings,
+        deliverer: HttpDeliverer,
+        delivered: DeliveredLog,
+        open_transport: Callable[[ConnectorSettings], Transport],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._deliverer = deliverer
+        self._delivered = delivered
+        self._open_transport = open_transport
+        self._rng = rng or random.Random()
+        concurrency = settings.max_concurrent_requests
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._backoff = Backoff(
+            settings.reconnect_delay_seconds,
+            settings.max_reconnect_delay_seconds,
+            settings.reconnect_backoff_multiplier,
+        )
+
+    async def run(self, stop: asyncio.Event) -> int:
+        settings = self._settings
+        while not stop.is_set():
+            transport = self._open_transport(settings)
+            try:
+                await transport.connect()
+                logger.info(
+                    "connected to %s channel %r group %r as %s (%s)",
+                    settings.cloud_url, settings.channel, settings.group,
+                    transport.connection_id, settings.protocol,
+                )  # fmt: skip
+                self._backoff.reset()
+                await self._serve(transport, stop)
+            except Refused as exc:
+                logger.error("refused: %s — not retrying; check the token and channel", exc)
+                await self._finish(transport)
+                return 1
+            except Disconnected as exc:
+                delay = self._backoff.next_delay(self._rng)
+                logger.warning("connection lost: %s; reconnecting in %.1fs", exc, delay)
+                await transport.aclose()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                continue
+            await self._finish(transport)
+        logger.info("stopped")
+        return 0
+
+    async def _serve(self, transport: Transport, stop: asyncio.Event) -> None:
+        receiving = asyncio.create_task(self._receive(transport))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not receiving.done():
+                receiving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await receiving
+        if not stop.is_set():
+            receiving.result()  # raises Disconnected or Refused
+
+    async def _receive(self, transport: Transport) -> None:
+        async for message in transport.messages():
+            await self._slots.acquire()
+            task = asyncio.create_task(self._handle(transport, message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, transport: Transport, message: WireMessage) -> None:
+        try:
+            if message.message_id in self._delivered:
+                await transport.ack(message.message_id)
+                self._log(message, None, "duplicate suppressed (already delivered)")
+                return
+            try:
+                result = await self._deliverer.deliver(message)
+            except asyncio.CancelledError:
+                # Shutting down mid-delivery: hand it back for another attempt.
+                await transport.nack(message.message_id, retry=True, reason="connector_stopped")
+                raise
+            if result.outcome is Outcome.DELIVERED:
+                self._delivered.add(message.message_id)
+                await transport.ack(message.message_id)
+            else:
+                retry = result.outcome is Outcome.RETRY
+                await transport.nack(message.message_id, retry=retry, reason=result.reason)
+            self._log(message, result)
+        finally:
+            self._slots.release()
+
+    async def _finish(self, transport: Transport) -> None:
+        """Graceful stop: let deliveries finish within the timeout, nack the rest."""
+        if self._tasks:
+            logger.info("stopping: finishing %d delivery(ies)", len(self._tasks))
+            _, pending = await asyncio.wait(
+                set(self._tasks), timeout=self._settings.shutdown_timeout_seconds
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await transport.aclose()
+
+    @staticmethod
+    def _log(message: WireMessage, result: DeliveryResult | None, note: str = "") -> None:
+        envelope = message.envelope
+        if result is None:
+            logger.info("%s %s %s", envelope.webhook_id, message.message_id, note)
+            return
+        status = result.status if result.status is not None else result.error
+        logger.info(
+            "%s %s -> %s %s %.1fms attempt %d%s",
+            envelope.webhook_id, message.message_id, result.target, status,
+            result.seconds * 1000, message.attempt,
+            "" if result.outcome is Outcome.DELIVERED else f" ({result.outcome.value})",
+        )  # fmt: skip

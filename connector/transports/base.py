@@ -1,0 +1,50 @@
+"""The transport protocol the connector's runner drives."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from connector.config import ConnectorSettings
+from shared.exceptions import WebhookConnectError
+from shared.frames import WireMessage
+
+
+class TransportError(WebhookConnectError):
+    """Root of transport failures."""
+
+
+class Refused(TransportError):
+    """The cloud refused us for good (bad token, unknown channel): retrying will not help."""
+
+
+class Disconnected(TransportError):
+    """The connection failed or dropped; reconnect with backoff."""
+
+
+class Transport(Protocol):
+    connection_id: str
+
+    async def connect(self) -> None:
+        """Open the connection; :class:`Refused` or :class:`Disconnected` if it fails."""
+
+    def messages(self) -> AsyncIterator[WireMessage]:
+        """Messages as they arrive; ends by raising :class:`Disconnected`."""
+
+    async def ack(self, message_id: str) -> None: ...
+
+    async def nack(self, message_id: str, *, retry: bool, reason: str = "") -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def tls_context(settings: ConnectorSettings) -> ssl.SSLContext | None:
+    """The TLS settings of ``connector.json`` as a context (None: library defaults)."""
+    if settings.verify_tls and settings.ca_file is None:
+        return None
+    context = ssl.create_default_context(cafile=settings.ca_file)
+    if not settings.verify_tls:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

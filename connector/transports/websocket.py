@@ -1,0 +1,151 @@
+"""WebSocket transport, native dialect: byte-exact binary message frames, batched acks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from urllib.parse import quote, urlencode
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from connector.config import ConnectorSettings
+from connector.transports.base import Disconnected, Refused, tls_context
+from shared.frames import (
+    NATIVE_SUBPROTOCOL,
+    FrameError,
+    WireMessage,
+    decode_native_batch,
+    encode_acks,
+    encode_nack,
+)
+
+logger = logging.getLogger("webhook_connect.connector")
+
+CLOSE_AUTH = 4001
+REFUSING_STATUSES = (401, 403, 404)
+OPEN_TIMEOUT = 10.0
+MAX_FRAME = 64 * 1024 * 1024
+
+
+def stream_url(settings: ConnectorSettings) -> str:
+    base = settings.cloud_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+    query = {"group": settings.group}
+    if settings.max_in_flight:
+        query["max_in_flight"] = str(settings.max_in_flight)
+    return f"{base}/connect/stream/{quote(settings.channel)}?{urlencode(query)}"
+
+
+class WebSocketTransport:
+    def __init__(self, settings: ConnectorSettings) -> None:
+        self._settings = settings
+        self._ws: ClientConnection | None = None
+        self._acks: list[str] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.connection_id = ""
+
+    async def connect(self) -> None:
+        settings = self._settings
+        headers = {
+            "Authorization": f"Bearer {settings.token}",
+            "X-Connector-ID": settings.connector_id,
+        }
+        try:
+            self._ws = await connect(
+                stream_url(settings),
+                additional_headers=headers,
+                subprotocols=[NATIVE_SUBPROTOCOL],  # type: ignore[list-item]
+                ssl=tls_context(settings),
+                open_timeout=OPEN_TIMEOUT,
+                ping_interval=5,
+                ping_timeout=10,
+                max_size=MAX_FRAME,
+                max_queue=4,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in REFUSING_STATUSES:
+                raise Refused(f"the cloud refused the connection (HTTP {status})") from exc
+            raise Disconnected(f"HTTP {status} from the cloud") from exc
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            raise Disconnected(f"cannot connect: {exc or type(exc).__name__}") from exc
+        hello = await self._receive_text()
+        if hello.get("type") != "connected":
+            raise Disconnected(f"unexpected first frame {hello.get('type')!r}")
+        self.connection_id = str(hello.get("connection_id", ""))
+        if self._ws.subprotocol != NATIVE_SUBPROTOCOL:
+            raise Refused("the cloud does not speak the native protocol (webhook-connect.v1)")
+
+    async def _receive_text(self) -> dict[str, object]:
+        assert self._ws is not None
+        try:
+            frame = await self._ws.recv()
+        except ConnectionClosed as exc:
+            raise self._closed(exc) from exc
+        if isinstance(frame, bytes):
+            raise Disconnected("expected a text frame")
+        data = orjson.loads(frame)
+        return data if isinstance(data, dict) else {}
+
+    def _closed(self, exc: ConnectionClosed) -> Exception:
+        received = exc.rcvd
+        if received is not None and received.code == CLOSE_AUTH:
+            return Refused(f"the cloud refused the token: {received.reason}")
+        if received is not None:
+            return Disconnected(f"closed by the cloud: {received.code} {received.reason}")
+        return Disconnected("connection lost")
+
+    async def messages(self) -> AsyncIterator[WireMessage]:
+        assert self._ws is not None
+        while True:
+            try:
+                frame = await self._ws.recv()
+            except ConnectionClosed as exc:
+                raise self._closed(exc) from exc
+            if isinstance(frame, bytes):
+                try:
+                    batch = decode_native_batch(frame)
+                except FrameError as exc:
+                    raise Disconnected(f"bad frame from the cloud: {exc}") from exc
+                for message in batch:
+                    yield message
+                continue
+            data = orjson.loads(frame)
+            if data.get("type") == "error":
+                logger.debug("cloud: %s", data)
+
+    async def ack(self, message_id: str) -> None:
+        # Acks of one event-loop turn travel together in one frame.
+        self._acks.append(message_id)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_acks())
+
+    async def _flush_acks(self) -> None:
+        try:
+            await asyncio.sleep(0)
+            while self._acks:
+                ids, self._acks = self._acks, []
+                await self._send(encode_acks(ids))
+        finally:
+            self._flusher = None
+
+    async def nack(self, message_id: str, *, retry: bool, reason: str = "") -> None:
+        await self._send(encode_nack(message_id, retry=retry, reason=reason))
+
+    async def _send(self, frame: bytes) -> None:
+        if self._ws is None:
+            return
+        # A closed connection loses the ack; the cloud redelivers and the dedup log answers.
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(frame.decode())
+
+    async def aclose(self) -> None:
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
