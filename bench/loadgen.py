@@ -71,6 +71,13 @@ def parse_response(buffer: bytearray) -> int | None:
     return status
 
 
+def percentile(ordered: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an ascending list (NaN when it is empty)."""
+    if not ordered:
+        return math.nan
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
+
+
 @dataclass
 class Result:
     """What one run measured. Times in seconds; ``latencies`` sorted ascending."""
@@ -93,10 +100,7 @@ class Result:
 
     def percentile(self, fraction: float) -> float:
         """Nearest-rank percentile of the latencies, in seconds (NaN when there are none)."""
-        if not self.latencies:
-            return math.nan
-        rank = max(1, math.ceil(fraction * len(self.latencies)))
-        return self.latencies[rank - 1]
+        return percentile(self.latencies, fraction)
 
     def summary(self) -> dict[str, Any]:
         """The figures as plain JSON-ready values, latencies in milliseconds."""
@@ -118,7 +122,8 @@ class Result:
             "p99_ms": ms(self.percentile(0.99)),
             "p999_ms": ms(self.percentile(0.999)),
             "max_ms": ms(self.latencies[-1] if self.latencies else math.nan),
-            "send_lag_max_ms": ms(max(self.send_lags, default=0.0)),
+            # The generator's own error: how late it sent what was due (open loop only).
+            "send_lag_p99_ms": ms(percentile(self.send_lags, 0.99)),
         }
 
 
@@ -265,6 +270,7 @@ class _Pool:
             task.cancel()
         self.result.elapsed = max(0.0, self.last_answer - self.measure_from)
         self.result.latencies.sort()
+        self.result.send_lags.sort()
 
 
 async def run_open_loop(

@@ -35,8 +35,9 @@ KEEPALIVE_EXPIRY = 5.0  # below the usual server keep-alive timeouts (uvicorn: 5
 WRITE_JOINED_UP_TO = 64 * 1024  # head and body in one send() below this body size
 READ_BUFFER_SIZE = 256 * 1024
 
-_URL = re.compile(r"(?i)(https?)://([^/?#]*)([^#]*)")
+_URL = re.compile(r"(?i)(https?)://([^/?#]*)([^#]*)(?:#.*)?", re.DOTALL)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -119,7 +120,7 @@ def encode_head(
     Byte-exact relay (PRODUCT.md §2.3): names keep their case and order; only a given
     Content-Length or Transfer-Encoding is dropped, since the body is sent whole.
     """
-    if _TOKEN.fullmatch(method) is None:
+    if method not in _METHODS and _TOKEN.fullmatch(method) is None:
         raise InvalidRequest(f"bad method {method!r}")
     lines = [f"{method} {target} HTTP/1.1", ""]
     has_host = False
@@ -387,6 +388,8 @@ class _Pool:
 
     async def connect(self, deadline: float) -> _Connection:
         origin = self.origin
+        if self.client.is_closed:
+            raise ConnectError("the HttpClient was closed while the request was in flight")
         ssl_context = self.client.ssl_context() if origin.scheme == "https" else None
         try:
             async with asyncio.timeout_at(deadline):
@@ -423,7 +426,7 @@ class HttpClient:
         self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
         self._pools: dict[tuple[str, str], _Pool] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._is_closed = False
+        self.is_closed = False
 
     async def request(
         self,
@@ -437,7 +440,7 @@ class HttpClient:
 
         ``timeout`` bounds everything: waiting for a connection, connecting, sending, reading.
         """
-        if self._is_closed:
+        if self.is_closed:
             raise RuntimeError("the HttpClient is closed")
         scheme, authority, target = split_url(url)
         pool = self._pools.get((scheme, authority)) or self._new_pool(scheme, authority)
@@ -473,7 +476,7 @@ class HttpClient:
 
     async def aclose(self) -> None:
         """Close every connection and wait until they are closed."""
-        self._is_closed = True
+        self.is_closed = True
         connections = [c for pool in self._pools.values() for c in pool.connections]
         self._pools.clear()
         for connection in connections:

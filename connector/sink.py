@@ -30,6 +30,7 @@ MAX_HEAD = 1024 * 1024  # bytes received while a request head is incomplete
 RESPONSE_BODY = b'{"received":true}'
 PREVIEW_CHARS = 60
 PREVIEW_BYTES = 24
+READ_BUFFER_SIZE = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -146,11 +147,18 @@ class _Recorder:
             self.jsonl.flush()
 
 
-class _SinkProtocol(asyncio.Protocol):
+class _SinkProtocol(asyncio.BufferedProtocol):
     """One client connection: parse requests, record them, answer each in order."""
 
-    def __init__(self, recorder: _Recorder, status: int, connections: set[_SinkProtocol]) -> None:
+    def __init__(
+        self,
+        recorder: _Recorder,
+        status: int,
+        connections: set[_SinkProtocol],
+        read_buffer: memoryview,
+    ) -> None:
         self.recorder = recorder
+        self.read_buffer = read_buffer
         self.status = status
         self.connections = connections
         self.parser = httptools.HttpRequestParser(self)
@@ -180,18 +188,22 @@ class _SinkProtocol(asyncio.Protocol):
         assert self.transport is not None
         self.transport.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Shared by all connections: each read is parsed before the next one starts.
+        return self.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.is_closing:
             return
         try:
-            self.parser.feed_data(data)
+            self.parser.feed_data(self.read_buffer[:nbytes])
         except httptools.HttpParserUpgrade:
             self.is_closing = True  # answered as a plain request; no protocol switch here
         except httptools.HttpParserError as exc:
             if not self.is_closing:  # not a 413 raised from a callback
                 self.reject(400, f"bad request: {exc}")
         if self.in_head and not self.is_closing:
-            self.head_size += len(data)
+            self.head_size += nbytes
             if self.head_size > MAX_HEAD:
                 self.reject(431, f"request head over {MAX_HEAD} bytes")
         assert self.transport is not None
@@ -273,9 +285,10 @@ async def serve_sink(
     jsonl = open(jsonl_path, "ab") if jsonl_path else None  # noqa: ASYNC230 - once, at start
     recorder = _Recorder(None if quiet else sys.stdout, jsonl)
     connections: set[_SinkProtocol] = set()
+    read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
     try:
         server = await loop.create_server(
-            lambda: _SinkProtocol(recorder, status, connections), host, port
+            lambda: _SinkProtocol(recorder, status, connections, read_buffer), host, port
         )
         try:
             if not quiet:

@@ -137,3 +137,80 @@ def running(server: RedisServer | Cloud) -> Iterator[RedisServer | Cloud]:
         yield server
     finally:
         server.stop()
+
+
+class Sink:
+    """``webhook-connect sink`` recording every request to a JSON-lines file."""
+
+    def __init__(self, workdir: Path, status: int = 200, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.status = status
+        self.records_path = workdir / f"sink-{self.port}.jsonl"
+        self.log = workdir / f"sink-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        args = [
+            sys.executable, "-m", "shared.cli", "sink", "--port", str(self.port),
+            "--status", str(self.status), "--jsonl", str(self.records_path), "--quiet",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._listening, what=f"sink on port {self.port}")
+
+    def _listening(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            return True
+
+    def records(self) -> list[dict[str, object]]:
+        import json
+
+        if not self.records_path.exists():
+            return []
+        lines = self.records_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None:
+            stop(self.process, sig)
+            self.process = None
+
+
+class ConnectorProcess:
+    """``webhook-connect connector`` with a connector.json written for the test."""
+
+    def __init__(self, workdir: Path, settings: dict[str, object], name: str = "connector") -> None:
+        import json
+
+        self.workdir = workdir
+        self.config = workdir / f"{name}.json"
+        self.config.write_text(json.dumps(settings))
+        self.log = workdir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str) -> None:
+        args = [sys.executable, "-m", "shared.cli", "connector", "--config", str(self.config)]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*args, *extra], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def wait(self, timeout: float = 20) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.process is None:
+            return None
+        process, self.process = self.process, None
+        stop(process, sig, timeout=20)
+        return process.returncode
