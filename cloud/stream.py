@@ -43,7 +43,9 @@ GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CONNECTOR_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 READ_BATCH = 100
 IDLE_WAIT = 1.0  # also how soon an ack-timeout redelivery is noticed without a notification
-SEND_TIMEOUT = 30.0
+SEND_TIMEOUT = 10.0  # per frame: a connector that cannot take 1 MiB in 10 s is not reading
+FRAME_BUDGET = 1024 * 1024  # native frames hold messages up to about this many body bytes
+CLOSE_TIMEOUT = 5.0
 
 CLOSE_AUTH = 4001
 CLOSE_REMOVED = 4002
@@ -106,12 +108,16 @@ class StreamSession:
             await asyncio.gather(*tasks, return_exceptions=True)
         ended = next((t.exception() for t in done if t.exception() is not None), None)
         if isinstance(ended, SessionEnded):
-            with contextlib.suppress(Exception):
-                await self.websocket.close(ended.code, ended.reason)
+            logger.info("closing %s: %s", self.consumer, ended.reason)
+            await self.close(ended.code, ended.reason)
         elif ended is not None and not isinstance(ended, WebSocketDisconnect):
             logger.error("stream %s failed: %r", self.consumer, ended)
-            with contextlib.suppress(Exception):
-                await self.websocket.close(1011, "internal error")
+            await self.close(1011, "internal error")
+
+    async def close(self, code: int, reason: str) -> None:
+        # A peer that does not read cannot take a close frame either: do not wait on it.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.websocket.close(code, reason), CLOSE_TIMEOUT)
 
     async def pump(self) -> None:
         while True:
@@ -149,7 +155,8 @@ class StreamSession:
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
                 if self.native:
-                    await self.websocket.send_bytes(encode_native_batch(messages))
+                    for frame in split_frames(messages, FRAME_BUDGET):
+                        await self.websocket.send_bytes(encode_native_batch(frame))
                 else:
                     for message in messages:
                         await self.websocket.send_text(encode_seed_message(message).decode())
@@ -215,6 +222,20 @@ class StreamSession:
             if self.record.token_id and all(t.token_id != self.record.token_id for t in token):
                 raise SessionEnded(CLOSE_AUTH, "token revoked")
             await self.websocket.send_text(encode_heartbeat(time.time()).decode())
+
+
+def split_frames(messages: list[WireMessage], budget: int) -> list[list[WireMessage]]:
+    """Group messages into frames of about ``budget`` body bytes (at least one each)."""
+    frames: list[list[WireMessage]] = [[]]
+    size = 0
+    for message in messages:
+        length = len(message.envelope.body)
+        if frames[-1] and size + length > budget:
+            frames.append([])
+            size = 0
+        frames[-1].append(message)
+        size += length
+    return frames
 
 
 class StreamEndpoint:

@@ -63,6 +63,8 @@ class InvalidRequest(HttpClientError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Response:
+    """A complete response; ``body`` is cut at the client's ``max_response_body``."""
+
     status: int
     headers: list[tuple[str, str]]
     body: bytes
@@ -83,6 +85,10 @@ class _Origin:
     port: int
     authority: str  # the Host header: the URL's host[:port] as written, without userinfo
 
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.scheme, self.host.lower(), self.port)
+
 
 def split_url(url: str) -> tuple[str, str, str]:
     """``(scheme, authority, target)``; the target is the path and raw query, untouched."""
@@ -97,7 +103,7 @@ def split_url(url: str) -> tuple[str, str, str]:
     return scheme.lower(), authority, target
 
 
-def parse_origin(scheme: str, authority: str) -> _Origin:
+def _parse_origin(scheme: str, authority: str) -> _Origin:
     hostport = authority.rpartition("@")[2]
     if hostport.startswith("["):  # IPv6 literal: [::1]:8080
         host, _, rest = hostport[1:].partition("]")
@@ -368,7 +374,7 @@ class _Pool:
             connection = idle.pop()
             if connection.is_closed:
                 continue
-            if self.loop.time() - connection.idle_since > self.client.keepalive_expiry:
+            if self.loop.time() - connection.idle_since >= self.client.keepalive_expiry:
                 # LIFO: everything below is older still.
                 for stale in (connection, *idle):
                     stale.close()
@@ -424,7 +430,9 @@ class HttpClient:
         self.keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
         self.read_buffer = memoryview(bytearray(READ_BUFFER_SIZE))
-        self._pools: dict[tuple[str, str], _Pool] = {}
+        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        # (scheme, authority as written) -> its pool and Host header; targets are few.
+        self._routes: dict[tuple[str, str], tuple[_Pool, str]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.is_closed = False
 
@@ -443,8 +451,8 @@ class HttpClient:
         if self.is_closed:
             raise RuntimeError("the HttpClient is closed")
         scheme, authority, target = split_url(url)
-        pool = self._pools.get((scheme, authority)) or self._new_pool(scheme, authority)
-        head = encode_head(method, target, headers, pool.origin.authority, len(body))
+        pool, host = self._routes.get((scheme, authority)) or self._route(scheme, authority)
+        head = encode_head(method, target, headers, host, len(body))
         deadline = pool.loop.time() + timeout
         is_head = method == "HEAD"
         await pool.acquire(deadline)
@@ -479,6 +487,7 @@ class HttpClient:
         self.is_closed = True
         connections = [c for pool in self._pools.values() for c in pool.connections]
         self._pools.clear()
+        self._routes.clear()
         for connection in connections:
             connection.close()
         if connections:
@@ -500,9 +509,12 @@ class HttpClient:
             self._ssl_context = ssl.create_default_context()
         return self._ssl_context
 
-    def _new_pool(self, scheme: str, authority: str) -> _Pool:
+    def _route(self, scheme: str, authority: str) -> tuple[_Pool, str]:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        pool = _Pool(self, parse_origin(scheme, authority), self._loop)
-        self._pools[(scheme, authority)] = pool
-        return pool
+        origin = _parse_origin(scheme, authority)
+        pool = self._pools.get(origin.key)
+        if pool is None:
+            pool = self._pools[origin.key] = _Pool(self, origin, self._loop)
+        route = self._routes[(scheme, authority)] = (pool, origin.authority)
+        return route

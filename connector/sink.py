@@ -31,6 +31,7 @@ RESPONSE_BODY = b'{"received":true}'
 PREVIEW_CHARS = 60
 PREVIEW_BYTES = 24
 READ_BUFFER_SIZE = 256 * 1024
+LINGER_SECONDS = 2.0
 
 
 @dataclass(slots=True)
@@ -165,6 +166,7 @@ class _SinkProtocol(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.replies: list[bytes] = []
         self.is_closing = False
+        self.linger: asyncio.TimerHandle | None = None
         self.in_head = False
         self.head_size = 0
         self.url = b""
@@ -178,6 +180,8 @@ class _SinkProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
+        if self.linger is not None:
+            self.linger.cancel()
 
     def pause_writing(self) -> None:
         # A client that sends without reading answers: stop reading until it catches up.
@@ -199,9 +203,11 @@ class _SinkProtocol(asyncio.BufferedProtocol):
             self.parser.feed_data(self.read_buffer[:nbytes])
         except httptools.HttpParserUpgrade:
             self.is_closing = True  # answered as a plain request; no protocol switch here
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _StopParsing):
+                raise  # our bug or a failing record file: not the client's fault
         except httptools.HttpParserError as exc:
-            if not self.is_closing:  # not a 413 raised from a callback
-                self.reject(400, f"bad request: {exc}")
+            self.reject(400, f"bad request: {exc}")
         if self.in_head and not self.is_closing:
             self.head_size += nbytes
             if self.head_size > MAX_HEAD:
@@ -213,7 +219,13 @@ class _SinkProtocol(asyncio.BufferedProtocol):
             self.transport.write(replies[0] if len(replies) == 1 else b"".join(replies))
             replies.clear()
         if self.is_closing:
-            self.transport.close()
+            # Lingering close: closing with the client's data unread sends a reset, which can
+            # destroy our answer (a 413 mid-body) before the client reads it. So half-close,
+            # discard what still comes, and close at the client's EOF or after a grace time.
+            self.transport.write_eof()
+            self.linger = asyncio.get_running_loop().call_later(
+                LINGER_SECONDS, self.transport.close
+            )
 
     def reject(self, status: int, reason: str) -> None:
         self.recorder.note(f"{status} {reason}")
@@ -263,7 +275,7 @@ class _SinkProtocol(asyncio.BufferedProtocol):
 
     def _reject_body(self) -> None:
         self.reject(413, f"request body over {MAX_BODY} bytes")
-        raise _StopParsing  # stop reading: the rest of the body is not wanted
+        raise _StopParsing  # stop parsing: the rest of the body is discarded
 
 
 class _StopParsing(Exception):

@@ -1,0 +1,229 @@
+"""Ingest benchmark: how fast the cloud answers its durable 202 to ``POST /webhook/bench``.
+
+For each storage backend it starts its own cloud (and redis-server) on loopback, posts a
+1 KiB JSON body, and prints:
+
+1. max throughput: closed loop, ``--connections`` keep-alive connections with one request
+   outstanding each, after a 2 s warm-up; measured by wrk, or by bench.loadgen without wrk;
+2. a fixed offered rate: open loop at ``--rate`` req/s with bench.loadgen, latency counted
+   from each request's scheduled send time (no coordinated omission).
+
+    python bench/ingest/run.py --backends sqlite,redis --duration 10 --rate 5000 --connections 64
+
+It is a benchmark, not a test: it asserts nothing beyond the cloud answering at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+if not __package__:  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import loadgen
+from bench.ingest import servers
+
+HERE = Path(__file__).resolve().parent
+WEBHOOKS = HERE / "webhooks.json"
+WRK_SCRIPT = HERE / "post.lua"
+WRK = Path("/usr/bin/wrk")
+BACKENDS = ("sqlite", "redis")
+HOST = servers.HOST
+PATH = "/webhook/bench"
+BODY_SIZE = 1024
+WARMUP = 2  # seconds, before each measurement, not counted
+MAX_CONNECTIONS = 256  # open loop: the pool's cap
+COLUMNS = (
+    "backend", "mode", "offered", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
+    "errors",
+)  # fmt: skip
+
+
+def make_body(size: int = BODY_SIZE) -> bytes:
+    """A valid JSON document of exactly ``size`` bytes."""
+    head, tail = b'{"event":"bench.ingest","id":"evt_000001","data":"', b'"}'
+    body = head + b"x" * (size - len(head) - len(tail)) + tail
+    json.loads(body)
+    return body
+
+
+def check_ingest(port: int, body: bytes) -> None:
+    """Fail early, with the cloud's answer, unless one POST is accepted."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        connection.request("POST", PATH, body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = response.read()
+    finally:
+        connection.close()
+    if response.status != loadgen.ACCEPTED:
+        raise RuntimeError(f"POST {PATH} answered {response.status}: {answer[:500]!r}")
+
+
+def wrk(port: int, connections: int, seconds: int, body_file: Path) -> dict[str, Any]:
+    """Run wrk once and return the figures its ``done()`` hook prints (post.lua)."""
+    args = [str(WRK), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    args += ["--timeout", "10s", "-s", str(WRK_SCRIPT), f"http://{HOST}:{port}{PATH}"]
+    env = {**os.environ, "BENCH_BODY_FILE": str(body_file)}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    for line in done.stdout.splitlines():
+        if line.startswith("BENCH "):
+            return dict(json.loads(line.removeprefix("BENCH ")))
+    raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}{done.stderr}")
+
+
+def measure_max(port: int, connections: int, duration: int, body_file: Path) -> dict[str, Any]:
+    """Closed loop: the most the cloud answers with ``connections`` requests in flight."""
+    if not WRK.exists():
+        request = loadgen.build_post(HOST, port, PATH, body_file.read_bytes(), "application/json")
+        coroutine = loadgen.run_closed_loop(HOST, port, request, connections, duration, WARMUP)
+        return {"tool": "python", **loadgen.run(coroutine).summary()}
+    wrk(port, connections, WARMUP, body_file)  # warm-up, discarded
+    figures = wrk(port, connections, duration, body_file)
+    return {
+        "tool": "wrk",
+        "mode": "closed",
+        "offered_rate": None,
+        "duration_s": duration,
+        "achieved_rate": round(figures["requests"] / (figures["duration_us"] / 1e6), 1),
+        "sent": figures["requests"],
+        "answered": figures["requests"],
+        "non_202": figures["non_202"],
+        "failed": figures["socket_errors"],
+        "connections": connections,
+        **{f"{key}_ms": figures[f"{key}_us"] / 1000 for key in ("p50", "p99", "p999", "max")},
+    }
+
+
+def measure_rate(port: int, rate: int, duration: int, body: bytes, spin: bool) -> dict[str, Any]:
+    """Open loop: latency while ``rate`` req/s are offered whatever the answers."""
+    request = loadgen.build_post(HOST, port, PATH, body, "application/json")
+    coroutine = loadgen.run_open_loop(
+        HOST, port, request, rate, duration, MAX_CONNECTIONS, warmup=WARMUP, spin=spin
+    )
+    return {"tool": "python", **loadgen.run(coroutine).summary()}
+
+
+def bench_backend(
+    backend: str, args: argparse.Namespace, prefix: list[str], body_file: Path
+) -> list[dict[str, Any]]:
+    """Start a fresh cloud on ``backend``, measure it, stop everything that was started."""
+    body = body_file.read_bytes()
+    with tempfile.TemporaryDirectory(prefix=f"bench-ingest-{backend}-") as tmp:
+        directory = Path(tmp)
+        started: list[subprocess.Popen[bytes]] = []
+        try:
+            if backend == "redis":
+                redis, storage = servers.start_redis(directory, prefix)
+                started.append(redis)
+            else:
+                storage = f"sqlite:///{directory / 'bench.db'}"
+            cloud, port = servers.start_cloud(storage, WEBHOOKS, directory / "cloud.log", prefix)
+            started.append(cloud)
+            check_ingest(port, body)
+            print(f"{backend}: closed loop, {args.connections} connections, {args.duration} s")
+            rows = [measure_max(port, args.connections, args.duration, body_file)]
+            print(f"{backend}: open loop, {args.rate} req/s, {args.duration} s")
+            rows.append(measure_rate(port, args.rate, args.duration, body, spin=bool(prefix)))
+            if cloud.poll() is not None:
+                raise RuntimeError(f"the cloud exited during the run ({cloud.returncode})")
+        finally:
+            for process in reversed(started):
+                servers.stop(process)
+    return [{"backend": backend, **row} for row in rows]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines: list[tuple[str, ...]] = [COLUMNS]
+    for row in rows:
+        offered = (
+            f"{row['connections']} conn" if row["mode"] == "closed" else f"{row['offered_rate']}/s"
+        )
+        lines.append((
+            row["backend"], f"{row['mode']} ({row['tool']})", offered,
+            f"{row['achieved_rate']:.0f}", ms(row["p50_ms"]), ms(row["p99_ms"]),
+            ms(row["p999_ms"]), ms(row["max_ms"]), str(row["non_202"] + row["failed"]),
+        ))  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--rate", type=int, default=5000, help="open loop: offered req/s")
+    parser.add_argument("--connections", type=int, default=64, help="closed loop: in flight")
+    args = parser.parse_args(argv)
+    args.backends = [name.strip() for name in args.backends.split(",") if name.strip()]
+    unknown = set(args.backends) - set(BACKENDS)
+    if unknown:
+        parser.error(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from {BACKENDS}")
+    return args
+
+
+def terminate(signum: int, frame: FrameType | None) -> None:
+    """Handle SIGTERM as Ctrl-C, so the finally blocks stop the servers we started.
+
+    Delegate to the current SIGINT handler: inside the event loop that is asyncio.Runner's,
+    which cancels the main task; a KeyboardInterrupt raised in a protocol callback would be
+    swallowed by the transport.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, terminate)
+    pinning, prefix = servers.pin_processes()
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        event_loop = "asyncio"
+    else:
+        event_loop = "uvloop"
+    # The open loop spins for a precise schedule only on a CPU of its own.
+    timing = "spinning" if prefix else "sleeping, ~1 ms batches"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"pinning: {pinning}")
+    print(f"closed loop: {'wrk' if WRK.exists() else 'python'}; open loop: python on "
+          f"{event_loop}, {timing}; body {BODY_SIZE} B JSON; warm-up {WARMUP} s")  # fmt: skip
+    print(f"load average before start: {load} (other work on this machine skews the figures)")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        body_file = Path(tmp) / "body.json"
+        body_file.write_bytes(make_body())
+        try:
+            for backend in args.backends:
+                rows += bench_backend(backend, args, prefix, body_file)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    print()
+    print(format_table(rows))
+    summary = {"benchmark": "ingest", "body_bytes": BODY_SIZE, "warmup_s": WARMUP}
+    summary |= {"pinning": pinning, "event_loop": event_loop, "open_loop_timing": timing}
+    summary |= {"load_average": load, "results": rows}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The processes under test: the cloud and a redis-server, on free loopback ports.
+
+Each is started by us, waited on with a deadline, and stopped by its PID; nothing else.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+SERVER_CPU = 0
+LOADGEN_CPU = 1
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def pin_processes() -> tuple[str, list[str]]:
+    """Pin this process (the load generator) to LOADGEN_CPU.
+
+    Return a description of the pinning and the command prefix that puts a server on
+    SERVER_CPU; both are empty-handed when this machine cannot do it.
+    """
+    taskset = shutil.which("taskset")
+    if {SERVER_CPU, LOADGEN_CPU} <= os.sched_getaffinity(0) and taskset is not None:
+        os.sched_setaffinity(0, {LOADGEN_CPU})
+        return (
+            f"cloud and redis-server on CPU {SERVER_CPU} (taskset), "
+            f"load generator (wrk, python) on CPU {LOADGEN_CPU} (sched_setaffinity)",
+            [taskset, "-c", str(SERVER_CPU)],
+        )
+    return "none: needs CPUs 0 and 1 and taskset", []
+
+
+def wait_until(condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes]) -> None:
+    """Poll ``condition`` until it holds; fail if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            if condition():
+                return
+        except OSError:  # not listening yet
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {START_TIMEOUT}s")
+        time.sleep(0.05)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process we started, by its PID; kill it if it does not exit in time."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_TIMEOUT)
+
+
+def start_redis(directory: Path, prefix: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    """Start redis-server with append-only persistence (fsync every second) in ``directory``."""
+    port = free_port()
+    args = [
+        *prefix, "/usr/bin/redis-server", "--port", str(port), "--bind", HOST, "--save", "",
+        "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(directory),
+        "--daemonize", "no", "--loglevel", "warning",
+    ]  # fmt: skip
+    with (directory / "redis.log").open("ab") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def answers() -> bool:
+        with socket.create_connection((HOST, port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+
+    try:
+        wait_until(answers, f"redis-server on port {port}", process)
+    except BaseException:
+        stop(process)
+        raise
+    return process, f"redis://{HOST}:{port}/0"
+
+
+def start_cloud(
+    storage: str, webhooks: Path, log_path: Path, prefix: list[str]
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``python -m shared.cli cloud`` and wait until /health answers 200."""
+    port = free_port()
+    args = [
+        *prefix, sys.executable, "-m", "shared.cli", "cloud", "--host", HOST,
+        "--port", str(port), "--webhooks", str(webhooks), "--storage", storage,
+        "--log-level", "warning",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
+        connection = http.client.HTTPConnection(HOST, port, timeout=1)
+        try:
+            connection.request("GET", "/health")
+            return connection.getresponse().status == 200
+        except http.client.HTTPException:  # e.g. a half-started server's garbled answer
+            return False
+        finally:
+            connection.close()
+
+    try:
+        wait_until(healthy, f"cloud on port {port}", process)
+    except BaseException:
+        stop(process)
+        tail = log_path.read_text(errors="replace")[-2000:]
+        print(f"--- cloud log ({log_path}) ---\n{tail}", file=sys.stderr)
+        raise
+    return process, port
