@@ -133,9 +133,19 @@ def connector(config_path: str | None, **overrides: str | None) -> None:
 @click.option("--quiet", is_flag=True, help="Do not print requests.")
 def sink(host: str, port: int, status: int, jsonl: str | None, quiet: bool) -> None:
     """A local target that prints every request it receives and answers STATUS."""
-    from connector.sink import run_sink
-
-    run_sink(host, port, status=status, jsonl_path=jsonl, quiet=quiet)
+    try:
+        from connector.sink import run_sink
+    except ImportError as exc:
+        click.echo(f"webhook-connect: pip install 'webhook-connect[connector]' ({exc})", err=True)
+        sys.exit(2)
+    try:
+        run_sink(host, port, status=status, jsonl_path=jsonl, quiet=quiet)
+    except ValueError as exc:
+        click.echo(f"webhook-connect sink: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        click.echo(f"webhook-connect sink: cannot listen on {host}:{port}: {exc}", err=True)
+        sys.exit(1)
 
 
 main.add_command(_later("channels", "channel administration"))
