@@ -176,3 +176,51 @@ def test_every_level_has_help() -> None:
         result = run_cli(*args, "--help")
         assert result.returncode == 0, result.stderr
         assert "Usage:" in result.stdout
+
+
+CONNECTOR = {
+    "cloud_url": "http://127.0.0.1:8000",
+    "channel": "dev",
+    "token": "t0ken",
+    "default_target": {"url": "http://127.0.0.1:9000/"},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "key_path", "reason"),
+    [
+        ({"webhooks_config": "webhooks.json"}, "webhooks_config", "choose one delivery mode"),
+        ({"default_target": None}, "default_target", "no delivery mode"),
+        ({"cloud_url": "ftp://cloud"}, "cloud_url", "must be a http or https or ws or wss URL"),
+        ({"cloud_url": "http://:80"}, "cloud_url", "with a host"),
+        ({"token": None}, "token", "required key is missing"),
+        ({"protocol": "carrier-pigeon"}, "protocol", "websocket"),
+        ({"default_target": {"url": "localhost:9000"}}, "default_target.url", "http or https"),
+        ({"max_concurrent_requests": 0}, "max_concurrent_requests", "greater than 0"),
+        ({"colour": "blue"}, "colour", "unknown key"),
+    ],
+)
+def test_a_bad_connector_config_exits_2_naming_the_key(
+    tmp_path: Path, change: dict[str, object], key_path: str, reason: str
+) -> None:
+    settings = {**CONNECTOR, **change}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    path = write(tmp_path, settings, "connector.json")
+    result = run_cli("connector", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"webhook-connect: configuration error: {path}: {key_path}: ")
+    assert reason in line
+
+
+def test_connector_flags_and_environment_override_the_file(tmp_path: Path) -> None:
+    from connector.config import load_connector_settings
+
+    path = write(tmp_path, CONNECTOR, "connector.json")
+    settings = load_connector_settings(path, {"channel": "other", "token": None}, environ={})
+    assert (settings.channel, settings.token) == ("other", "t0ken")
+    result = run_cli(
+        "connector", "--config", str(path), env={"WEBHOOK_CONNECT_CLOUD_URL": "gopher://x"}
+    )
+    assert result.returncode == 2
+    assert "cloud_url: must be a http" in result.stderr
