@@ -8,7 +8,6 @@ read and the wait still wakes it at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 
 class Notifier:
@@ -16,23 +15,37 @@ class Notifier:
 
     def __init__(self) -> None:
         self._versions: dict[str, int] = {}
-        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     def version(self, channel: str) -> int:
         return self._versions.get(channel, 0)
 
     def notify(self, channel: str) -> None:
         self._versions[channel] = self._versions.get(channel, 0) + 1
-        waiter = self._waiters.pop(channel, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        for waiter in self._waiters.pop(channel, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def wait(self, channel: str, since: int, max_wait: float) -> None:
         """Return once the channel's version differs from ``since``, or after ``max_wait``."""
         if self.version(channel) != since:
             return
-        waiter = self._waiters.get(channel)
-        if waiter is None or waiter.done():
-            waiter = self._waiters[channel] = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(waiter), max_wait)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.setdefault(channel, []).append(waiter)
+        # A plain timer, not wait_for(): this runs once per idle turn of every connection.
+        timer = loop.call_later(max_wait, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            waiters = self._waiters.get(channel)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[channel]
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

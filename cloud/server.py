@@ -34,4 +34,7 @@ def run(config: CloudConfig) -> None:
         ws_ping_interval=5.0,
         ws_ping_timeout=10.0,
         ws_max_size=1024 * 1024,
+        # Bodies are mostly small and often already compact; deflate costs more CPU per
+        # message than it saves on loopback and LAN links.
+        ws_per_message_deflate=False,
     )

@@ -120,9 +120,11 @@ class StreamSession:
             await asyncio.wait_for(self.websocket.close(code, reason), CLOSE_TIMEOUT)
 
     async def pump(self) -> None:
+        # Refill the window in chunks, not one ack at a time: fewer, fuller reads and frames.
+        low_water = max(1, min(self.window // 4, READ_BATCH // 4))
         while True:
             room = self.window - len(self.in_flight)
-            if room <= 0:
+            if room <= 0 or (room < low_water and self.in_flight):
                 self.room.clear()
                 await self.room.wait()
                 continue

@@ -1,7 +1,7 @@
 """Ids of messages already delivered, kept on disk so a restarted connector still skips them.
 
 At-least-once means the cloud may hand the connector a message again (a lost ack, a restart
-between delivery and ack). Each delivered id is appended to a file *before* the ack is sent, so
+between delivery and ack). Delivered ids are appended to a file *before* their ack is sent, so
 a redelivered message is acked without reaching the target a second time. The file holds the
 last ``capacity`` ids and is compacted when it grows to twice that.
 """
@@ -21,6 +21,7 @@ class DeliveredLog:
         self._ids: dict[str, None] = {}
         self._lines = 0
         self._fd: int | None = None
+        self._unwritten: list[str] = []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.exists():
@@ -36,15 +37,25 @@ class DeliveredLog:
         return len(self._ids)
 
     def add(self, message_id: str) -> None:
-        """Remember ``message_id``; on disk before this returns (page cache: survives SIGKILL)."""
+        """Remember ``message_id``; it reaches the file at the next :meth:`flush`."""
         if message_id in self._ids or "\n" in message_id:
             return
         self._remember(message_id)
         if self._fd is not None:
-            os.write(self._fd, message_id.encode() + b"\n")
-            self._lines += 1
-            if self._lines > 2 * self._capacity:
-                self._compact()
+            self._unwritten.append(message_id)
+
+    def flush(self) -> None:
+        """Write what :meth:`add` remembered: call it before acking those messages.
+
+        One ``write()`` for a whole batch; the page cache keeps it through a SIGKILL.
+        """
+        if self._fd is None or not self._unwritten:
+            return
+        os.write(self._fd, "".join(f"{i}\n" for i in self._unwritten).encode())
+        self._lines += len(self._unwritten)
+        self._unwritten.clear()
+        if self._lines > 2 * self._capacity:
+            self._compact()
 
     def _remember(self, message_id: str) -> None:
         if not message_id:
@@ -63,6 +74,7 @@ class DeliveredLog:
         self._lines = len(self._ids)
 
     def close(self) -> None:
+        self.flush()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -7,6 +7,7 @@ describe the new hop), and the exact body bytes (PRODUCT.md §2.3).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -100,30 +101,53 @@ class HttpDeliverer:
         attempts = target.retry_max_attempts if target.retry_enabled else 1
         # The cloud's attempt count continues across local retries, so a target can tell.
         first_attempt = (message.attempt - 1) * attempts
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(attempts),
-            wait=lambda state: _wait(state, target),
-            retry=retry_if_exception_type(_Retryable),
-            reraise=True,
-        )
-        tries = 0
         try:
-            async for attempt in retrying:
-                with attempt:
-                    tries = attempt.retry_state.attempt_number
-                    status = await self._send(message, target, first_attempt + tries)
+            try:
+                # Fast path: most deliveries succeed at once; tenacity only for retries.
+                status = await self._send(message, target, first_attempt + 1)
+                tries = 1
+            except _Retryable as first_failure:
+                if attempts == 1:
+                    raise
+                status, tries = await self._retry(
+                    message, target, first_attempt, attempts, first_failure
+                )
         except _Retryable as exc:
+            tries = attempts
             return DeliveryResult(
                 Outcome.RETRY, target.url, exc.status, exc.error, tries, time.monotonic() - started
             )
         except InvalidRequest as exc:
             return DeliveryResult(
-                Outcome.REJECTED, target.url, None, f"invalid_request: {exc}", tries,
+                Outcome.REJECTED, target.url, None, f"invalid_request: {exc}", 1,
                 time.monotonic() - started,
             )  # fmt: skip
         return DeliveryResult(
             classify_status(status), target.url, status, "", tries, time.monotonic() - started
         )
+
+    async def _retry(
+        self,
+        message: WireMessage,
+        target: Target,
+        first_attempt: int,
+        attempts: int,
+        first_failure: _Retryable,
+    ) -> tuple[int, int]:
+        """Attempts 2..N with backoff (honouring Retry-After); raises the last failure."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(attempts - 1),
+            wait=lambda state: _wait(state, target),
+            retry=retry_if_exception_type(_Retryable),
+            reraise=True,
+        )
+        await asyncio.sleep(_delay_after(first_failure, 1, target))
+        tries = status = 0
+        async for attempt in retrying:
+            with attempt:
+                tries = attempt.retry_state.attempt_number + 1
+                status = await self._send(message, target, first_attempt + tries)
+        return status, tries
 
     async def _send(self, message: WireMessage, target: Target, attempt: int) -> int:
         request = build_request(message, target, attempt)
@@ -145,9 +169,14 @@ class HttpDeliverer:
 def _wait(state: RetryCallState, target: Target) -> float:
     outcome = state.outcome
     failure = outcome.exception() if outcome is not None else None
+    # Attempt 1 happened before tenacity took over: its state counts from attempt 2.
+    return _delay_after(failure, state.attempt_number + 1, target)
+
+
+def _delay_after(failure: BaseException | None, attempt: int, target: Target) -> float:
     retry_after = failure.retry_after if isinstance(failure, _Retryable) else None
     return retry_delay(
-        state.attempt_number,
+        attempt,
         initial=target.retry_delay_seconds,
         multiplier=target.retry_backoff_multiplier,
         maximum=target.retry_max_delay_seconds,

@@ -11,16 +11,20 @@ import asyncio
 import contextlib
 import logging
 import random
+import sys
 from collections.abc import Callable
 
 from connector.config import ConnectorSettings
 from connector.dedup import DeliveredLog
 from connector.delivery import DeliveryResult, HttpDeliverer
 from connector.policy import Backoff, Outcome
+from connector.printer import LinePrinter
 from connector.transports import Disconnected, Refused, Transport
 from shared.frames import WireMessage
 
 logger = logging.getLogger("webhook_connect.connector")
+
+ACK_DELAY = 0.005
 
 
 class Runner:
@@ -33,15 +37,19 @@ class Runner:
         delivered: DeliveredLog,
         open_transport: Callable[[ConnectorSettings], Transport],
         rng: random.Random | None = None,
+        printer: LinePrinter | None = None,
     ) -> None:
         self._settings = settings
         self._deliverer = deliverer
         self._delivered = delivered
         self._open_transport = open_transport
         self._rng = rng or random.Random()
+        self._printer = printer or LinePrinter(sys.stdout)
         concurrency = settings.max_concurrent_requests
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acks: dict[Transport, list[str]] = {}
+        self._ack_tasks: set[asyncio.Future[None]] = set()
         self._backoff = Backoff(
             settings.reconnect_delay_seconds,
             settings.max_reconnect_delay_seconds,
@@ -100,7 +108,7 @@ class Runner:
     async def _handle(self, transport: Transport, message: WireMessage) -> None:
         try:
             if message.message_id in self._delivered:
-                await transport.ack(message.message_id)
+                self._ack_soon(transport, message.message_id)
                 self._log(message, None, "duplicate suppressed (already delivered)")
                 return
             try:
@@ -111,13 +119,27 @@ class Runner:
                 raise
             if result.outcome is Outcome.DELIVERED:
                 self._delivered.add(message.message_id)
-                await transport.ack(message.message_id)
+                self._ack_soon(transport, message.message_id)
             else:
                 retry = result.outcome is Outcome.RETRY
                 await transport.nack(message.message_id, retry=retry, reason=result.reason)
             self._log(message, result)
         finally:
             self._slots.release()
+
+    def _ack_soon(self, transport: Transport, message_id: str) -> None:
+        """Acks wait up to ACK_DELAY to travel together: one log write and one frame each."""
+        if not self._acks:
+            asyncio.get_running_loop().call_later(ACK_DELAY, self._send_acks)
+        self._acks.setdefault(transport, []).append(message_id)
+
+    def _send_acks(self) -> None:
+        self._delivered.flush()  # on disk before the cloud may forget the messages
+        for transport, message_ids in self._acks.items():
+            task = asyncio.ensure_future(transport.ack(message_ids))
+            self._ack_tasks.add(task)
+            task.add_done_callback(self._ack_tasks.discard)
+        self._acks = {}
 
     async def _finish(self, transport: Transport) -> None:
         """Graceful stop: let deliveries finish within the timeout, nack the rest."""
@@ -129,18 +151,20 @@ class Runner:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._acks:
+            self._send_acks()
+        await asyncio.gather(*self._ack_tasks, return_exceptions=True)
         await transport.aclose()
+        self._printer.flush()
 
-    @staticmethod
-    def _log(message: WireMessage, result: DeliveryResult | None, note: str = "") -> None:
-        envelope = message.envelope
+    def _log(self, message: WireMessage, result: DeliveryResult | None, note: str = "") -> None:
+        webhook_id = message.envelope.webhook_id
         if result is None:
-            logger.info("%s %s %s", envelope.webhook_id, message.message_id, note)
+            self._printer.line(f"{webhook_id} {message.message_id} {note}")
             return
         status = result.status if result.status is not None else result.error
-        logger.info(
-            "%s %s -> %s %s %.1fms attempt %d%s",
-            envelope.webhook_id, message.message_id, result.target, status,
-            result.seconds * 1000, message.attempt,
-            "" if result.outcome is Outcome.DELIVERED else f" ({result.outcome.value})",
-        )  # fmt: skip
+        outcome = "" if result.outcome is Outcome.DELIVERED else f" ({result.outcome.value})"
+        self._printer.line(
+            f"{webhook_id} {message.message_id} -> {result.target} {status} "
+            f"{result.seconds * 1000:.1f}ms attempt {message.attempt}{outcome}"
+        )

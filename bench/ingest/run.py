@@ -45,7 +45,7 @@ WARMUP = 2  # seconds, before each measurement, not counted
 MAX_CONNECTIONS = 256  # open loop: the pool's cap
 COLUMNS = (
     "backend", "mode", "offered", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
-    "errors",
+    "errors", "other CPU s",
 )  # fmt: skip
 
 
@@ -131,10 +131,15 @@ def bench_backend(
             cloud, port = servers.start_cloud(storage, WEBHOOKS, directory / "cloud.log", prefix)
             started.append(cloud)
             check_ingest(port, body)
+            pids = [process.pid for process in started]
             print(f"{backend}: closed loop, {args.connections} connections, {args.duration} s")
+            before = servers.foreign_cpu_seconds(pids)
             rows = [measure_max(port, args.connections, args.duration, body_file)]
+            rows[-1]["other_cpu_s"] = round(servers.foreign_cpu_seconds(pids) - before, 1)
             print(f"{backend}: open loop, {args.rate} req/s, {args.duration} s")
+            before = servers.foreign_cpu_seconds(pids)
             rows.append(measure_rate(port, args.rate, args.duration, body, spin=bool(prefix)))
+            rows[-1]["other_cpu_s"] = round(servers.foreign_cpu_seconds(pids) - before, 1)
             if cloud.poll() is not None:
                 raise RuntimeError(f"the cloud exited during the run ({cloud.returncode})")
         finally:
@@ -156,6 +161,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             row["backend"], f"{row['mode']} ({row['tool']})", offered,
             f"{row['achieved_rate']:.0f}", ms(row["p50_ms"]), ms(row["p99_ms"]),
             ms(row["p999_ms"]), ms(row["max_ms"]), str(row["non_202"] + row["failed"]),
+            f"{row['other_cpu_s']:.1f}",
         ))  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
     return "\n".join(
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pinning: {pinning}")
     print(f"closed loop: {'wrk' if WRK.exists() else 'python'}; open loop: python on "
           f"{event_loop}, {timing}; body {BODY_SIZE} B JSON; warm-up {WARMUP} s")  # fmt: skip
-    print(f"load average before start: {load} (other work on this machine skews the figures)")
+    print(f"load average before start: {load}")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         body_file = Path(tmp) / "body.json"
@@ -218,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     print()
     print(format_table(rows))
+    print("other CPU s: CPU time taken meanwhile by other processes; far from 0, it skews the row")
     summary = {"benchmark": "ingest", "body_bytes": BODY_SIZE, "warmup_s": WARMUP}
     summary |= {"pinning": pinning, "event_loop": event_loop, "open_loop_timing": timing}
     summary |= {"load_average": load, "results": rows}

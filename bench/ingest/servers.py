@@ -1,6 +1,7 @@
 """The processes under test: the cloud and a redis-server, on free loopback ports.
 
 Each is started by us, waited on with a deadline, and stopped by its PID; nothing else.
+:func:`foreign_cpu_seconds` tells how much CPU the rest of the machine took meanwhile.
 """
 
 from __future__ import annotations
@@ -129,3 +130,21 @@ def start_cloud(
         print(f"--- cloud log ({log_path}) ---\n{tail}", file=sys.stderr)
         raise
     return process, port
+
+
+def foreign_cpu_seconds(pids: list[int]) -> float:
+    """CPU time used so far, machine-wide, by processes other than us, our children and ``pids``.
+
+    Read it before and after a measurement: other work on the machine competes with the cloud
+    and the load generator, and skews the figures. Rough: the kernel charges part of the
+    benchmark's own loopback traffic to interrupt time, counted here as foreign.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as stat:
+        user, nice, system, _, _, irq, softirq = (int(f) for f in stat.readline().split()[1:8])
+    ours = sum(os.times()[:4])  # this process and the children it waited for (wrk)
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ours += (int(fields[11]) + int(fields[12])) / tick  # utime, stime of all its threads
+    return (user + nice + system + irq + softirq) / tick - ours

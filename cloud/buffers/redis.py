@@ -14,13 +14,14 @@ import dataclasses
 import logging
 import re
 import time
+import uuid
 from importlib import resources
 from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cloud.buffers.base import (
@@ -34,7 +35,7 @@ from cloud.buffers.base import (
     Delivery,
     TokenRecord,
 )
-from cloud.coalescer import Coalescer
+from cloud.buffers.resp import ReplyError, RespClient
 from cloud.notifier import Notifier
 from shared.envelope import Envelope
 from shared.exceptions import ChannelFull, StorageError, StorageUnavailable, UnknownChannel
@@ -78,16 +79,17 @@ class RedisBuffer:
         )
         self._sources = _load_scripts()
         self._shas: dict[str, str] = {}
-        # Concurrent ingest requests share one pipelined round trip; each still waits for
-        # its own write to be confirmed before it answers 202.
-        self._appender = Coalescer(self._append_batch, max_batch=512)
-        self._acker = Coalescer(self._ack_batch, max_batch=512)
+        # Script calls (every hot-path operation) go through a lean pipelining client:
+        # concurrent callers share round trips, each still awaiting its own reply (a 202 only
+        # after its own write succeeded). redis-py serves the rest.
+        self._resp = RespClient(url)
+        self._to_announce: set[str] = set()
         self._notifier = Notifier()
+        self._instance = uuid.uuid4().hex[:12]
         self._listener: asyncio.Task[None] | None = None
 
     async def aclose(self) -> None:
-        await self._appender.aclose()
-        await self._acker.aclose()
+        await self._resp.aclose()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, *UNAVAILABLE):
@@ -95,21 +97,21 @@ class RedisBuffer:
         await self._redis.aclose()
 
     async def _call(self, name: str, channel: str, *args: Any) -> Any:
-        try:
-            return await self._evalsha(self._redis, name, channel, *args)
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
-
-    async def _evalsha(self, client: Any, name: str, channel: str, *args: Any) -> Any:
+        """Run script ``name`` on ``channel``; an error reply is raised as ``ResponseError``."""
         sha = self._shas.get(name)
         if sha is None:
-            sha = self._shas[name] = await self._redis.script_load(self._sources[name])
-        try:
-            return await client.evalsha(sha, 5, *channel_keys(channel), *args)
-        except NoScriptError:
-            # Redis restarted without persistence of scripts: load again once.
-            self._shas.clear()
-            return await self._evalsha(client, name, channel, *args)
+            loaded = await self._resp.execute("SCRIPT", "LOAD", self._sources[name])
+            if isinstance(loaded, ReplyError):
+                raise StorageError(f"cannot load script {name}: {loaded}")
+            sha = self._shas[name] = loaded.decode()
+        reply = await self._resp.execute("EVALSHA", sha, 5, *channel_keys(channel), *args)
+        if isinstance(reply, ReplyError):
+            if str(reply).startswith("NOSCRIPT"):
+                # Redis restarted and lost its script cache; the script did not run.
+                self._shas.pop(name, None)
+                return await self._call(name, channel, *args)
+            raise ResponseError(str(reply).removeprefix("ERR "))
+        return reply
 
     async def ping(self) -> None:
         try:
@@ -182,44 +184,31 @@ class RedisBuffer:
     # Messages -----------------------------------------------------------------------------
 
     async def append(self, envelope: Envelope) -> str:
-        return await self._appender.submit(envelope)
+        channel = envelope.channel
+        try:
+            reply = await self._call("append", channel, envelope.encode_meta(), envelope.body)
+        except ResponseError as exc:
+            raise _storage_error(exc, channel) from exc
+        self._announce(channel)
+        return str(reply.decode())
 
     async def append_many(self, envelopes: list[Envelope]) -> list[str | Exception]:
-        try:
-            sha = self._shas.get("append")
-            if sha is None:
-                sha = self._shas["append"] = await self._redis.script_load(self._sources["append"])
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for envelope in envelopes:
-                    keys = channel_keys(envelope.channel)
-                    pipe.evalsha(sha, 5, *keys, envelope.encode_meta(), envelope.body)
-                replies = await pipe.execute(raise_on_error=False)
-        except NoScriptError:
-            self._shas.clear()
-            return await self.append_many(envelopes)
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
-        if any(isinstance(r, NoScriptError) for r in replies):
-            self._shas.clear()  # Redis restarted and lost its script cache
-            return await self.append_many(envelopes)
-        return [_append_result(reply, env) for reply, env in zip(replies, envelopes, strict=True)]
+        results = await asyncio.gather(*(self.append(e) for e in envelopes), return_exceptions=True)
+        return [r if isinstance(r, str | Exception) else StorageError(repr(r)) for r in results]
 
-    async def _append_batch(self, envelopes: list[Envelope]) -> list[str | Exception]:
-        results = await self.append_many(envelopes)
-        changed = {e.channel for e, r in zip(envelopes, results, strict=True) if isinstance(r, str)}
-        await self._announce(changed)
-        return results
+    def _announce(self, channel: str) -> None:
+        """Wake readers here at once, and on other replicas (once per loop turn) via pub/sub."""
+        self._notifier.notify(channel)
+        if not self._to_announce:
+            asyncio.get_running_loop().call_soon(self._publish)
+        self._to_announce.add(channel)
 
-    async def _announce(self, channels: set[str]) -> None:
-        """Wake readers here at once, and on other replicas through pub/sub."""
-        for channel in channels:
-            self._notifier.notify(channel)
-        if channels:
-            with contextlib.suppress(*UNAVAILABLE):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for channel in channels:
-                        pipe.publish(NOTIFY_CHANNEL, channel)
-                    await pipe.execute()
+    def _publish(self) -> None:
+        for channel in self._to_announce:
+            message = f"{self._instance} {channel}"
+            task = asyncio.ensure_future(self._resp.execute("PUBLISH", NOTIFY_CHANNEL, message))
+            task.add_done_callback(_ignore_result)
+        self._to_announce.clear()
 
     def change_version(self, channel: str) -> int:
         return self._notifier.version(channel)
@@ -235,7 +224,9 @@ class RedisBuffer:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(NOTIFY_CHANNEL)
                     async for message in pubsub.listen():
-                        self._notifier.notify(message["data"].decode())
+                        instance, _, channel = message["data"].decode().partition(" ")
+                        if instance != self._instance:  # our own appends notified already
+                            self._notifier.notify(channel)
             except UNAVAILABLE as exc:
                 logger.warning("change notifications lost, retrying: %s", exc)
                 await asyncio.sleep(1)
@@ -266,29 +257,7 @@ class RedisBuffer:
     async def ack(self, channel: str, group: str, message_id: str, consumer: str = "") -> bool:
         if not STREAM_ID.match(message_id):
             return False
-        return await self._acker.submit((channel, group, message_id, consumer))
-
-    async def _ack_batch(self, acks: list[tuple[str, str, str, str]]) -> list[bool | Exception]:
-        sha = self._shas.get("ack")
-        try:
-            if sha is None:
-                sha = self._shas["ack"] = await self._redis.script_load(self._sources["ack"])
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for channel, group, message_id, consumer in acks:
-                    pipe.evalsha(sha, 5, *channel_keys(channel), group, message_id, consumer)
-                replies = await pipe.execute(raise_on_error=False)
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
-        if any(isinstance(r, NoScriptError) for r in replies):
-            self._shas.clear()
-            return await self._ack_batch(acks)
-        results: list[bool | Exception] = []
-        for (channel, *_), reply in zip(acks, replies, strict=True):
-            if isinstance(reply, ResponseError):
-                results.append(False if "NOGROUP" in str(reply) else _storage_error(reply, channel))
-            else:
-                results.append(bool(reply))
-        return results
+        return await self._settle("ack", channel, group, message_id, consumer)
 
     async def nack(
         self,
@@ -323,7 +292,7 @@ class RedisBuffer:
                 return 0
             raise _storage_error(exc, channel) from exc
         if released:
-            await self._announce({channel})
+            self._announce(channel)
         return released
 
     async def housekeep(self, channel: str) -> int:
@@ -434,14 +403,9 @@ class RedisBuffer:
         )
 
 
-def _append_result(reply: Any, envelope: Envelope) -> str | Exception:
-    if isinstance(reply, bytes):
-        return reply.decode()
-    if isinstance(reply, ResponseError):
-        return _storage_error(reply, envelope.channel)
-    if isinstance(reply, Exception):
-        return StorageUnavailable(str(reply))
-    return StorageError(f"unexpected reply {reply!r}")
+def _ignore_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a lost notification only delays a remote reader
 
 
 def _storage_error(exc: ResponseError, channel: str) -> StorageError:

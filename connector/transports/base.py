@@ -32,7 +32,8 @@ class Transport(Protocol):
     def messages(self) -> AsyncIterator[WireMessage]:
         """Messages as they arrive; ends by raising :class:`Disconnected`."""
 
-    async def ack(self, message_id: str) -> None: ...
+    async def ack(self, message_ids: list[str]) -> None:
+        """Acknowledge delivered messages (a lost ack means a redelivery, never a loss)."""
 
     async def nack(self, message_id: str, *, retry: bool, reason: str = "") -> None: ...
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -43,8 +42,6 @@ class WebSocketTransport:
     def __init__(self, settings: ConnectorSettings) -> None:
         self._settings = settings
         self._ws: ClientConnection | None = None
-        self._acks: list[str] = []
-        self._flusher: asyncio.Task[None] | None = None
         self.connection_id = ""
 
     async def connect(self) -> None:
@@ -64,6 +61,7 @@ class WebSocketTransport:
                 ping_timeout=10,
                 max_size=MAX_FRAME,
                 max_queue=4,
+                compression=None,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -117,20 +115,8 @@ class WebSocketTransport:
             if data.get("type") == "error":
                 logger.debug("cloud: %s", data)
 
-    async def ack(self, message_id: str) -> None:
-        # Acks of one event-loop turn travel together in one frame.
-        self._acks.append(message_id)
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_acks())
-
-    async def _flush_acks(self) -> None:
-        try:
-            await asyncio.sleep(0)
-            while self._acks:
-                ids, self._acks = self._acks, []
-                await self._send(encode_acks(ids))
-        finally:
-            self._flusher = None
+    async def ack(self, message_ids: list[str]) -> None:
+        await self._send(encode_acks(message_ids))
 
     async def nack(self, message_id: str, *, retry: bool, reason: str = "") -> None:
         await self._send(encode_nack(message_id, retry=retry, reason=reason))
@@ -143,9 +129,6 @@ class WebSocketTransport:
             await self._ws.send(frame.decode())
 
     async def aclose(self) -> None:
-        if self._flusher is not None:
-            with contextlib.suppress(Exception):
-                await self._flusher
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close()
