@@ -119,7 +119,7 @@ class Result:
             "answered": self.answered,
             "non_202": self.non_202,
             "failed": self.failed,
-            "connections": self.connections_opened,
+            "connections_opened": self.connections_opened,  # reopened ones count again
             "p50_ms": ms(self.percentile(0.50)),
             "p99_ms": ms(self.percentile(0.99)),
             "p999_ms": ms(self.percentile(0.999)),

@@ -64,6 +64,7 @@ class ConnectorSettings(BaseModel):
     group: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     max_concurrent_requests: PositiveInt = 10
     max_in_flight: PositiveInt | None = None
+    ordered: bool = False
     reconnect_delay_seconds: PositiveFloat = 1.0
     max_reconnect_delay_seconds: PositiveFloat = 60.0
     reconnect_backoff_multiplier: float = Field(default=2.0, ge=1)
@@ -81,6 +82,17 @@ class ConnectorSettings(BaseModel):
     @classmethod
     def _check_cloud_url(cls, value: str) -> str:
         return _http_url(value, ("http", "https", "ws", "wss")).rstrip("/")
+
+    @property
+    def concurrency(self) -> int:
+        """Deliveries at once: one in ordered mode."""
+        return 1 if self.ordered else self.max_concurrent_requests
+
+    @property
+    def window(self) -> int | None:
+        """The in-flight window to ask the cloud for: one in ordered mode, so a retried
+        message is never overtaken by the next one."""
+        return 1 if self.ordered else self.max_in_flight
 
     def target_for(self, webhook_id: str) -> Target | None:
         """``targets[webhook_id]``, else ``default_target``."""

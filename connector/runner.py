@@ -45,8 +45,7 @@ class Runner:
         self._open_transport = open_transport
         self._rng = rng or random.Random()
         self._printer = printer or LinePrinter(sys.stdout)
-        concurrency = settings.max_concurrent_requests
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._acks: dict[Transport, list[str]] = {}
         self._ack_tasks: set[asyncio.Future[None]] = set()
@@ -113,6 +112,8 @@ class Runner:
                 return
             try:
                 result = await self._deliverer.deliver(message)
+                if self._settings.ordered:
+                    result = await self._until_settled(message, result)
             except asyncio.CancelledError:
                 # Shutting down mid-delivery: hand it back for another attempt.
                 await transport.nack(message.message_id, retry=True, reason="connector_stopped")
@@ -126,6 +127,18 @@ class Runner:
             self._log(message, result)
         finally:
             self._slots.release()
+
+    async def _until_settled(self, message: WireMessage, result: DeliveryResult) -> DeliveryResult:
+        """Ordered mode: a nack would let the next message overtake this one, so keep trying
+        here (with backoff) until it is delivered or rejected."""
+        backoff = Backoff(
+            self._settings.reconnect_delay_seconds, self._settings.max_reconnect_delay_seconds
+        )
+        while result.outcome is Outcome.RETRY:
+            self._log(message, result)
+            await asyncio.sleep(backoff.next_delay(self._rng))
+            result = await self._deliverer.deliver(message)
+        return result
 
     def _ack_soon(self, transport: Transport, message_id: str) -> None:
         """Acks wait up to ACK_DELAY to travel together: one log write and one frame each."""

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import signal
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -304,3 +305,37 @@ def test_sigterm_stops_the_connector_cleanly(
     wait_until(lambda: len(sink.records()) >= 50, 20, "deliveries")
     assert connector.stop(signal.SIGTERM) == 0
     assert "stopped" in connector.output()
+
+
+def test_a_hanging_target_is_bounded_by_its_timeout(
+    cloud: Cloud, connectors: list[ConnectorProcess], tmp_path: Path
+) -> None:
+    # A socket that never accepts: connections queue in the backlog and get no answer.
+    with socket.socket() as hanging:
+        hanging.bind(("127.0.0.1", 0))
+        hanging.listen(64)
+        port = hanging.getsockname()[1]
+        placeholder = Sink(tmp_path, port=port)
+        target = {"url": placeholder.url, "timeout_seconds": 0.3, "retry_max_attempts": 1}
+        connector = start_connector(connectors, cloud, placeholder, tmp_path, default_target=target)
+        [message_id] = asyncio.run(post_many(cloud.url, 1))
+        wait_until(lambda: "timeout" in connector.output(), 20, "a timed-out delivery")
+    # The message went back to the channel; once the target answers, it is delivered.
+    placeholder.start()
+    try:
+        wait_until(lambda: message_id in message_ids(placeholder), 30, "delivery after hang")
+    finally:
+        placeholder.stop()
+
+
+def test_ordered_mode_delivers_in_channel_order(
+    cloud: Cloud, sink: Sink, connectors: list[ConnectorProcess], tmp_path: Path
+) -> None:
+    ids = []
+    for i in range(30):
+        answer = httpx.post(f"{cloud.url}/webhook/raw", content=f"m{i}".encode())
+        ids.append(answer.json()["message_id"])
+    start_connector(connectors, cloud, sink, tmp_path, ordered=True, max_concurrent_requests=8)
+    wait_until(lambda: len(sink.records()) >= 30, 30, "30 ordered deliveries")
+    assert message_ids(sink) == ids
+    assert [body_of(r) for r in sink.records()] == [f"m{i}".encode() for i in range(30)]

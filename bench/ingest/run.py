@@ -87,7 +87,7 @@ def measure_max(port: int, connections: int, duration: int, body_file: Path) -> 
     if not WRK.exists():
         request = loadgen.build_post(HOST, port, PATH, body_file.read_bytes(), "application/json")
         coroutine = loadgen.run_closed_loop(HOST, port, request, connections, duration, WARMUP)
-        return {"tool": "python", **loadgen.run(coroutine).summary()}
+        return {"tool": "python", "connections": connections, **loadgen.run(coroutine).summary()}
     wrk(port, connections, WARMUP, body_file)  # warm-up, discarded
     figures = wrk(port, connections, duration, body_file)
     return {

@@ -33,8 +33,8 @@ MAX_FRAME = 64 * 1024 * 1024
 def stream_url(settings: ConnectorSettings) -> str:
     base = settings.cloud_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
     query = {"group": settings.group}
-    if settings.max_in_flight:
-        query["max_in_flight"] = str(settings.max_in_flight)
+    if settings.window:
+        query["max_in_flight"] = str(settings.window)
     return f"{base}/connect/stream/{quote(settings.channel)}?{urlencode(query)}"
 
 
