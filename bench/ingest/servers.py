@@ -30,21 +30,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def pin_processes() -> tuple[str, list[str]]:
+def pin_processes() -> tuple[str, list[str], list[str]]:
     """Pin this process (the load generator) to LOADGEN_CPU.
 
-    Return a description of the pinning and the command prefix that puts a server on
-    SERVER_CPU; both are empty-handed when this machine cannot do it.
+    Return a description of the pinning and the command prefixes that put the cloud on
+    SERVER_CPU (a core of its own: "one uvicorn worker") and redis-server beside the load
+    generator on LOADGEN_CPU; all empty-handed when this machine cannot do it.
     """
     taskset = shutil.which("taskset")
     if {SERVER_CPU, LOADGEN_CPU} <= os.sched_getaffinity(0) and taskset is not None:
         os.sched_setaffinity(0, {LOADGEN_CPU})
         return (
-            f"cloud and redis-server on CPU {SERVER_CPU} (taskset), "
-            f"load generator (wrk, python) on CPU {LOADGEN_CPU} (sched_setaffinity)",
+            f"cloud on CPU {SERVER_CPU} (taskset); redis-server and the load generator "
+            f"(wrk, python) on CPU {LOADGEN_CPU}",
             [taskset, "-c", str(SERVER_CPU)],
+            [taskset, "-c", str(LOADGEN_CPU)],
         )
-    return "none: needs CPUs 0 and 1 and taskset", []
+    return "none: needs CPUs 0 and 1 and taskset", [], []
 
 
 def wait_until(condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes]) -> None:
