@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 import redis
 
 from cloud.buffers import Buffer, open_buffer
-from tests.servers import RedisServer
+from tests.servers import Cloud, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +46,16 @@ async def buffer(storage_url: str) -> AsyncIterator[Buffer]:
         yield store
     finally:
         await store.aclose()
+
+
+@pytest.fixture
+def cloud(storage_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cloud]:
+    """The cloud under uvicorn, serving the ``WEBHOOKS`` of the requesting test module."""
+    path = tmp_path / "webhooks.json"
+    path.write_text(json.dumps(request.module.WEBHOOKS))
+    server = Cloud(storage_url, path, tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -53,16 +53,6 @@ def read_all(storage_url: str, channel: str = "dev", group: str = "default") -> 
     return asyncio.run(read())
 
 
-@pytest.fixture
-def cloud(storage_url: str, tmp_path: Path) -> Iterator[Cloud]:
-    server = Cloud(storage_url, write_webhooks(tmp_path), tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_an_accepted_webhook_is_stored_exactly_as_sent(cloud: Cloud) -> None:
     body = b'{"action": "opened", "n": 1}'
     answer = httpx.post(

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import json
 import signal
 import socket
 from collections import Counter
@@ -40,18 +39,6 @@ WEBHOOKS = {
         "module-config": CHANNEL,
     },
 }
-
-
-@pytest.fixture
-def cloud(storage_url: str, tmp_path: Path) -> Iterator[Cloud]:
-    path = tmp_path / "webhooks.json"
-    path.write_text(json.dumps(WEBHOOKS))
-    server = Cloud(storage_url, path, tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,18 +33,6 @@ WEBHOOKS = {
         "module-config": {"channel": "other", "channel_token": OTHER_TOKEN},
     },
 }  # fmt: skip
-
-
-@pytest.fixture
-def cloud(storage_url: str, tmp_path: Path) -> Iterator[Cloud]:
-    path = tmp_path / "webhooks.json"
-    path.write_text(json.dumps(WEBHOOKS))
-    server = Cloud(storage_url, path, tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ws_url(cloud: Cloud, channel: str = "dev", token: str = TOKEN, **query: str) -> str:
