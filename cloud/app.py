@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -108,6 +109,21 @@ class CloudApp:
         return JSONResponse({"status": "ready", "storage": _safe_url(self.config.storage_url)})
 
 
+SECRET_IN_QUERY = re.compile(r"(?i)\b(token|access_token|api_key|secret)=[^&\s\"']+")
+
+
+class MaskQuerySecrets(logging.Filter):
+    """uvicorn logs request lines with their query, where a connector may put its token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                SECRET_IN_QUERY.sub(r"\1=***", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
+
+
 def _safe_url(url: str) -> str:
     """The storage URL without its password, for logs and answers."""
     scheme, sep, rest = url.partition("://")
@@ -121,5 +137,7 @@ def create_app(config: CloudConfig) -> CloudApp:
 
 
 def app_from_environment() -> CloudApp:
-    """uvicorn factory for worker processes (``--workers N``)."""
+    """uvicorn factory, run in every worker process after uvicorn configured logging."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(MaskQuerySecrets())
     return CloudApp(config_from_environment())

@@ -152,6 +152,10 @@ async def test_tokens_open_exactly_their_channel(cloud: Cloud) -> None:
     bearer = {"Authorization": f"Bearer {OTHER_TOKEN}"}
     async with connect(ws_url(cloud, channel="other", token=""), additional_headers=bearer) as ws:
         assert json.loads(await ws.recv())["channel"] == "other"
+    async with connect(ws_url(cloud)) as ws:
+        await ws.recv()
+    assert "token=***" in cloud.log.read_text()
+    assert TOKEN not in cloud.log.read_text(), "tokens in query strings are masked in logs"
 
 
 async def test_max_connections_is_enforced(cloud: Cloud) -> None:
