@@ -18,6 +18,7 @@ from cloud.buffers import Buffer, open_buffer
 from cloud.config import CloudConfig, config_from_environment
 from cloud.ingest import PREFIX, IngestEndpoint
 from cloud.provisioning import provision
+from cloud.pullroutes import PullRoutes
 from cloud.stream import StreamEndpoint
 from shared.exceptions import StorageError
 
@@ -36,11 +37,15 @@ class CloudApp:
         self.buffer = buffer or open_buffer(config.storage_url)
         self.ingest = IngestEndpoint(config.webhooks, self.buffer)
         self._tasks: list[asyncio.Task[None]] = []
+        pull = PullRoutes(self.buffer)
         self.router: ASGIApp = Starlette(
             routes=[
                 Route("/health", self.health),
                 Route("/ready", self.ready),
                 WebSocketRoute("/connect/stream/{channel}", StreamEndpoint(self.buffer).handle),
+                Route("/connect/stream/{channel}/sse", pull.sse),
+                Route("/connect/stream/{channel}/poll", pull.poll),
+                Route("/connect/ack", pull.ack, methods=["POST"]),
             ],
             lifespan=self.lifespan,
         )
@@ -91,6 +96,9 @@ class CloudApp:
             try:
                 for spec in await self.buffer.list_channels():
                     await self.buffer.housekeep(spec.name)
+                    # Long-poll connectors that stopped polling, replicas that died: what
+                    # their connections held goes back to the channel.
+                    await self.buffer.reap_connections(spec.name)
             except StorageError as exc:
                 logger.warning("housekeeping skipped: %s", exc)
 

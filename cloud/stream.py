@@ -12,16 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from cloud.buffers import Buffer, ChannelSpec, ConnectionRecord, Delivery
-from cloud.buffers.base import DEFAULT_GROUP
-from cloud.tokens import authenticate_connector, bearer_token
+from cloud.buffers import Buffer, Delivery
+from cloud.sessions import (
+    CLOSE_AUTH,
+    CLOSE_BAD_REQUEST,
+    CLOSE_REMOVED,
+    CLOSE_UNAVAILABLE,
+    Connection,
+    Refusal,
+    close_connection,
+    open_connection,
+)
 from shared.exceptions import StorageError
 from shared.frames import (
     NATIVE_SUBPROTOCOL,
@@ -39,20 +45,14 @@ from shared.frames import (
 
 logger = logging.getLogger("webhook_connect.stream")
 
-GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-CONNECTOR_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 READ_BATCH = 100
 IDLE_WAIT = 1.0  # also how soon an ack-timeout redelivery is noticed without a notification
 SEND_TIMEOUT = 10.0  # per frame: a connector that cannot take 1 MiB in 10 s is not reading
 FRAME_BUDGET = 1024 * 1024  # native frames hold messages up to about this many body bytes
 CLOSE_TIMEOUT = 5.0
 
-CLOSE_AUTH = 4001
-CLOSE_REMOVED = 4002
-CLOSE_TOO_MANY = 4003
-CLOSE_BAD_FRAME = 4400
+CLOSE_BAD_FRAME = CLOSE_BAD_REQUEST
 CLOSE_SLOW = 4408
-CLOSE_UNAVAILABLE = 4503
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +73,8 @@ class SessionEnded(Exception):
 class StreamSession:
     websocket: WebSocket
     buffer: Buffer
-    spec: ChannelSpec
-    record: ConnectionRecord
+    connection: Connection
     native: bool
-    window: int
     settings: StreamSettings
     in_flight: set[str] = field(default_factory=set)
     room: asyncio.Event = field(default_factory=asyncio.Event)
@@ -84,15 +82,19 @@ class StreamSession:
 
     @property
     def channel(self) -> str:
-        return self.record.channel
+        return self.connection.channel
 
     @property
     def group(self) -> str:
-        return self.record.group
+        return self.connection.group
 
     @property
     def consumer(self) -> str:
-        return self.record.connection_id
+        return self.connection.consumer
+
+    @property
+    def window(self) -> int:
+        return self.connection.window
 
     async def run(self) -> None:
         tasks = [
@@ -221,7 +223,8 @@ class StreamSession:
                 raise SessionEnded(CLOSE_UNAVAILABLE, "storage unavailable") from exc
             if not alive:
                 raise SessionEnded(CLOSE_REMOVED, "disconnected by the operator")
-            if self.record.token_id and all(t.token_id != self.record.token_id for t in token):
+            token_id = self.connection.record.token_id
+            if token_id and all(t.token_id != token_id for t in token):
                 raise SessionEnded(CLOSE_AUTH, "token revoked")
             await self.websocket.send_text(encode_heartbeat(time.time()).decode())
 
@@ -248,83 +251,21 @@ class StreamEndpoint:
         self.settings = settings or StreamSettings()
 
     async def handle(self, websocket: WebSocket) -> None:
-        channel = websocket.path_params["channel"]
-        params = websocket.query_params
-        token = bearer_token(websocket.headers.get("authorization")) or params.get("token")
-        group = params.get("group", DEFAULT_GROUP)
-        connector_id = websocket.headers.get("x-connector-id") or params.get("connector_id", "")
         native = NATIVE_SUBPROTOCOL in websocket.scope.get("subprotocols", [])
         await websocket.accept(NATIVE_SUBPROTOCOL if native else None)
+        channel = websocket.path_params["channel"]
         try:
-            session = await self._open(websocket, channel, token, group, connector_id, native)
-        except SessionEnded as refused:
+            connection = await open_connection(self.buffer, websocket, channel, "websocket")
+        except Refusal as refused:
             logger.info("refused connector on %r: %s", channel, refused.reason)
-            await websocket.close(refused.code, refused.reason)
+            await websocket.close(refused.close_code, refused.reason)
             return
         try:
-            await session.run()
+            hello = encode_connected(
+                connection.consumer, channel, time.time(), group=connection.group,
+                max_in_flight=connection.window, protocol="native" if native else "seed",
+            )  # fmt: skip
+            await websocket.send_text(hello.decode())
+            await StreamSession(websocket, self.buffer, connection, native, self.settings).run()
         finally:
-            with contextlib.suppress(StorageError):
-                await self.buffer.release(channel, group, session.consumer)
-                await self.buffer.remove_connection(channel, session.consumer)
-            logger.info("connector %s left %r", session.consumer, channel)
-
-    async def _open(
-        self,
-        websocket: WebSocket,
-        channel: str,
-        token: str | None,
-        group: str,
-        connector_id: str,
-        native: bool,
-    ) -> StreamSession:
-        if not GROUP_NAME.match(group):
-            raise SessionEnded(CLOSE_BAD_FRAME, "invalid group name")
-        if connector_id and not CONNECTOR_ID.match(connector_id):
-            raise SessionEnded(CLOSE_BAD_FRAME, "invalid connector id")
-        try:
-            auth = await authenticate_connector(self.buffer, channel, token, time.time())
-            spec = await self.buffer.get_channel(channel) if auth else None
-        except StorageError as exc:
-            raise SessionEnded(CLOSE_UNAVAILABLE, "storage unavailable") from exc
-        if auth is None or spec is None:
-            raise SessionEnded(CLOSE_AUTH, "invalid token or channel")
-        window = spec.max_in_flight
-        requested = websocket.query_params.get("max_in_flight", "")
-        if requested.isdigit() and 0 < int(requested) < window:
-            window = int(requested)
-        client = websocket.client
-        now = time.time()
-        record = ConnectionRecord(
-            connection_id=uuid.uuid4().hex,
-            channel=channel,
-            group=group,
-            connector_id=connector_id,
-            transport="websocket",
-            address=f"{client.host}:{client.port}" if client else "",
-            token_id=auth.token_id,
-            connected_at=now,
-            seen_at=now,
-        )
-        try:
-            if not await self.buffer.add_connection(record, spec.max_connections):
-                raise SessionEnded(CLOSE_TOO_MANY, "too many connections to this channel")
-            await self.buffer.join(channel, group)
-        except StorageError as exc:
-            raise SessionEnded(CLOSE_UNAVAILABLE, "storage unavailable") from exc
-        extra = {
-            "group": group,
-            "max_in_flight": window,
-            "protocol": "native" if native else "seed",
-        }
-        await websocket.send_text(
-            encode_connected(record.connection_id, channel, now, **extra).decode()
-        )
-        logger.info(
-            "connector %s (%s) joined %r group %r",
-            record.connection_id,
-            connector_id,
-            channel,
-            group,
-        )
-        return StreamSession(websocket, self.buffer, spec, record, native, window, self.settings)
+            await close_connection(self.buffer, connection)

@@ -128,10 +128,6 @@ def load_connector_settings(
         raise ConfigError(
             source, "default_target", "no delivery mode: set default_target (or targets)"
         )
-    if settings.protocol != "websocket":
-        raise ConfigError(
-            source, "protocol", f"{settings.protocol!r} is not available in this version yet"
-        )
     if module_mode:
         raise ConfigError(
             source, "webhooks_config", "module mode is not available in this version yet"

@@ -13,6 +13,7 @@ Native binary frame: one or more records, each ``u32 meta length | meta JSON | u
 
 from __future__ import annotations
 
+import base64
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -233,3 +234,44 @@ def decode_native_batch(frame: bytes) -> list[WireMessage]:
             raise
         raise FrameError(f"malformed messages frame: {exc}") from None
     return messages
+
+
+def native_json(message: WireMessage) -> dict[str, Any]:
+    """A byte-exact message as JSON (native SSE and long-poll): the body in base64."""
+    envelope = message.envelope
+    return {
+        "type": "webhook",
+        "message_id": message.message_id,
+        "sequence": message.sequence,
+        "attempt": message.attempt,
+        "channel": message.channel,
+        "webhook_id": envelope.webhook_id,
+        "timestamp": iso_time(envelope.received_at),
+        "received_at": envelope.received_at,
+        "method": envelope.method,
+        "path": envelope.path,
+        "query": envelope.query_string,
+        "headers": envelope.headers,
+        "client": envelope.client,
+        "body_b64": base64.b64encode(envelope.body).decode(),
+    }
+
+
+def decode_native_json(data: Any) -> WireMessage:
+    """Inverse of :func:`native_json`; :class:`FrameError` if it is not one."""
+    try:
+        envelope = Envelope(
+            channel=data["channel"],
+            webhook_id=data["webhook_id"],
+            received_at=data["received_at"],
+            method=data["method"],
+            path=data["path"],
+            query_string=data["query"],
+            headers=tuple((k, v) for k, v in data["headers"]),
+            body=base64.b64decode(data["body_b64"], validate=True),
+            client=data.get("client", ""),
+        )
+        ids = (data["message_id"], data["sequence"], data["attempt"], data["channel"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FrameError(f"malformed message: {exc!r}") from None
+    return WireMessage(*ids, envelope)

@@ -195,7 +195,6 @@ CONNECTOR = {
         ({"cloud_url": "http://:80"}, "cloud_url", "with a host"),
         ({"token": None}, "token", "required key is missing"),
         ({"protocol": "carrier-pigeon"}, "protocol", "websocket"),
-        ({"protocol": "sse"}, "protocol", "not available in this version"),
         ({"default_target": {"url": "localhost:9000"}}, "default_target.url", "http or https"),
         ({"max_concurrent_requests": 0}, "max_concurrent_requests", "greater than 0"),
         ({"colour": "blue"}, "colour", "unknown key"),

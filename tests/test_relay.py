@@ -41,6 +41,12 @@ WEBHOOKS = {
 }
 
 
+@pytest.fixture(params=["websocket", "sse", "long_poll"])
+def protocol(request: pytest.FixtureRequest) -> str:
+    """Every end-to-end test runs over each transport."""
+    return str(request.param)
+
+
 @pytest.fixture
 def sink(tmp_path: Path) -> Iterator[Sink]:
     server = Sink(tmp_path)
@@ -52,9 +58,10 @@ def sink(tmp_path: Path) -> Iterator[Sink]:
 
 
 def connector_settings(
-    cloud: Cloud, sink: Sink, workdir: Path, **extra: object
+    cloud: Cloud, sink: Sink, workdir: Path, protocol: str, **extra: object
 ) -> dict[str, object]:
     return {
+        "protocol": protocol,
         "cloud_url": cloud.url,
         "channel": "dev",
         "token": TOKEN,
@@ -72,9 +79,17 @@ def connector_settings(
     }
 
 
+class Fleet(list[ConnectorProcess]):
+    """The connectors a test started, all on one transport; killed when the test ends."""
+
+    def __init__(self, protocol: str) -> None:
+        super().__init__()
+        self.protocol = protocol
+
+
 @pytest.fixture
-def connectors(tmp_path: Path) -> Iterator[list[ConnectorProcess]]:
-    started: list[ConnectorProcess] = []
+def connectors(protocol: str) -> Iterator[Fleet]:
+    started = Fleet(protocol)
     try:
         yield started
     finally:
@@ -83,14 +98,15 @@ def connectors(tmp_path: Path) -> Iterator[list[ConnectorProcess]]:
 
 
 def start_connector(
-    connectors: list[ConnectorProcess],
+    connectors: Fleet,
     cloud: Cloud,
     sink: Sink,
     workdir: Path,
     name: str = "connector",
     **extra: object,
 ) -> ConnectorProcess:
-    process = ConnectorProcess(workdir, connector_settings(cloud, sink, workdir, **extra), name)
+    settings = connector_settings(cloud, sink, workdir, connectors.protocol, **extra)
+    process = ConnectorProcess(workdir, settings, name)
     connectors.append(process)
     process.start()
     wait_until(lambda: "connected to" in process.output(), 20, f"{name} to connect")
@@ -132,7 +148,7 @@ CASES = [
 
 
 def test_bodies_headers_and_queries_arrive_byte_exact(
-    cloud: Cloud, sink: Sink, connectors: list[ConnectorProcess], tmp_path: Path
+    cloud: Cloud, sink: Sink, connectors: Fleet, tmp_path: Path
 ) -> None:
     start_connector(connectors, cloud, sink, tmp_path)
     sent = []
@@ -173,7 +189,7 @@ def test_bodies_headers_and_queries_arrive_byte_exact(
 
 
 def test_messages_sent_while_offline_arrive_when_the_connector_starts(
-    cloud: Cloud, sink: Sink, connectors: list[ConnectorProcess], tmp_path: Path
+    cloud: Cloud, sink: Sink, connectors: Fleet, tmp_path: Path
 ) -> None:
     ids = asyncio.run(post_many(cloud.url, 1000))
     start_connector(connectors, cloud, sink, tmp_path)
@@ -182,7 +198,7 @@ def test_messages_sent_while_offline_arrive_when_the_connector_starts(
 
 
 def test_sigkill_of_the_connector_loses_nothing_and_duplicates_stay_in_the_window(
-    cloud: Cloud, sink: Sink, connectors: list[ConnectorProcess], tmp_path: Path
+    cloud: Cloud, sink: Sink, connectors: Fleet, tmp_path: Path
 ) -> None:
     ids = asyncio.run(post_many(cloud.url, 2000))
     first = start_connector(connectors, cloud, sink, tmp_path)
@@ -196,7 +212,7 @@ def test_sigkill_of_the_connector_loses_nothing_and_duplicates_stay_in_the_windo
 
 
 def test_a_failing_target_is_retried_until_it_recovers(
-    cloud: Cloud, connectors: list[ConnectorProcess], tmp_path: Path
+    cloud: Cloud, connectors: Fleet, tmp_path: Path
 ) -> None:
     failing = Sink(tmp_path, status=500)
     failing.start()
@@ -215,7 +231,7 @@ def test_a_failing_target_is_retried_until_it_recovers(
 
 
 def test_a_rejecting_target_dead_letters_the_message(
-    cloud: Cloud, connectors: list[ConnectorProcess], tmp_path: Path
+    cloud: Cloud, connectors: Fleet, tmp_path: Path
 ) -> None:
     rejecting = Sink(tmp_path, status=400)
     rejecting.start()
@@ -237,7 +253,7 @@ def test_a_rejecting_target_dead_letters_the_message(
 
 
 def test_the_connector_rides_out_a_cloud_crash(
-    cloud: Cloud, sink: Sink, connectors: list[ConnectorProcess], tmp_path: Path
+    cloud: Cloud, sink: Sink, connectors: Fleet, tmp_path: Path
 ) -> None:
     connector = start_connector(connectors, cloud, sink, tmp_path)
     before = asyncio.run(post_many(cloud.url, 300))
@@ -250,7 +266,7 @@ def test_the_connector_rides_out_a_cloud_crash(
 
 
 def test_one_group_shares_and_two_groups_each_get_everything(
-    cloud: Cloud, sink: Sink, connectors: list[ConnectorProcess], tmp_path: Path
+    cloud: Cloud, sink: Sink, connectors: Fleet, tmp_path: Path
 ) -> None:
     other = Sink(tmp_path)
     other.start()
@@ -271,10 +287,10 @@ def test_one_group_shares_and_two_groups_each_get_everything(
 
 
 def test_a_refused_token_is_fatal_with_a_clear_line(
-    cloud: Cloud, sink: Sink, tmp_path: Path
+    cloud: Cloud, sink: Sink, tmp_path: Path, protocol: str
 ) -> None:
     process = ConnectorProcess(
-        tmp_path, connector_settings(cloud, sink, tmp_path, token="wrong-token-123")
+        tmp_path, connector_settings(cloud, sink, tmp_path, protocol, token="wrong-token-123")
     )
     process.start()
     try:
@@ -285,7 +301,7 @@ def test_a_refused_token_is_fatal_with_a_clear_line(
 
 
 def test_sigterm_stops_the_connector_cleanly(
-    cloud: Cloud, sink: Sink, connectors: list[ConnectorProcess], tmp_path: Path
+    cloud: Cloud, sink: Sink, connectors: Fleet, tmp_path: Path
 ) -> None:
     connector = start_connector(connectors, cloud, sink, tmp_path)
     asyncio.run(post_many(cloud.url, 50))
@@ -295,7 +311,7 @@ def test_sigterm_stops_the_connector_cleanly(
 
 
 def test_a_hanging_target_is_bounded_by_its_timeout(
-    cloud: Cloud, connectors: list[ConnectorProcess], tmp_path: Path
+    cloud: Cloud, connectors: Fleet, tmp_path: Path
 ) -> None:
     # A socket that never accepts: connections queue in the backlog and get no answer.
     with socket.socket() as hanging:
@@ -316,7 +332,7 @@ def test_a_hanging_target_is_bounded_by_its_timeout(
 
 
 def test_ordered_mode_delivers_in_channel_order(
-    cloud: Cloud, sink: Sink, connectors: list[ConnectorProcess], tmp_path: Path
+    cloud: Cloud, sink: Sink, connectors: Fleet, tmp_path: Path
 ) -> None:
     ids = []
     for i in range(30):

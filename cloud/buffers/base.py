@@ -188,6 +188,13 @@ class Buffer(Protocol):
 
     async def list_connections(self, channel: str) -> list[ConnectionRecord]: ...
 
+    async def reap_connections(self, channel: str) -> int:
+        """Forget connections not heard of for CONNECTION_STALE_SECONDS; return what they
+        held to the channel at once. Returns how many were reaped."""
+
+    async def pending_count(self, channel: str, group: str, consumer: str, limit: int) -> int:
+        """How many messages ``consumer`` holds, counted up to ``limit`` (its window)."""
+
     async def dead_letters(self, channel: str, limit: int = 100) -> list[DeadLetter]: ...
 
     async def replay_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:

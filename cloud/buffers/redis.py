@@ -330,6 +330,26 @@ class RedisBuffer:
         records = [ConnectionRecord(**orjson.loads(value)) for value in raw]
         return sorted((r for r in records if r.seen_at >= cutoff), key=lambda r: r.connected_at)
 
+    async def reap_connections(self, channel: str) -> int:
+        conns = channel_keys(channel)[4]
+        try:
+            raw: Any = await self._redis.hgetall(conns)
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        cutoff = time.time() - CONNECTION_STALE_SECONDS
+        reaped = 0
+        for value in raw.values():
+            record = ConnectionRecord(**orjson.loads(value))
+            if record.seen_at < cutoff:
+                await self.release(channel, record.group, record.connection_id)
+                reaped += int(await self._redis.hdel(conns, record.connection_id))
+        return reaped
+
+    async def pending_count(self, channel: str, group: str, consumer: str, limit: int) -> int:
+        stream = channel_keys(channel)[0]
+        reply = await self._resp.execute("XPENDING", stream, group, "-", "+", limit, consumer)
+        return 0 if isinstance(reply, ReplyError) else len(reply)
+
     # Dead letters and stats ----------------------------------------------------------------
 
     async def dead_letters(self, channel: str, limit: int = 100) -> list[DeadLetter]:

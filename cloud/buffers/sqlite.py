@@ -311,6 +311,30 @@ class SQLiteBuffer:
 
         return await self._run(list_all)
 
+    async def reap_connections(self, channel: str) -> int:
+        def stale(db: sqlite3.Connection) -> list[ConnectionRecord]:
+            rows = db.execute(
+                "SELECT record, seen_at FROM connections WHERE channel = ? AND seen_at < ?",
+                (channel, time.time() - CONNECTION_STALE_SECONDS),
+            )
+            return [_connection(row) for row in rows]
+
+        reaped = 0
+        for record in await self._run(stale):
+            await self.release(channel, record.group, record.connection_id)
+            reaped += await self.remove_connection(channel, record.connection_id)
+        return reaped
+
+    async def pending_count(self, channel: str, group: str, consumer: str, limit: int) -> int:
+        def count(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                "SELECT COUNT(*) FROM pending WHERE channel = ? AND grp = ? AND consumer = ?",
+                (channel, group, consumer),
+            ).fetchone()
+            return min(int(row[0]), limit)
+
+        return await self._run(count)
+
     # Dead letters and stats ----------------------------------------------------------------
 
     async def dead_letters(self, channel: str, limit: int = 100) -> list[DeadLetter]:

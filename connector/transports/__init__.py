@@ -8,11 +8,17 @@ from connector.transports.base import Disconnected, Refused, Transport
 
 def open_transport(settings: ConnectorSettings) -> Transport:
     """A fresh, unconnected transport of the configured kind."""
-    if settings.protocol == "websocket":
-        from connector.transports.websocket import WebSocketTransport
+    if settings.protocol == "sse":
+        from connector.transports.sse import SseTransport
 
-        return WebSocketTransport(settings)
-    raise Refused(f"protocol {settings.protocol!r} is not available in this version yet")
+        return SseTransport(settings)
+    if settings.protocol == "long_poll":
+        from connector.transports.longpoll import LongPollTransport
+
+        return LongPollTransport(settings)
+    from connector.transports.websocket import WebSocketTransport
+
+    return WebSocketTransport(settings)
 
 
 __all__ = ["Disconnected", "Refused", "Transport", "open_transport"]

@@ -24,7 +24,9 @@ class Disconnected(TransportError):
 
 
 class Transport(Protocol):
-    connection_id: str
+    @property
+    def connection_id(self) -> str:
+        """The cloud's name for this connection, once connected."""
 
     async def connect(self) -> None:
         """Open the connection; :class:`Refused` or :class:`Disconnected` if it fails."""

@@ -1,0 +1,71 @@
+"""Pull-style delivery for SSE and long-poll: the window and liveness live in storage.
+
+Acks for these transports arrive by ``POST /connect/ack``, possibly at another replica, so the
+in-flight window is counted in storage (what the consumer holds), not in this process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from cloud.buffers import Buffer
+from cloud.sessions import (
+    CLOSE_AUTH,
+    CLOSE_REMOVED,
+    Connection,
+    Refusal,
+    unavailable,
+    wire_messages,
+)
+from shared.exceptions import StorageError
+from shared.frames import WireMessage
+
+TOUCH_INTERVAL = 5.0
+IDLE_WAIT = 1.0
+FULL_WINDOW_WAIT = 0.05  # acks may come through another replica: look again soon
+
+
+@dataclass
+class Puller:
+    buffer: Buffer
+    connection: Connection
+    sequence: int = 0
+    touched_at: float = 0.0
+
+    async def next_batch(self, max_count: int, deadline: float) -> list[WireMessage]:
+        """Messages for this connection, waiting until ``deadline`` (monotonic) for some."""
+        buffer, connection = self.buffer, self.connection
+        channel, group, consumer = connection.channel, connection.group, connection.consumer
+        try:
+            while True:
+                await self._keep_alive()
+                held = await buffer.pending_count(channel, group, consumer, connection.window)
+                room = connection.window - held
+                since = buffer.change_version(channel)
+                if room > 0:
+                    deliveries = await buffer.read(channel, group, consumer, min(room, max_count))
+                    if deliveries:
+                        messages = wire_messages(deliveries, channel, self.sequence + 1)
+                        self.sequence += len(messages)
+                        return messages
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                wait = IDLE_WAIT if room > 0 else FULL_WINDOW_WAIT
+                await buffer.wait_for_change(channel, since, min(wait, remaining))
+        except StorageError as exc:
+            raise unavailable(exc) from exc
+
+    async def _keep_alive(self) -> None:
+        now = time.monotonic()
+        if now - self.touched_at < TOUCH_INTERVAL:
+            return
+        self.touched_at = now
+        connection = self.connection
+        if not await self.buffer.touch_connection(connection.channel, connection.consumer):
+            raise Refusal(410, CLOSE_REMOVED, "connection_closed", "connection removed")
+        token_id = connection.record.token_id
+        tokens = await self.buffer.list_tokens(connection.channel)
+        if token_id and all(t.token_id != token_id for t in tokens):
+            raise Refusal(401, CLOSE_AUTH, "unauthorized", "token revoked")
