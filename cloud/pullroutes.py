@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -146,7 +147,17 @@ class PullRoutes:
                 connection = await open_connection(self.buffer, request, channel, "long_poll")
             puller = Puller(self.buffer, connection)
             # The connection lives across polls: each poll counts as a sign of life.
-            messages = await puller.next_batch(max_messages, time.monotonic() + timeout)
+            waiting = asyncio.ensure_future(
+                puller.next_batch(max_messages, time.monotonic() + timeout)
+            )
+            gone = asyncio.ensure_future(_disconnected(request))
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            if not waiting.done():
+                # The client left mid-poll: nothing was read for it, nothing is lost.
+                waiting.cancel()
+                return Response(status_code=499)
+            messages = waiting.result()
         except Refusal as refusal:
             return refused(refusal)
         headers = {"X-Connection-ID": connection.consumer}
@@ -232,6 +243,12 @@ class AckRequest(BaseModel):
 
     def ids(self) -> list[str]:
         return [*self.message_ids, *([self.message_id] if self.message_id else [])]
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client of a body-less request goes away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _bounded(text: str, bounds: tuple[int, int], name: str) -> int:

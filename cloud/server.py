@@ -37,4 +37,7 @@ def run(config: CloudConfig) -> None:
         # Bodies are mostly small and often already compact; deflate costs more CPU per
         # message than it saves on loopback and LAN links.
         ws_per_message_deflate=False,
+        # Streams and long polls never finish by themselves: on SIGTERM give them a moment,
+        # then end them (what they held goes back to the channel).
+        timeout_graceful_shutdown=3,
     )
