@@ -19,6 +19,7 @@ from cloud.config import CloudConfig, config_from_environment
 from cloud.ingest import PREFIX, IngestEndpoint
 from cloud.provisioning import provision
 from cloud.pullroutes import PullRoutes
+from cloud.smee import SmeeRoute
 from cloud.stream import StreamEndpoint
 from shared.exceptions import StorageError
 
@@ -46,6 +47,7 @@ class CloudApp:
                 Route("/connect/stream/{channel}/sse", pull.sse),
                 Route("/connect/stream/{channel}/poll", pull.poll),
                 Route("/connect/ack", pull.ack, methods=["POST"]),
+                Route("/smee/{channel}", SmeeRoute(self.buffer).stream),
             ],
             lifespan=self.lifespan,
         )

@@ -86,7 +86,7 @@ async def open_connection(
 ) -> Connection:
     """Authenticate, check limits, register the connection and its group."""
     params: QueryParams = connection.query_params
-    group = params.get("group", DEFAULT_GROUP)
+    group = params.get("group", "smee" if transport == "smee" else DEFAULT_GROUP)
     connector_id = connection.headers.get("x-connector-id") or params.get("connector_id", "")
     if not GROUP_NAME.match(group):
         raise Refusal(400, CLOSE_BAD_REQUEST, "bad_request", "invalid group name")
