@@ -40,9 +40,9 @@ class Puller:
         try:
             while True:
                 await self._keep_alive()
+                since = buffer.change_version(channel)
                 held = await buffer.pending_count(channel, group, consumer, connection.window)
                 room = connection.window - held
-                since = buffer.change_version(channel)
                 if room > 0:
                     deliveries = await buffer.read(channel, group, consumer, min(room, max_count))
                     if deliveries:

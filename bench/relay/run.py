@@ -188,7 +188,10 @@ def wait_for_sink(port: int, count: int, timeout: float = 120) -> dict[str, Any]
 
 
 class Rig:
-    def __init__(self, workdir: Path, max_concurrent: int, max_in_flight: int) -> None:
+    def __init__(
+        self, workdir: Path, max_concurrent: int, max_in_flight: int, protocol: str = "websocket"
+    ) -> None:
+        self.protocol = protocol
         self.workdir = workdir
         self.max_concurrent = max_concurrent
         self.max_in_flight = max_in_flight
@@ -228,6 +231,7 @@ class Rig:
             json.dumps(
                 {
                     "cloud_url": f"http://{HOST}:{self.cloud_port}",
+                    "protocol": self.protocol,
                     "channel": "bench",
                     "token": TOKEN,
                     "max_concurrent_requests": self.max_concurrent,
@@ -306,18 +310,28 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15)
     parser.add_argument("--max-concurrent", type=int, default=32)
     parser.add_argument("--max-in-flight", type=int, default=200)
+    parser.add_argument("--protocols", default="websocket,sse,long_poll")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-relay-") as tmp:
-        rig = Rig(Path(tmp), args.max_concurrent, args.max_in_flight)
-        try:
-            rig.start()
-            results: dict[str, Any] = {"drain": drain(rig, args.backlog)}
-            for rate in (float(r) for r in args.rates.split(",")):
-                results[f"steady_{int(rate)}"] = steady(rig, rate, args.duration)
-        finally:
-            rig.stop()
-    print(f"relay benchmark (Redis storage, one connector, max_concurrent_requests="
-          f"{args.max_concurrent}, max_in_flight={args.max_in_flight}, 1 KB JSON)")  # fmt: skip
+    everything: dict[str, Any] = {}
+    for protocol in args.protocols.split(","):
+        with tempfile.TemporaryDirectory(prefix="bench-relay-") as tmp:
+            rig = Rig(Path(tmp), args.max_concurrent, args.max_in_flight, protocol)
+            try:
+                rig.start()
+                results: dict[str, Any] = {"drain": drain(rig, args.backlog)}
+                for rate in (float(r) for r in args.rates.split(",")):
+                    results[f"steady_{int(rate)}"] = steady(rig, rate, args.duration)
+            finally:
+                rig.stop()
+        everything[protocol] = results
+        report(protocol, results, args)
+    print(json.dumps(everything))
+
+
+def report(protocol: str, results: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"relay benchmark over {protocol} (Redis storage, one connector, "
+          f"max_concurrent_requests={args.max_concurrent}, max_in_flight={args.max_in_flight}, "
+          "1 KB JSON)")  # fmt: skip
     d = results["drain"]
     print(f"  drain {d['messages']} msgs: {d['msg_per_s']:.0f} msg/s, "
           f"connector CPU {d['connector_cpu_us_per_msg']:.0f} us/msg, "
@@ -328,7 +342,6 @@ def main() -> None:
                   f"({r['delivered_per_s']:.0f}/s), POST-sent->sink p50 {r['p50_ms']:.2f} ms, "
                   f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms, "
                   f"connector CPU {r['connector_cpu_us_per_msg']:.0f} us/msg")  # fmt: skip
-    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -170,6 +170,9 @@ class Buffer(Protocol):
     async def housekeep(self, channel: str) -> int:
         """Expire messages past their TTL and drop what every group is done with."""
 
+    def wake(self, channel: str) -> None:
+        """Wake this process's readers of ``channel`` (acks freed room in a window)."""
+
     def change_version(self, channel: str) -> int:
         """A number that changes whenever messages may have become deliverable."""
 

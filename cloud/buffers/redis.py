@@ -210,6 +210,9 @@ class RedisBuffer:
             task.add_done_callback(_ignore_result)
         self._to_announce.clear()
 
+    def wake(self, channel: str) -> None:
+        self._notifier.notify(channel)
+
     def change_version(self, channel: str) -> int:
         return self._notifier.version(channel)
 

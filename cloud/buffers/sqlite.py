@@ -216,6 +216,9 @@ class SQLiteBuffer:
                 self._notifier.notify(envelope.channel)
         return results
 
+    def wake(self, channel: str) -> None:
+        self._notifier.notify(channel)
+
     def change_version(self, channel: str) -> int:
         return self._notifier.version(channel)
 
