@@ -60,25 +60,48 @@ def sse_events(response: httpx.Response, count: int) -> Iterator[tuple[str, dict
         if line.startswith("event:"):
             event = line.split(":", 1)[1].strip()
         elif line.startswith("data:"):
-            yield event, json.loads(line.split(":", 1)[1])
-            seen += 1
+            if event != "heartbeat":
+                yield event, json.loads(line.split(":", 1)[1])
+                seen += 1
             if seen == count:
                 return
 
 
 def test_seed_frames_over_sse_ack_and_nack(cloud: Cloud) -> None:
+    """A Core Webhook Module connector over SSE: seed frames, acks and nacks by POST."""
     ids = [post(cloud, json.dumps({"n": i}).encode()) for i in range(3)]
     url = f"{cloud.url}/connect/stream/dev/sse"
     with httpx.stream("GET", url, params={"token": TOKEN}, timeout=30) as stream:
-        events = list(sse_events(stream, 4))
-    (kind, hello), *webhooks = events
-    assert kind == "connected"
-    connection_id = hello["connection_id"]
-    assert [(k, d["message_id"], d["payload"]) for k, d in webhooks] == [
-        ("webhook", ids[i], {"n": i}) for i in range(3)
-    ]
-    # The stream closed: what it held went back. A long-poll connection takes over.
+        events = sse_events(stream, 100)
+        kind, hello = next(events)
+        assert kind == "connected"
+        connection_id = hello["connection_id"]
+        webhooks = [next(events) for _ in range(3)]
+        assert [(k, d["message_id"], d["payload"]) for k, d in webhooks] == [
+            ("webhook", ids[i], {"n": i}) for i in range(3)
+        ]
+        assert ack(cloud, connection_id, message_id=ids[0]).status_code == 200
+        dead = ack(cloud, connection_id, message_id=ids[1], status="nack", retry=False)
+        assert dead.status_code == 200
+        again = ack(cloud, connection_id, message_id=ids[2], status="nack", retry=True)
+        assert again.status_code == 200
+        kind, redelivered = next(e for e in events if e[0] == "webhook")
+        assert redelivered["message_id"] == ids[2]  # after retry_delay_seconds
+        assert ack(cloud, connection_id, message_id=ids[2]).status_code == 200
+    # The stream closed: the connection is gone with it.
     assert ack(cloud, connection_id, message_id=ids[0]).status_code == 404
+
+    async def stats() -> tuple[int, list[str]]:
+        store = open_buffer(cloud.storage)
+        try:
+            letters = [d.message_id for d in await store.dead_letters("dev")]
+            return (await store.stats("dev")).counters["delivered"], letters
+        finally:
+            await store.aclose()
+
+    import asyncio
+
+    assert asyncio.run(stats()) == (2, [ids[1]])
 
 
 def test_long_poll_acks_nacks_and_keeps_its_connection(cloud: Cloud) -> None:
