@@ -32,6 +32,9 @@ class Puller:
     connection: Connection
     sequence: int = 0
     touched_at: float = 0.0
+    # Upper bound of what the connection holds: the last count from storage plus what was
+    # sent since. Storage is asked again only when the bound says the window may be full.
+    held_bound: int = 1 << 30  # unknown until first counted
 
     async def next_batch(self, max_count: int, deadline: float) -> list[WireMessage]:
         """Messages for this connection, waiting until ``deadline`` (monotonic) for some."""
@@ -41,11 +44,15 @@ class Puller:
             while True:
                 await self._keep_alive()
                 since = buffer.change_version(channel)
-                held = await buffer.pending_count(channel, group, consumer, connection.window)
-                room = connection.window - held
+                if self.held_bound >= connection.window // 2:
+                    self.held_bound = await buffer.pending_count(
+                        channel, group, consumer, connection.window
+                    )
+                room = connection.window - self.held_bound
                 if room > 0:
                     deliveries = await buffer.read(channel, group, consumer, min(room, max_count))
                     if deliveries:
+                        self.held_bound += len(deliveries)
                         messages = wire_messages(deliveries, channel, self.sequence + 1)
                         self.sequence += len(messages)
                         return messages
