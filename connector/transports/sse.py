@@ -7,6 +7,7 @@ line iterator cost more CPU per message than the rest of the connector.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
@@ -31,7 +32,8 @@ class _StreamProtocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.head: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.events: asyncio.Queue[Event | Exception] = asyncio.Queue()
+        # One item per chunk read: the events it completed (a list), or why the stream ended.
+        self.events: asyncio.Queue[list[Event] | Exception] = asyncio.Queue()
         self.pending = b""
         self.transport: asyncio.Transport | None = None
 
@@ -51,6 +53,7 @@ class _StreamProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         data = (self.pending + body).replace(b"\r\n", b"\n")
         *blocks, self.pending = data.split(b"\n\n")
+        events: list[Event] = []
         for block in blocks:
             event, payload, event_id = b"message", [], b""
             for line in block.split(b"\n"):
@@ -63,7 +66,9 @@ class _StreamProtocol(asyncio.Protocol):
                 elif field == b"id":
                     event_id = value
             if payload:
-                self.events.put_nowait((event, b"\n".join(payload), event_id))
+                events.append((event, b"\n".join(payload), event_id))
+        if events:
+            self.events.put_nowait(events)
 
     def on_message_complete(self) -> None:
         self._fail(Disconnected("the cloud closed the stream"))
@@ -83,6 +88,7 @@ class SseTransport:
         self._side = HttpSide(settings)
         self._stream: _StreamProtocol | None = None
         self._last_event_id = b""
+        self._ready: collections.deque[Event] = collections.deque()
         self._path = f"/connect/stream/{quote(settings.channel)}/sse?{self._side.query()}"
 
     @property
@@ -128,16 +134,19 @@ class SseTransport:
 
     async def _next_event(self) -> Event:
         assert self._stream is not None
-        try:
-            async with asyncio.timeout(SILENCE_LIMIT):
-                item = await self._stream.events.get()
-        except TimeoutError:
-            raise Disconnected(f"nothing from the cloud for {SILENCE_LIMIT:.0f}s") from None
-        if isinstance(item, Exception):
-            raise item
-        if item[2]:
-            self._last_event_id = item[2]
-        return item
+        while not self._ready:
+            try:
+                async with asyncio.timeout(SILENCE_LIMIT):
+                    item = await self._stream.events.get()
+            except TimeoutError:
+                raise Disconnected(f"nothing from the cloud for {SILENCE_LIMIT:.0f}s") from None
+            if isinstance(item, Exception):
+                raise item
+            self._ready.extend(item)
+        event = self._ready.popleft()
+        if event[2]:
+            self._last_event_id = event[2]
+        return event
 
     async def messages(self) -> AsyncIterator[WireMessage]:
         while True:
