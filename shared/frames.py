@@ -213,22 +213,7 @@ def decode_native_batch(frame: bytes) -> list[WireMessage]:
                 raise FrameError("truncated body")
             body = bytes(view[offset : offset + body_len])
             offset += body_len
-            envelope = Envelope(
-                channel=meta["channel"],
-                webhook_id=meta["webhook_id"],
-                received_at=meta["timestamp"],
-                method=meta["method"],
-                path=meta["path"],
-                query_string=meta["query"],
-                headers=tuple((k, v) for k, v in meta["headers"]),
-                body=body,
-                client=meta.get("client", ""),
-            )
-            messages.append(
-                WireMessage(
-                    meta["message_id"], meta["sequence"], meta["attempt"], meta["channel"], envelope
-                )
-            )
+            messages.append(_wire_message(meta, meta["timestamp"], body))
     except (struct.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, FrameError):
             raise
@@ -260,18 +245,24 @@ def native_json(message: WireMessage) -> dict[str, Any]:
 def decode_native_json(data: Any) -> WireMessage:
     """Inverse of :func:`native_json`; :class:`FrameError` if it is not one."""
     try:
-        envelope = Envelope(
-            channel=data["channel"],
-            webhook_id=data["webhook_id"],
-            received_at=data["received_at"],
-            method=data["method"],
-            path=data["path"],
-            query_string=data["query"],
-            headers=tuple((k, v) for k, v in data["headers"]),
-            body=base64.b64decode(data["body_b64"], validate=True),
-            client=data.get("client", ""),
-        )
-        ids = (data["message_id"], data["sequence"], data["attempt"], data["channel"])
+        body = base64.b64decode(data["body_b64"], validate=True)
+        return _wire_message(data, data["received_at"], body)
     except (KeyError, TypeError, ValueError) as exc:
         raise FrameError(f"malformed message: {exc!r}") from None
+
+
+def _wire_message(meta: Any, received_at: float, body: bytes) -> WireMessage:
+    """A message from native meta fields (binary frame or JSON); KeyError if one is missing."""
+    envelope = Envelope(
+        channel=meta["channel"],
+        webhook_id=meta["webhook_id"],
+        received_at=received_at,
+        method=meta["method"],
+        path=meta["path"],
+        query_string=meta["query"],
+        headers=tuple((k, v) for k, v in meta["headers"]),
+        body=body,
+        client=meta.get("client", ""),
+    )
+    ids = (meta["message_id"], meta["sequence"], meta["attempt"], meta["channel"])
     return WireMessage(*ids, envelope)

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from cloud.buffers import Buffer, open_buffer
-from tests.servers import Cloud, RedisServer
+from tests.servers import Cloud, RedisServer, Sink
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +54,17 @@ def cloud(storage_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> I
     path = tmp_path / "webhooks.json"
     path.write_text(json.dumps(request.module.WEBHOOKS))
     server = Cloud(storage_url, path, tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> Iterator[Sink]:
+    """``webhook-connect sink`` recording what it receives."""
+    server = Sink(tmp_path)
     server.start()
     try:
         yield server

@@ -47,16 +47,6 @@ def protocol(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[Sink]:
-    server = Sink(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def connector_settings(
     cloud: Cloud, sink: Sink, workdir: Path, protocol: str, **extra: object
 ) -> dict[str, object]:

@@ -26,16 +26,6 @@ WEBHOOKS = {
 SMEE = REPO / "tests" / "smee" / "node_modules" / "smee-client" / "bin" / "smee.js"
 
 
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[Sink]:
-    server = Sink(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 class SmeeClient:
     def __init__(self, cloud: Cloud, sink: Sink, workdir: Path) -> None:
         node = shutil.which("node")
