@@ -23,7 +23,7 @@ from shared.frames import WireMessage
 
 TOUCH_INTERVAL = 5.0
 IDLE_WAIT = 1.0
-FULL_WINDOW_WAIT = 0.005  # acks may come through another replica: look again soon
+FULL_WINDOW_WAIT = 0.05  # acks may come through another replica: look again soon
 
 
 @dataclass

@@ -218,18 +218,21 @@ class PullRoutes:
     ) -> list[bool]:
         buffer = self.buffer
         channel, group, consumer = connection.channel, connection.group, connection.consumer
+        retry, reason = frame.retry, frame.reason or ("nack_retry" if frame.retry else "nack")
         try:
             if frame.status == "ack":
-                return [await buffer.ack(channel, group, i, consumer) for i in ids]
-            reason = frame.reason or ("nack_retry" if frame.retry else "nack")
-            return [
-                await buffer.nack(
-                    channel, group, i, retry=frame.retry, consumer=consumer, reason=reason
-                )
-                for i in ids
-            ]
+                calls = [buffer.ack(channel, group, i, consumer) for i in ids]
+            else:
+                calls = [
+                    buffer.nack(channel, group, i, retry=retry, consumer=consumer, reason=reason)
+                    for i in ids
+                ]
+            # Pipelined: the acks of one POST share round trips.
+            done = await asyncio.gather(*calls)
         except StorageError as exc:
             raise unavailable(exc) from exc
+        buffer.wake(channel)  # a stream of this replica may be waiting for room in its window
+        return list(done)
 
 
 class AckRequest(BaseModel):
