@@ -13,7 +13,7 @@ Native binary frame: one or more records, each ``u32 meta length | meta JSON | u
 
 from __future__ import annotations
 
-import base64
+import binascii
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -238,16 +238,16 @@ def native_json(message: WireMessage) -> dict[str, Any]:
         "query": envelope.query_string,
         "headers": envelope.headers,
         "client": envelope.client,
-        "body_b64": base64.b64encode(envelope.body).decode(),
+        "body_b64": binascii.b2a_base64(envelope.body, newline=False).decode(),
     }
 
 
 def decode_native_json(data: Any) -> WireMessage:
     """Inverse of :func:`native_json`; :class:`FrameError` if it is not one."""
     try:
-        body = base64.b64decode(data["body_b64"], validate=True)
+        body = binascii.a2b_base64(data["body_b64"], strict_mode=True)
         return _wire_message(data, data["received_at"], body)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise FrameError(f"malformed message: {exc!r}") from None
 
 

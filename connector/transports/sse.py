@@ -51,7 +51,9 @@ class _StreamProtocol(asyncio.Protocol):
             self.head.set_result(self.parser.get_status_code())
 
     def on_body(self, body: bytes) -> None:
-        data = (self.pending + body).replace(b"\r\n", b"\n")
+        data = self.pending + body if self.pending else body
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
         *blocks, self.pending = data.split(b"\n\n")
         events: list[Event] = []
         for block in blocks:
