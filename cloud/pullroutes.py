@@ -23,6 +23,7 @@ from cloud.sessions import (
     close_connection,
     find_connection,
     open_connection,
+    request_token,
     unavailable,
 )
 from shared.exceptions import StorageError
@@ -41,6 +42,8 @@ HEARTBEAT_SECONDS = 5.0
 SSE_BATCH = 100
 MAX_ACK_BODY = 256 * 1024
 POLL_TIMEOUT_RANGE = (1, 60)
+ACK_CACHE_SECONDS = 1.0
+ACK_CACHE_SIZE = 10_000
 POLL_MAX_MESSAGES_RANGE = (1, 100)
 
 
@@ -75,6 +78,7 @@ def sse_event(event: str, data: bytes, event_id: str | None = None) -> bytes:
 class PullRoutes:
     def __init__(self, buffer: Buffer) -> None:
         self.buffer = buffer
+        self._ack_cache: dict[tuple[str, str], tuple[float, Connection]] = {}
 
     # SSE -------------------------------------------------------------------------------
 
@@ -195,9 +199,7 @@ class PullRoutes:
         if not ids:
             return json_response(400, {"error": "bad_request", "detail": "no message_id given"})
         try:
-            connection = await find_connection(
-                self.buffer, request, request.headers.get("x-connection-id")
-            )
+            connection = await self._ack_connection(request)
             done = await self._settle(connection, frame, ids)
         except Refusal as refusal:
             return refused(refusal)
@@ -212,6 +214,23 @@ class PullRoutes:
         return json_response(
             200, {"status": "ok", "settled": len(ids) - len(unknown), "unknown": unknown}
         )
+
+    async def _ack_connection(self, request: Request) -> Connection:
+        """The connection an ack names, remembered for a moment: a connector acks a batch
+        every few milliseconds, and looking up token and connection each time cost more than
+        the acks. Acks are idempotent and checked per consumer, so a second of staleness after
+        a revocation cannot settle anything the connection does not hold."""
+        connection_id = request.headers.get("x-connection-id") or ""
+        key = (request_token(request) or "", connection_id)
+        now = time.monotonic()
+        cached = self._ack_cache.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        connection = await find_connection(self.buffer, request, connection_id)
+        if len(self._ack_cache) > ACK_CACHE_SIZE:
+            self._ack_cache.clear()
+        self._ack_cache[key] = (now + ACK_CACHE_SECONDS, connection)
+        return connection
 
     async def _settle(
         self, connection: Connection, frame: AckRequest, ids: list[str]
