@@ -8,18 +8,14 @@ import pytest
 import redis
 
 from cloud.buffers import Buffer, open_buffer
-from tests.servers import Cloud, RedisServer, Sink
+from tests.servers import Cloud, RedisServer, Sink, running
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One real redis-server per test session, with append-only persistence."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
+    with running(RedisServer(tmp_path_factory.mktemp("redis"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -53,20 +49,12 @@ def cloud(storage_url: str, tmp_path: Path, request: pytest.FixtureRequest) -> I
     """The cloud under uvicorn, serving the ``WEBHOOKS`` of the requesting test module."""
     path = tmp_path / "webhooks.json"
     path.write_text(json.dumps(request.module.WEBHOOKS))
-    server = Cloud(storage_url, path, tmp_path)
-    server.start()
-    try:
+    with running(Cloud(storage_url, path, tmp_path)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def sink(tmp_path: Path) -> Iterator[Sink]:
     """``webhook-connect sink`` recording what it receives."""
-    server = Sink(tmp_path)
-    server.start()
-    try:
+    with running(Sink(tmp_path)) as server:
         yield server
-    finally:
-        server.stop()

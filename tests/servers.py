@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -130,8 +131,12 @@ class Cloud:
             self.process = None
 
 
+ServerT = TypeVar("ServerT", "RedisServer", "Cloud", "Sink")
+
+
 @contextlib.contextmanager
-def running(server: RedisServer | Cloud) -> Iterator[RedisServer | Cloud]:
+def running(server: ServerT) -> Iterator[ServerT]:
+    """Start ``server`` and stop it on the way out, whatever happened."""
     server.start()
     try:
         yield server
