@@ -51,7 +51,6 @@ SEND_TIMEOUT = 10.0  # per frame: a connector that cannot take 1 MiB in 10 s is 
 FRAME_BUDGET = 1024 * 1024  # native frames hold messages up to about this many body bytes
 CLOSE_TIMEOUT = 5.0
 
-CLOSE_BAD_FRAME = CLOSE_BAD_REQUEST
 CLOSE_SLOW = 4408
 
 
@@ -174,11 +173,11 @@ class StreamSession:
                 return
             text = message.get("text")
             if text is None:
-                raise SessionEnded(CLOSE_BAD_FRAME, "binary frames are not accepted here")
+                raise SessionEnded(CLOSE_BAD_REQUEST, "binary frames are not accepted here")
             try:
                 frame = parse_client_frame(text)
             except FrameError as exc:
-                raise SessionEnded(CLOSE_BAD_FRAME, f"malformed frame: {exc}"[:120]) from None
+                raise SessionEnded(CLOSE_BAD_REQUEST, f"malformed frame: {exc}"[:120]) from None
             if isinstance(frame, AckFrame):
                 await self.settle(frame.ids(), None)
             elif isinstance(frame, NackFrame):

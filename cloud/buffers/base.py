@@ -140,9 +140,6 @@ class Buffer(Protocol):
     async def append(self, envelope: Envelope) -> str:
         """Store ``envelope`` durably in its channel and return the message id."""
 
-    async def append_many(self, envelopes: list[Envelope]) -> list[str | Exception]:
-        """Store several envelopes in one round trip; each gets an id or its own error."""
-
     async def join(self, channel: str, group: str) -> None:
         """Make sure ``group`` exists on ``channel`` (new groups start at the next message)."""
 

@@ -192,10 +192,6 @@ class RedisBuffer:
         self._announce(channel)
         return str(reply.decode())
 
-    async def append_many(self, envelopes: list[Envelope]) -> list[str | Exception]:
-        results = await asyncio.gather(*(self.append(e) for e in envelopes), return_exceptions=True)
-        return [r if isinstance(r, str | Exception) else StorageError(repr(r)) for r in results]
-
     def _announce(self, channel: str) -> None:
         """Wake readers here at once, and on other replicas (once per loop turn) via pub/sub."""
         self._notifier.notify(channel)

@@ -206,11 +206,9 @@ class SQLiteBuffer:
     async def append(self, envelope: Envelope) -> str:
         return await self._appender.submit(envelope)
 
-    async def append_many(self, envelopes: list[Envelope]) -> list[str | Exception]:
-        return await self._run(_append_many, envelopes)
-
     async def _append_batch(self, envelopes: list[Envelope]) -> list[str | Exception]:
-        results = await self.append_many(envelopes)
+        # One transaction, one fsync for the whole batch (group commit).
+        results = await self._run(_append_many, envelopes)
         for envelope, result in zip(envelopes, results, strict=True):
             if isinstance(result, str):
                 self._notifier.notify(envelope.channel)
