@@ -58,3 +58,16 @@ def sink(tmp_path: Path) -> Iterator[Sink]:
     """``webhook-connect sink`` recording what it receives."""
     with running(Sink(tmp_path)) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def module_cloud(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Cloud]:
+    """One cloud on SQLite for the whole test module, serving its ``WEBHOOKS``; for checks
+    that do not depend on the storage backend, so the module pays for one start-up."""
+    workdir = tmp_path_factory.mktemp("cloud")
+    path = workdir / "webhooks.json"
+    path.write_text(json.dumps(request.module.WEBHOOKS))
+    with running(Cloud(f"sqlite:///{workdir / 'buffer.db'}", path, workdir)) as server:
+        yield server

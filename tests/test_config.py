@@ -83,10 +83,48 @@ def test_placeholders_are_replaced_from_the_environment() -> None:
             "unknown key",
         ),
         (
-            {"gh": {"module": "webhook_connect", "hmac": {"secret": "s"}, "module-config": {
-                "channel": "dev", "channel_token": "t" * 10}}},
-            "gh.hmac",
-            "not supported by this version",
+            {"gh": {"module": "webhook_connect", "hmac": {"secret": "s", "algorithm": "md5"},
+                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            "gh.hmac.algorithm",
+            "Input should be 'sha1', 'sha256' or 'sha512'",
+        ),
+        (
+            {"gh": {"module": "webhook_connect", "jwt": {"secret": "s", "algorithm": "none"},
+                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            "gh.jwt.algorithm",
+            "('none' is refused)",
+        ),
+        (
+            {"gh": {"module": "webhook_connect", "ip_whitelist": ["10.0.0.0/33"],
+                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            "gh.ip_whitelist",
+            "'10.0.0.0/33' is not an IP address or CIDR range",
+        ),
+        (
+            {"gh": {"module": "webhook_connect", "json_schema": {
+                "$ref": "https://example.com/schema.json"},
+                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            "gh.json_schema",
+            "remote $ref 'https://example.com/schema.json' is not allowed",
+        ),
+        (
+            {"gh": {"module": "webhook_connect", "json_schema": {"type": "thing"},
+                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            "gh.json_schema",
+            "not a valid JSON Schema",
+        ),
+        (
+            {"gh": {"module": "webhook_connect", "provider": "github",
+                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            "gh",
+            "provider 'github' needs 'hmac'",
+        ),
+        (
+            {"gh": {"module": "webhook_connect", "rate_limit": {"max_requests": 0,
+                "window_seconds": 1}, "module-config": {"channel": "dev",
+                "channel_token": "t" * 10}}},
+            "gh.rate_limit.max_requests",
+            "greater than 0",
         ),
         (
             {

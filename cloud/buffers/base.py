@@ -140,6 +140,22 @@ class Buffer(Protocol):
     async def append(self, envelope: Envelope) -> str:
         """Store ``envelope`` durably in its channel and return the message id."""
 
+    async def append_once(
+        self, envelope: Envelope, key: str, window_seconds: float
+    ) -> tuple[str, bool]:
+        """Store ``envelope`` unless one with the same ``key`` was stored on its channel in the
+        last ``window_seconds`` (a provider's retry). Returns the message id, the original one
+        for a repeat, and whether this call stored it. Check and store are one atomic step."""
+
+    async def remember(self, key: str, ttl_seconds: float) -> bool:
+        """Record ``key`` for ``ttl_seconds``, for every replica; False if it was recorded
+        already (a replayed nonce)."""
+
+    async def hit_rate(self, channel: str, key: str, limit: int, window_seconds: float) -> float:
+        """Count one request against ``key`` in the current window of ``window_seconds``.
+        Returns 0 while at most ``limit`` requests fell in the window, else the seconds until
+        it ends (for ``Retry-After``). Shared by every replica."""
+
     async def join(self, channel: str, group: str) -> None:
         """Make sure ``group`` exists on ``channel`` (new groups start at the next message)."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import re
 import time
@@ -46,10 +47,15 @@ STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 CHANNELS_KEY = "wc:channels"
 TOKENS_KEY = "wc:tokens"
 SCRIPT_NAMES = (
-    "append", "read", "ack", "nack", "release", "housekeep", "depth", "connect", "touch",
+    "append", "read", "ack", "nack", "release", "housekeep", "depth", "connect", "touch", "hit",
 )  # fmt: skip
 NOTIFY_CHANNEL = "wc:changed"
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def key_digest(key: str) -> str:
+    """A caller-supplied key (a delivery id, a nonce) made safe to embed in a Redis key."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
 def channel_keys(channel: str) -> list[str]:
@@ -96,20 +102,25 @@ class RedisBuffer:
                 await self._listener
         await self._redis.aclose()
 
-    async def _call(self, name: str, channel: str, *args: Any) -> Any:
-        """Run script ``name`` on ``channel``; an error reply is raised as ``ResponseError``."""
+    async def _call(
+        self, name: str, channel: str, *args: Any, keys: tuple[str, ...] = ()
+    ) -> Any:
+        """Run script ``name`` on ``channel`` (and ``keys``, in its slot); an error reply is
+        raised as ``ResponseError``."""
         sha = self._shas.get(name)
         if sha is None:
             loaded = await self._resp.execute("SCRIPT", "LOAD", self._sources[name])
             if isinstance(loaded, ReplyError):
                 raise StorageError(f"cannot load script {name}: {loaded}")
             sha = self._shas[name] = loaded.decode()
-        reply = await self._resp.execute("EVALSHA", sha, 5, *channel_keys(channel), *args)
+        reply = await self._resp.execute(
+            "EVALSHA", sha, 5 + len(keys), *channel_keys(channel), *keys, *args
+        )
         if isinstance(reply, ReplyError):
             if str(reply).startswith("NOSCRIPT"):
                 # Redis restarted and lost its script cache; the script did not run.
                 self._shas.pop(name, None)
-                return await self._call(name, channel, *args)
+                return await self._call(name, channel, *args, keys=keys)
             raise ResponseError(str(reply).removeprefix("ERR "))
         return reply
 
@@ -191,6 +202,44 @@ class RedisBuffer:
             raise _storage_error(exc, channel) from exc
         self._announce(channel)
         return str(reply.decode())
+
+    async def append_once(
+        self, envelope: Envelope, key: str, window_seconds: float
+    ) -> tuple[str, bool]:
+        channel = envelope.channel
+        once = "wc:{" + channel + "}:once:" + key_digest(key)
+        window_ms = max(1, int(window_seconds * 1000))
+        try:
+            reply = await self._call(
+                "append", channel, envelope.encode_meta(), envelope.body, window_ms, keys=(once,)
+            )
+        except ResponseError as exc:
+            raise _storage_error(exc, channel) from exc
+        message_id, is_new = reply[0].decode(), bool(reply[1])
+        if is_new:
+            self._announce(channel)
+        return message_id, is_new
+
+    async def remember(self, key: str, ttl_seconds: float) -> bool:
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        try:
+            reply = await self._resp.execute(
+                "SET", "wc:seen:" + key_digest(key), "1", "NX", "PX", ttl_ms
+            )
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        if isinstance(reply, ReplyError):
+            raise StorageError(f"redis: {reply}")
+        return reply is not None
+
+    async def hit_rate(self, channel: str, key: str, limit: int, window_seconds: float) -> float:
+        counter = "wc:{" + channel + "}:rate:" + key_digest(key)
+        window_ms = max(1, int(window_seconds * 1000))
+        try:
+            hits, left_ms = await self._call("hit", channel, window_ms, keys=(counter,))
+        except ResponseError as exc:
+            raise _storage_error(exc, channel) from exc
+        return 0.0 if int(hits) <= limit else max(int(left_ms), 1) / 1000
 
     def _announce(self, channel: str) -> None:
         """Wake readers here at once, and on other replicas (once per loop turn) via pub/sub."""

@@ -71,7 +71,14 @@ local function config()
 end
 
 -- script: append
--- ARGV: meta, body. Returns the id, or an error reply 'FULL' / 'NOCHANNEL'.
+-- ARGV: meta, body[, window ms]. Returns the id, or an error reply 'FULL' / 'NOCHANNEL'.
+-- With KEYS[6] (an idempotency key) and a window: returns {id, 1} when it stored the message,
+-- {original id, 0} when KEYS[6] names one stored within the window.
+local once = KEYS[6]
+if once then
+  local seen = redis.call('GET', once)
+  if seen then return {seen, 0} end
+end
 local cfg = config()
 if not cfg then return redis.error_reply('NOCHANNEL') end
 if redis.call('XLEN', S) >= cfg.max_queue_size then
@@ -80,6 +87,10 @@ if redis.call('XLEN', S) >= cfg.max_queue_size then
 end
 local id = redis.call('XADD', S, '*', 'meta', ARGV[1], 'body', ARGV[2])
 redis.call('HINCRBY', STATS, 'accepted', 1)
+if once then
+  redis.call('SET', once, id, 'PX', ARGV[3])
+  return {id, 1}
+end
 return id
 
 -- script: read
@@ -229,3 +240,13 @@ local record = cjson.decode(raw)
 record.seen_at = now_ms() / 1000
 redis.call('HSET', CONNS, ARGV[1], cjson.encode(record))
 return 1
+
+-- script: hit
+-- Fixed-window rate counter. KEYS[6]: the counter; ARGV: window ms.
+-- Returns {hits in this window, ms until it ends}.
+local window = tonumber(ARGV[1])
+local t = now_ms()
+local key = KEYS[6] .. ':' .. math.floor(t / window)
+local hits = redis.call('INCR', key)
+if hits == 1 then redis.call('PEXPIRE', key, window + 1000) end
+return {hits, window - t % window}

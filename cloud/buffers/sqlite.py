@@ -60,6 +60,10 @@ CREATE INDEX IF NOT EXISTS dead_letters_by_channel ON dead_letters (channel, id)
 CREATE TABLE IF NOT EXISTS connections (
     channel TEXT NOT NULL, connection_id TEXT NOT NULL, record TEXT NOT NULL,
     seen_at REAL NOT NULL, PRIMARY KEY (channel, connection_id));
+CREATE TABLE IF NOT EXISTS seen (
+    key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rates (
+    key TEXT PRIMARY KEY, window_start REAL NOT NULL, hits INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (
     channel TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (channel, name));
@@ -71,6 +75,10 @@ def path_from_url(url: str) -> str:
     if not url.startswith("sqlite:///"):
         raise ValueError(f"not a sqlite:/// URL: {url!r}")
     return url.removeprefix("sqlite:///") or "webhook-connect.db"
+
+
+# What the appender batches: an envelope, and its idempotency key and window, if any.
+ToAppend = tuple[Envelope, str | None, float]
 
 
 class SQLiteBuffer:
@@ -204,15 +212,56 @@ class SQLiteBuffer:
     # Messages -----------------------------------------------------------------------------
 
     async def append(self, envelope: Envelope) -> str:
-        return await self._appender.submit(envelope)
+        message_id, _ = await self._appender.submit((envelope, None, 0.0))
+        return message_id
 
-    async def _append_batch(self, envelopes: list[Envelope]) -> list[str | Exception]:
+    async def append_once(
+        self, envelope: Envelope, key: str, window_seconds: float
+    ) -> tuple[str, bool]:
+        return await self._appender.submit((envelope, key, window_seconds))
+
+    async def _append_batch(self, items: list[ToAppend]) -> list[tuple[str, bool] | Exception]:
         # One transaction, one fsync for the whole batch (group commit).
-        results = await self._run(_append_many, envelopes)
-        for envelope, result in zip(envelopes, results, strict=True):
-            if isinstance(result, str):
+        results = await self._run(_append_many, items, time.time())
+        for (envelope, _, _), result in zip(items, results, strict=True):
+            if isinstance(result, tuple) and result[1]:
                 self._notifier.notify(envelope.channel)
         return results
+
+    async def remember(self, key: str, ttl_seconds: float) -> bool:
+        def remember(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            with _transaction(db):
+                row = db.execute(
+                    "SELECT expires_at FROM seen WHERE key = ?", ("r:" + key,)
+                ).fetchone()
+                if row is not None and row[0] > now:
+                    return False
+                db.execute(
+                    "INSERT OR REPLACE INTO seen (key, value, expires_at) VALUES (?, '', ?)",
+                    ("r:" + key, now + ttl_seconds),
+                )
+                return True
+
+        return await self._run(remember)
+
+    async def hit_rate(self, channel: str, key: str, limit: int, window_seconds: float) -> float:
+        def hit(db: sqlite3.Connection) -> float:
+            now = time.time()
+            start = now - now % window_seconds
+            name = f"{channel}\0{key}"
+            with _transaction(db):
+                row = db.execute(
+                    "SELECT window_start, hits FROM rates WHERE key = ?", (name,)
+                ).fetchone()
+                hits = row[1] + 1 if row is not None and row[0] == start else 1
+                db.execute(
+                    "INSERT OR REPLACE INTO rates (key, window_start, hits) VALUES (?, ?, ?)",
+                    (name, start, hits),
+                )
+            return 0.0 if hits <= limit else start + window_seconds - now
+
+        return await self._run(hit)
 
     def wake(self, channel: str) -> None:
         self._notifier.notify(channel)
@@ -429,13 +478,23 @@ def _depth(db: sqlite3.Connection, channel: str) -> int:
     return int(db.execute(sql, (channel,)).fetchone()[0])
 
 
-def _append_many(db: sqlite3.Connection, envelopes: list[Envelope]) -> list[str | Exception]:
-    results: list[str | Exception] = []
+def _append_many(
+    db: sqlite3.Connection, items: list[ToAppend], now: float
+) -> list[tuple[str, bool] | Exception]:
+    results: list[tuple[str, bool] | Exception] = []
     room: dict[str, int] = {}
     accepted: dict[str, int] = {}
     with _transaction(db):
-        for envelope in envelopes:
+        for envelope, once, window in items:
             channel = envelope.channel
+            once_key = None if once is None else f"o:{channel}\0{once}"
+            if once_key is not None:
+                row = db.execute(
+                    "SELECT value FROM seen WHERE key = ? AND expires_at > ?", (once_key, now)
+                ).fetchone()
+                if row is not None:
+                    results.append((row[0], False))
+                    continue
             if channel not in room:
                 spec = _get_channel(db, channel)
                 if spec is None:
@@ -457,7 +516,13 @@ def _append_many(db: sqlite3.Connection, envelopes: list[Envelope]) -> list[str 
             )
             room[channel] -= 1
             accepted[channel] = accepted.get(channel, 0) + 1
-            results.append(_message_id(envelope.received_at, row.lastrowid))
+            message_id = _message_id(envelope.received_at, row.lastrowid)
+            if once_key is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO seen (key, value, expires_at) VALUES (?, ?, ?)",
+                    (once_key, message_id, now + window),
+                )
+            results.append((message_id, True))
         for channel, amount in accepted.items():
             _count(db, channel, "accepted", amount)
     return results
@@ -678,6 +743,8 @@ def _housekeep(db: sqlite3.Connection, channel: str, now: float) -> int:
         if expired:
             _count(db, channel, "expired", expired)
         _trim(db, channel)
+        db.execute("DELETE FROM seen WHERE expires_at < ?", (now,))
+        db.execute("DELETE FROM rates WHERE window_start < ?", (now - 86400,))
         return expired
 
 

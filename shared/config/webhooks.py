@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from shared.config.connections import ConnectionEntry
+from shared.config.inbound import InboundSecurity, RateLimitConfig
 from shared.config.loading import load_json_file, validate_model
 from shared.exceptions import ConfigError
 
@@ -27,12 +28,6 @@ KNOWN_MODULES = frozenset(
 )  # fmt: skip
 # What this version of the cloud can do with a webhook; the rest fail at start-up, loudly.
 CLOUD_MODULES = frozenset({"webhook_connect"})
-# Inbound checks of the Core Webhook Module's format. Until they are enforced, configuring one
-# must stop start-up: silently accepting unauthenticated webhooks would be worse.
-UNENFORCED_KEYS = (
-    "authorization", "basic_auth", "jwt", "hmac", "ip_whitelist", "query_auth", "header_auth",
-    "oauth2", "digest_auth", "oauth1", "recaptcha", "provider", "rate_limit", "json_schema",
-)  # fmt: skip
 
 HttpMethod = Literal["POST", "PUT", "PATCH"]
 
@@ -51,10 +46,12 @@ class WebhookConnectSettings(BaseModel):
     ack_timeout_seconds: PositiveFloat = 30.0
     max_delivery_attempts: PositiveInt = 5
     retry_delay_seconds: float = Field(default=5.0, ge=0)
+    # For the whole channel, whichever webhook feeds it, across every cloud replica.
+    rate_limit: RateLimitConfig | None = None
 
 
-class WebhookEntry(BaseModel):
-    """One webhook of ``webhooks.json``."""
+class WebhookEntry(InboundSecurity):
+    """One webhook of ``webhooks.json``: where it goes, and what the cloud accepts."""
 
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
@@ -115,14 +112,6 @@ def _check_entry(
             f"module {entry.module!r} is not available in the cloud of this version; "
             "use 'webhook_connect' and deliver it from a connector",
         )
-    for key in UNENFORCED_KEYS:
-        if key in (entry.model_extra or {}):
-            raise ConfigError(
-                source,
-                f"{webhook_id}.{key}",
-                "not supported by this version (refusing to start "
-                "rather than accept webhooks without the check)",
-            )
     if entry.model_extra:
         key = next(iter(entry.model_extra))
         raise ConfigError(source, f"{webhook_id}.{key}", "unknown key")
