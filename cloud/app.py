@@ -5,20 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cloud import masking
+from cloud.admin import AdminRoutes
 from cloud.buffers import Buffer, open_buffer
 from cloud.config import CloudConfig, config_from_environment
 from cloud.ingest import PREFIX, IngestEndpoint
+from cloud.openapi import DOCS_PAGE, openapi_document
 from cloud.provisioning import provision
 from cloud.pullroutes import PullRoutes
+from cloud.reloader import ConfigReloader, Reloaded
+from cloud.security.guard import build_guards
+from cloud.security.inbound import Services
 from cloud.smee import SmeeRoute
 from cloud.stream import StreamEndpoint
 from shared.exceptions import StorageError
@@ -36,7 +42,14 @@ class CloudApp:
     def __init__(self, config: CloudConfig, buffer: Buffer | None = None) -> None:
         self.config = config
         self.buffer = buffer or open_buffer(config.storage_url)
-        self.ingest = IngestEndpoint(config.webhooks, self.buffer)
+        # Outbound calls of checks (token introspection, reCAPTCHA): no redirects followed.
+        self.http = httpx.AsyncClient(timeout=10.0, follow_redirects=False)
+        services = Services(remember=self.buffer.remember, http=self.http)
+        source = config.webhooks_path or "webhooks.json"
+        self.ingest = IngestEndpoint(build_guards(config.webhooks, services, source), self.buffer)
+        self.reloader = ConfigReloader(config, services, self._apply)
+        self.masker = masking.SecretMasker(masking.configured_secrets(config.webhooks))
+        admin = AdminRoutes(config.admin_token, self.reloader)
         self._tasks: list[asyncio.Task[None]] = []
         pull = PullRoutes(self.buffer)
         self.router: ASGIApp = Starlette(
@@ -48,6 +61,9 @@ class CloudApp:
                 Route("/connect/stream/{channel}/poll", pull.poll),
                 Route("/connect/ack", pull.ack, methods=["POST"]),
                 Route("/smee/{channel}", SmeeRoute(self.buffer).stream),
+                Route("/openapi.json", self.openapi),
+                Route("/docs", self.docs),
+                Route("/admin/reload", admin.guarded(admin.reload), methods=["POST"]),
             ],
             lifespan=self.lifespan,
         )
@@ -64,14 +80,26 @@ class CloudApp:
         # Serve ready from the first request when storage is up; otherwise keep trying.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._provisioned), PROVISION_FIRST_WAIT)
-        self._tasks = [self._provisioned, asyncio.create_task(self._housekeep_forever())]
+        self._tasks = [
+            self._provisioned,
+            asyncio.create_task(self._housekeep_forever()),
+            asyncio.create_task(self.reloader.watch_forever()),
+        ]
         try:
             yield
         finally:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.http.aclose()
             await self.buffer.aclose()
+
+    async def _apply(self, reloaded: Reloaded) -> None:
+        """Take a reloaded ``webhooks.json`` into use: channels and tokens first, then ingest."""
+        await provision(self.buffer, reloaded.config)
+        self.masker.set_secrets(masking.configured_secrets(reloaded.config.webhooks))
+        self.config = reloaded.config
+        self.ingest.guards = reloaded.guards
 
     async def _provision_until_done(self) -> None:
         # Storage may come up after us (a Redis restart): keep trying, stay not-ready meanwhile.
@@ -104,6 +132,12 @@ class CloudApp:
             except StorageError as exc:
                 logger.warning("housekeeping skipped: %s", exc)
 
+    async def openapi(self, request: Request) -> JSONResponse:
+        return JSONResponse(openapi_document(self.ingest.guards))
+
+    async def docs(self, request: Request) -> HTMLResponse:
+        return HTMLResponse(DOCS_PAGE)
+
     async def health(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
@@ -117,21 +151,6 @@ class CloudApp:
         if not self.ingest.is_ready:
             return JSONResponse({"status": "provisioning"}, 503, {"retry-after": "1"})
         return JSONResponse({"status": "ready", "storage": _safe_url(self.config.storage_url)})
-
-
-SECRET_IN_QUERY = re.compile(r"(?i)\b(token|access_token|api_key|secret)=[^&\s\"']+")
-
-
-class MaskQuerySecrets(logging.Filter):
-    """uvicorn logs request lines with their query, where a connector may put its token."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                SECRET_IN_QUERY.sub(r"\1=***", arg) if isinstance(arg, str) else arg
-                for arg in record.args
-            )
-        return True
 
 
 def _safe_url(url: str) -> str:
@@ -148,6 +167,6 @@ def create_app(config: CloudConfig) -> CloudApp:
 
 def app_from_environment() -> CloudApp:
     """uvicorn factory, run in every worker process after uvicorn configured logging."""
-    for name in ("uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).addFilter(MaskQuerySecrets())
-    return CloudApp(config_from_environment())
+    app = CloudApp(config_from_environment())
+    masking.install(app.masker)
+    return app

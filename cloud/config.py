@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 
 from cloud.buffers import ChannelSpec
+from cloud.security.guard import OFFLINE, build_guards
 from shared.config import Webhook, load_connections, load_webhooks
 from shared.exceptions import ConfigError
 
@@ -87,6 +88,8 @@ def build_cloud_config(
         raise ConfigError("--admin-token", "", "must be at least 16 characters")
     connections = load_connections(connections_path, environ)
     webhooks = {} if webhooks_path is None else load_webhooks(webhooks_path, connections, environ)
+    # Compile every check now, so a key no check can use (a malformed PEM key) stops start-up.
+    build_guards(webhooks, OFFLINE, webhooks_path or "webhooks.json")
     return CloudConfig(
         host=host,
         port=port,

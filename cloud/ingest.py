@@ -2,26 +2,31 @@
 
 Raw ASGI on purpose: this is the hot path, and the body must be streamed so that an oversized
 upload is refused as soon as it crosses the limit instead of being buffered whole.
+
+Order of the checks (each answer documented in PRODUCT.md §5): unknown webhook 404, method 405,
+header limits 431, sender address 403, rate limits 429, body size 413, authentication 401,
+body rules 400/422, then storage (503 when full or down). A retried delivery that was stored
+already is answered 202 with the original message id.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import orjson
 from starlette.types import Receive, Scope, Send
 
 from cloud.buffers import Buffer
 from cloud.responses import send_error, send_json
-from shared.config import Webhook
+from cloud.security.guard import Guard
+from cloud.security.inbound import InboundRequest, Rejected
+from cloud.security.network import client_address
 from shared.envelope import Envelope
 from shared.exceptions import ChannelFull, StorageError, StorageUnavailable, UnknownChannel
 
 PREFIX = "/webhook/"
-MAX_HEADER_COUNT = 100
-MAX_HEADER_BYTES = 32 * 1024
 RETRY_AFTER_FULL = b"5"
 RETRY_AFTER_UNAVAILABLE = b"2"
 CLOSE = [(b"connection", b"close")]
@@ -41,74 +46,111 @@ class ClientGone(Exception):
 class IngestEndpoint:
     """Stores each accepted webhook in its channel and answers only once it is durable."""
 
-    def __init__(self, webhooks: Mapping[str, Webhook], buffer: Buffer) -> None:
-        self._webhooks = webhooks
+    def __init__(self, guards: Mapping[str, Guard], buffer: Buffer) -> None:
+        # Replaced whole on a configuration reload; a request keeps the guard it started with.
+        self.guards = guards
         self._buffer = buffer
         self.is_ready = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        webhook = self._webhooks.get(scope["path"][len(PREFIX) :])
-        if webhook is None:
+        guard = self.guards.get(scope["path"][len(PREFIX) :])
+        if guard is None:
             await send_error(send, 404, "unknown_webhook", "no webhook with this id")
             return
-        entry = webhook.entry
+        entry = guard.entry
         if scope["method"] not in entry.methods:
             allow = ", ".join(entry.methods).encode()
             await send_error(send, 405, "method_not_allowed", None, [(b"allow", allow)])
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        if len(headers) > MAX_HEADER_COUNT or (
-            sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES
+        if len(headers) > guard.max_headers or (
+            sum(len(k) + len(v) for k, v in headers) > guard.max_header_size
         ):
-            detail = f"at most {MAX_HEADER_COUNT} headers and {MAX_HEADER_BYTES} bytes"
+            detail = f"at most {guard.max_headers} headers and {guard.max_header_size} bytes"
             await send_error(send, 431, "headers_too_large", detail, CLOSE)
             return
+        peer = scope.get("client")
+        request = InboundRequest(
+            webhook_id=guard.webhook.webhook_id,
+            method=scope["method"],
+            scheme=scope.get("scheme", "http"),
+            path=scope.get("raw_path", scope["path"].encode()).decode("latin-1"),
+            query_string=scope["query_string"].decode("latin-1"),
+            raw_headers=headers,
+            body=b"",
+            peer=peer[0] if peer else "",
+            client=peer[0] if peer else "",
+            now=time.time(),
+        )
         try:
-            body = await read_body(receive, headers, entry.max_body_size)
-        except BodyTooLarge as exc:
-            detail = f"the body is larger than {exc.limit} bytes"
-            await send_error(send, 413, "body_too_large", detail, CLOSE)
-            return
-        except ValueError as exc:
-            await send_error(send, 400, "bad_request", str(exc), CLOSE)
+            await self._admit(guard, request, receive)
+        except Rejected as exc:
+            await send_error(send, exc.status, exc.error, exc.detail, exc.headers)
             return
         except ClientGone:
             return
-        if entry.data_type == "json":
-            problem = json_problem(body)
-            if problem:
-                await send_error(send, 400, "invalid_json", problem)
-                return
-        await self._store(scope, send, webhook, headers, body)
+        except StorageError as exc:
+            retry = [(b"retry-after", RETRY_AFTER_UNAVAILABLE)]
+            await send_error(send, 503, "storage_unavailable", str(exc), retry)
+            return
+        await self._store(send, guard, request)
 
-    async def _store(
-        self,
-        scope: Scope,
-        send: Send,
-        webhook: Webhook,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-    ) -> None:
+    async def _admit(self, guard: Guard, request: InboundRequest, receive: Receive) -> None:
+        """Run every check in order, reading the body when it is needed; raise Rejected."""
+        if guard.trusted_proxies:
+            request.client = client_address(request.peer, request.headers, guard.trusted_proxies)
+        if guard.ip_check is not None:
+            await guard.ip_check(request)
+        for limit in guard.rate_limits:
+            await self._count(guard, limit.key, limit.max_requests, limit.window_seconds)
+        try:
+            request.body = await read_body(receive, request.raw_headers, guard.entry.max_body_size)
+        except BodyTooLarge as exc:
+            detail = f"the body is larger than {exc.limit} bytes"
+            raise Rejected(413, "body_too_large", detail, CLOSE) from None
+        except ValueError as exc:
+            raise Rejected(400, "bad_request", str(exc), CLOSE) from None
+        for check in guard.checks:
+            await check(request)
+        guard.payload.check(request.body)
+
+    async def _count(self, guard: Guard, key: str, limit: int, window: float) -> None:
+        channel = guard.webhook.relay.channel
+        wait = await self._buffer.hit_rate(channel, key, limit, window)
+        if wait > 0:
+            retry_after = str(max(1, math.ceil(wait))).encode()
+            detail = f"more than {limit} requests in {window:g} s"
+            raise Rejected(429, "rate_limited", detail, [(b"retry-after", retry_after)])
+
+    async def _store(self, send: Send, guard: Guard, request: InboundRequest) -> None:
         if not self.is_ready:
             await send_error(
                 send, 503, "not_ready", "storage is not provisioned yet",
                 [(b"retry-after", RETRY_AFTER_UNAVAILABLE)],
             )  # fmt: skip
             return
-        client = scope.get("client")
+        webhook = guard.webhook
         envelope = Envelope(
             channel=webhook.relay.channel,
             webhook_id=webhook.webhook_id,
-            received_at=time.time(),
-            method=scope["method"],
-            path=scope.get("raw_path", scope["path"].encode()).decode("latin-1"),
-            query_string=scope["query_string"].decode("latin-1"),
-            headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
-            body=body,
-            client=client[0] if client else "",
+            received_at=request.now,
+            method=request.method,
+            path=request.path,
+            query_string=request.query_string,
+            headers=tuple(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers
+            ),
+            body=request.body,
+            client=request.client,
         )
+        delivery = None if guard.delivery_key is None else guard.delivery_key(request)
         try:
-            message_id = await self._buffer.append(envelope)
+            if delivery is None:
+                message_id, is_new = await self._buffer.append(envelope), True
+            else:
+                message_id, is_new = await self._buffer.append_once(
+                    envelope, f"{webhook.webhook_id}:{delivery}", guard.idempotency_window
+                )
         except ChannelFull as exc:
             await send_error(
                 send, 503, "channel_full", str(exc), [(b"retry-after", RETRY_AFTER_FULL)]
@@ -118,7 +160,10 @@ class IngestEndpoint:
             retry = [(b"retry-after", RETRY_AFTER_UNAVAILABLE)]
             await send_error(send, 503, "storage_unavailable", str(exc), retry)
             return
-        await send_json(send, 202, {"status": "accepted", "message_id": message_id})
+        answer: dict[str, object] = {"status": "accepted", "message_id": message_id}
+        if not is_new:
+            answer["duplicate"] = True
+        await send_json(send, 202, answer)
 
 
 async def read_body(receive: Receive, headers: list[tuple[bytes, bytes]], limit: int) -> bytes:
@@ -142,14 +187,3 @@ async def read_body(receive: Receive, headers: list[tuple[bytes, bytes]], limit:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def json_problem(body: bytes) -> str | None:
-    """Why ``body`` is not a JSON document, or None if it is one."""
-    if not body:
-        return "the body is empty; this webhook expects JSON"
-    try:
-        orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return f"the body is not valid JSON: {exc}"
-    return None

@@ -102,9 +102,7 @@ class RedisBuffer:
                 await self._listener
         await self._redis.aclose()
 
-    async def _call(
-        self, name: str, channel: str, *args: Any, keys: tuple[str, ...] = ()
-    ) -> Any:
+    async def _call(self, name: str, channel: str, *args: Any, keys: tuple[str, ...] = ()) -> Any:
         """Run script ``name`` on ``channel`` (and ``keys``, in its slot); an error reply is
         raised as ``ResponseError``."""
         sha = self._shas.get(name)
