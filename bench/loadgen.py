@@ -35,11 +35,19 @@ TIMER_RESOLUTION = 0.001
 SPIN_WINDOW = 0.002  # seconds before a due time when sleeping turns into yielding
 
 
-def build_post(host: str, port: int, path: str, body: bytes, content_type: str) -> bytes:
+def build_post(
+    host: str,
+    port: int,
+    path: str,
+    body: bytes,
+    content_type: str,
+    headers: dict[str, str] | None = None,
+) -> bytes:
     """Return the bytes of one keep-alive HTTP/1.1 POST request."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"{extra}Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode("ascii") + body
 

@@ -5,6 +5,11 @@ wrk.method = "POST"
 wrk.body = file:read("*a")
 file:close()
 wrk.headers["Content-Type"] = "application/json"
+-- BENCH_HEADERS: extra "Name: value" lines (a signature, a bearer token).
+for line in string.gmatch(os.getenv("BENCH_HEADERS") or "", "[^\n]+") do
+   local name, value = string.match(line, "^([^:]+):%s*(.*)$")
+   wrk.headers[name] = value
+end
 
 non202 = 0
 local threads = {}

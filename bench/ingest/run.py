@@ -4,9 +4,12 @@ For each storage backend it starts its own cloud (and redis-server) on loopback,
 1 KiB JSON body, and prints:
 
 1. max throughput: closed loop, ``--connections`` keep-alive connections with one request
-   outstanding each, after a 2 s warm-up; measured by wrk, or by bench.loadgen without wrk;
+   outstanding each, after a 2 s warm-up; measured by wrk, or by bench.loadgen without wrk —
+   once per ``--auth`` method: none, an HMAC-SHA256 body signature (``hmac``) and an HS256
+   JWT bearer token (``jwt``), with the cloud's CPU time per request, so the cost of each
+   check shows next to the unauthenticated figure;
 2. a fixed offered rate: open loop at ``--rate`` req/s with bench.loadgen, latency counted
-   from each request's scheduled send time (no coordinated omission).
+   from each request's scheduled send time (no coordinated omission), unauthenticated.
 
     python bench/ingest/run.py --backends sqlite,redis --duration 10 --rate 5000 --connections 64
 
@@ -16,6 +19,8 @@ It is a benchmark, not a test: it asserts nothing beyond the cloud answering at 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -23,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,13 +45,14 @@ WRK_SCRIPT = HERE / "post.lua"
 WRK = Path("/usr/bin/wrk")
 BACKENDS = ("sqlite", "redis")
 HOST = servers.HOST
-PATH = "/webhook/bench"
+AUTHS = ("none", "hmac", "jwt")
+PATHS = {"none": "/webhook/bench", "hmac": "/webhook/bench_hmac", "jwt": "/webhook/bench_jwt"}
 BODY_SIZE = 1024
 WARMUP = 2  # seconds, before each measurement, not counted
 MAX_CONNECTIONS = 256  # open loop: the pool's cap
 COLUMNS = (
-    "backend", "mode", "offered", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
-    "errors", "other CPU s",
+    "backend", "auth", "mode", "offered", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms",
+    "max ms", "errors", "cloud CPU us/req", "other CPU s",
 )  # fmt: skip
 
 
@@ -57,24 +64,56 @@ def make_body(size: int = BODY_SIZE) -> bytes:
     return body
 
 
-def check_ingest(port: int, body: bytes) -> None:
+def auth_headers(auth: str, body: bytes) -> dict[str, str]:
+    """What a sender adds for ``auth``, with the secrets of bench/ingest/webhooks.json."""
+    entries = json.loads(WEBHOOKS.read_text())
+    if auth == "hmac":
+        secret = entries["bench_hmac"]["hmac"]["secret"].encode()
+        signature = hmac.new(secret, body, hashlib.sha256).hexdigest()
+        return {"X-Hub-Signature-256": f"sha256={signature}"}
+    if auth == "jwt":
+        import jwt as pyjwt
+
+        config = entries["bench_jwt"]["jwt"]
+        claims = {"iss": config["issuer"], "aud": config["audience"], "sub": "bench"}
+        claims["exp"] = int(time.time()) + 86400
+        return {"Authorization": "Bearer " + pyjwt.encode(claims, config["secret"], "HS256")}
+    return {}
+
+
+def check_ingest(port: int, body: bytes, path: str, headers: dict[str, str]) -> None:
     """Fail early, with the cloud's answer, unless one POST is accepted."""
     connection = http.client.HTTPConnection(HOST, port, timeout=10)
     try:
-        connection.request("POST", PATH, body, {"Content-Type": "application/json"})
+        connection.request("POST", path, body, {"Content-Type": "application/json", **headers})
         response = connection.getresponse()
         answer = response.read()
     finally:
         connection.close()
     if response.status != loadgen.ACCEPTED:
-        raise RuntimeError(f"POST {PATH} answered {response.status}: {answer[:500]!r}")
+        raise RuntimeError(f"POST {path} answered {response.status}: {answer[:500]!r}")
 
 
-def wrk(port: int, connections: int, seconds: int, body_file: Path) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(
+    port: int,
+    connections: int,
+    seconds: int,
+    body_file: Path,
+    path: str,
+    headers: dict[str, str],
+) -> dict[str, Any]:
     """Run wrk once and return the figures its ``done()`` hook prints (post.lua)."""
     args = [str(WRK), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    args += ["--timeout", "10s", "-s", str(WRK_SCRIPT), f"http://{HOST}:{port}{PATH}"]
+    args += ["--timeout", "10s", "-s", str(WRK_SCRIPT), f"http://{HOST}:{port}{path}"]
     env = {**os.environ, "BENCH_BODY_FILE": str(body_file)}
+    env["BENCH_HEADERS"] = "\n".join(f"{name}: {value}" for name, value in headers.items())
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=seconds + 60)
     for line in done.stdout.splitlines():
         if line.startswith("BENCH "):
@@ -82,14 +121,20 @@ def wrk(port: int, connections: int, seconds: int, body_file: Path) -> dict[str,
     raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}{done.stderr}")
 
 
-def measure_max(port: int, connections: int, duration: int, body_file: Path) -> dict[str, Any]:
+def measure_max(
+    port: int, cloud_pid: int, connections: int, duration: int, body_file: Path, auth: str
+) -> dict[str, Any]:
     """Closed loop: the most the cloud answers with ``connections`` requests in flight."""
+    path, headers = PATHS[auth], auth_headers(auth, body_file.read_bytes())
     if not WRK.exists():
-        request = loadgen.build_post(HOST, port, PATH, body_file.read_bytes(), "application/json")
+        body = body_file.read_bytes()
+        request = loadgen.build_post(HOST, port, path, body, "application/json", headers)
         coroutine = loadgen.run_closed_loop(HOST, port, request, connections, duration, WARMUP)
         return {"tool": "python", "connections": connections, **loadgen.run(coroutine).summary()}
-    wrk(port, connections, WARMUP, body_file)  # warm-up, discarded
-    figures = wrk(port, connections, duration, body_file)
+    wrk(port, connections, WARMUP, body_file, path, headers)  # warm-up, discarded
+    cpu_before = cpu_seconds(cloud_pid)
+    figures = wrk(port, connections, duration, body_file, path, headers)
+    cloud_cpu = cpu_seconds(cloud_pid) - cpu_before
     return {
         "tool": "wrk",
         "mode": "closed",
@@ -101,13 +146,14 @@ def measure_max(port: int, connections: int, duration: int, body_file: Path) -> 
         "non_202": figures["non_202"],
         "failed": figures["socket_errors"],
         "connections": connections,
+        "cloud_cpu_us_per_request": round(cloud_cpu / max(figures["requests"], 1) * 1e6, 1),
         **{f"{key}_ms": figures[f"{key}_us"] / 1000 for key in ("p50", "p99", "p999", "max")},
     }
 
 
 def measure_rate(port: int, rate: int, duration: int, body: bytes, spin: bool) -> dict[str, Any]:
     """Open loop: latency while ``rate`` req/s are offered whatever the answers."""
-    request = loadgen.build_post(HOST, port, PATH, body, "application/json")
+    request = loadgen.build_post(HOST, port, PATHS["none"], body, "application/json")
     coroutine = loadgen.run_open_loop(
         HOST, port, request, rate, duration, MAX_CONNECTIONS, warmup=WARMUP, spin=spin
     )
@@ -135,18 +181,27 @@ def bench_backend(
                 storage, WEBHOOKS, directory / "cloud.log", prefixes[0]
             )
             started.append(cloud)
-            check_ingest(port, body)
             pids = [process.pid for process in started]
-            print(f"{backend}: closed loop, {args.connections} connections, {args.duration} s")
-            before = servers.foreign_cpu_seconds(pids)
-            rows = [measure_max(port, args.connections, args.duration, body_file)]
-            rows[-1]["other_cpu_s"] = round(servers.foreign_cpu_seconds(pids) - before, 1)
+            rows = []
+            for auth in args.auth:
+                check_ingest(port, body, PATHS[auth], auth_headers(auth, body))
+                print(
+                    f"{backend}: closed loop, auth {auth}, {args.connections} connections, "
+                    f"{args.duration} s"
+                )
+                before = servers.foreign_cpu_seconds(pids)
+                rows.append(
+                    measure_max(port, cloud.pid, args.connections, args.duration, body_file, auth)
+                )
+                rows[-1]["other_cpu_s"] = round(servers.foreign_cpu_seconds(pids) - before, 1)
+                rows[-1]["auth"] = auth
             print(f"{backend}: open loop, {args.rate} req/s, {args.duration} s")
             before = servers.foreign_cpu_seconds(pids)
             # Spin for a precise schedule only when nothing shares the generator's CPU.
             spin = bool(prefixes[0]) and backend != "redis"
             rows.append(measure_rate(port, args.rate, args.duration, body, spin=spin))
             rows[-1]["other_cpu_s"] = round(servers.foreign_cpu_seconds(pids) - before, 1)
+            rows[-1]["auth"] = "none"
             if cloud.poll() is not None:
                 raise RuntimeError(f"the cloud exited during the run ({cloud.returncode})")
         finally:
@@ -164,11 +219,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         offered = (
             f"{row['connections']} conn" if row["mode"] == "closed" else f"{row['offered_rate']}/s"
         )
+        cpu = row.get("cloud_cpu_us_per_request")
         lines.append((
-            row["backend"], f"{row['mode']} ({row['tool']})", offered,
+            row["backend"], row["auth"], f"{row['mode']} ({row['tool']})", offered,
             f"{row['achieved_rate']:.0f}", ms(row["p50_ms"]), ms(row["p99_ms"]),
             ms(row["p999_ms"]), ms(row["max_ms"]), str(row["non_202"] + row["failed"]),
-            f"{row['other_cpu_s']:.1f}",
+            "-" if cpu is None else f"{cpu:.0f}", f"{row['other_cpu_s']:.1f}",
         ))  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
     return "\n".join(
@@ -182,7 +238,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     parser.add_argument("--rate", type=int, default=5000, help="open loop: offered req/s")
     parser.add_argument("--connections", type=int, default=64, help="closed loop: in flight")
+    parser.add_argument("--auth", default=",".join(AUTHS), help="closed loop: comma-separated")
     args = parser.parse_args(argv)
+    args.auth = [name.strip() for name in args.auth.split(",") if name.strip()]
+    if set(args.auth) - set(AUTHS):
+        parser.error(f"unknown --auth; choose from {AUTHS}")
     args.backends = [name.strip() for name in args.backends.split(",") if name.strip()]
     unknown = set(args.backends) - set(BACKENDS)
     if unknown:

@@ -1,0 +1,226 @@
+"""``jwt``: a bearer JSON Web Token (RFC 7519, RFC 6750) checked for signature, lifetime, issuer
+and audience.
+
+The verification key is loaded once, when the check is built, and the key alone decides which
+algorithms it verifies (RFC 8725 §2.1, §3.1): a shared secret only ever verifies HS*, a PEM
+public key only the asymmetric algorithms of its own type. A token therefore cannot choose how it
+is checked, so ``alg: none`` and an HS256 token "signed" with the RSA public key both fail as
+"algorithm not allowed".
+
+PyJWT verifies the signature, issuer, audience and required claims. The time claims (``exp``,
+``nbf``, ``iat``) are checked here against ``request.now`` instead: PyJWT would read its own
+clock, and the outcome must depend on the request's instant only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import jwt
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.x509 import load_pem_x509_certificate
+from jwt.algorithms import AllowedPublicKeys
+from jwt.types import Options
+
+from cloud.security.inbound import Check, InboundRequest, Services, unauthorized
+from shared.config.inbound import JwtConfig
+
+logger = logging.getLogger(__name__)
+
+REALM = "webhook"
+PEM_MARKER = "-----BEGIN "
+
+
+class TokenError(Exception):
+    """A token to refuse. ``reason`` is safe to show: it never quotes the token."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VerificationKey:
+    """A loaded key and the algorithms it may verify, all of one family."""
+
+    key: str | AllowedPublicKeys
+    algorithms: tuple[str, ...]
+
+
+def load_key(material: str, algorithms: Sequence[str]) -> VerificationKey:
+    """Load ``material`` (a shared secret, or a PEM public key or certificate) and keep those of
+    ``algorithms`` that it can verify; ValueError, naming the problem, when none is left."""
+    if material.lstrip().startswith(PEM_MARKER):
+        key: str | AllowedPublicKeys = _public_key(material)
+        candidates = [name for name in algorithms if not name.startswith("HS")]
+        if not candidates:
+            raise ValueError(
+                f"{', '.join(algorithms)} needs a shared secret, but a PEM key was given "
+                "(a public key must never be used as an HMAC secret)"
+            )
+    else:
+        key = material
+        candidates = [name for name in algorithms if name.startswith("HS")]
+        if not candidates:
+            raise ValueError(f"{', '.join(algorithms)} needs a PEM public key or certificate")
+    usable: list[str] = []
+    problems: list[str] = []
+    for name in candidates:
+        algorithm = jwt.get_algorithm_by_name(name)
+        try:
+            prepared = algorithm.prepare_key(key)
+        except (jwt.InvalidKeyError, TypeError, ValueError) as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        usable.append(name)
+        if weakness := algorithm.check_key_length(prepared):
+            logger.warning("jwt key for %s is weak: %s", name, weakness)
+    if not usable:
+        raise ValueError(f"the key cannot verify {'; '.join(problems)}")
+    return VerificationKey(key, tuple(usable))
+
+
+def _public_key(pem: str) -> AllowedPublicKeys:
+    data = pem.strip().encode("ascii", "replace")
+    try:
+        loaded: object = load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        try:
+            loaded = load_pem_x509_certificate(data).public_key()
+        except ValueError:
+            raise ValueError("the PEM is neither a public key nor a certificate") from None
+    # Whether its type suits the algorithm is for PyJWT's prepare_key() to say, in load_key().
+    return cast("AllowedPublicKeys", loaded)
+
+
+def decode_bearer_jwt(
+    token: str,
+    key: VerificationKey,
+    *,
+    now: float,
+    issuer: str | None = None,
+    audience: str | Iterable[str] | None = None,
+    verify_exp: bool = True,
+    leeway: float = 0.0,
+    required_claims: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The claims of ``token`` once its signature, issuer, audience, required claims and (at
+    instant ``now``) lifetime all hold; TokenError otherwise."""
+    options: Options = {
+        "verify_signature": True,
+        # Checked by check_lifetime() against ``now``, not PyJWT's clock.
+        "verify_exp": False,
+        "verify_nbf": False,
+        "verify_iat": False,
+        "verify_iss": True,
+        # RFC 7519 §4.1.3: a token naming an audience is refused when we are not it, and
+        # when no audience is configured we are not any.
+        "verify_aud": True,
+        "require": list(required_claims),
+    }
+    try:
+        # The key's length was judged (and logged) once in load_key(); PyJWT would warn again
+        # on every request. No await inside, so no other coroutine runs under this filter.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=list(key.algorithms),
+                options=options,
+                issuer=issuer,
+                audience=audience,
+            )
+    except jwt.PyJWTError as exc:
+        raise TokenError(_reason(exc, audience)) from None
+    check_lifetime(claims, now=now, verify_exp=verify_exp, leeway=leeway)
+    return claims
+
+
+def _reason(exc: jwt.PyJWTError, audience: object) -> str:
+    # Fixed words only: PyJWT's messages are safe today, but the detail goes back to the sender.
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return "algorithm not allowed"
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "bad signature"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"token lacks the {exc.claim!r} claim"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "wrong issuer"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "wrong audience" if audience is not None else "token names an unexpected audience"
+    if isinstance(exc, jwt.DecodeError):
+        return "malformed token"
+    return "invalid token"
+
+
+def check_lifetime(
+    claims: Mapping[str, Any], *, now: float, verify_exp: bool, leeway: float
+) -> None:
+    """Refuse, at instant ``now``, an expired, not yet valid or future-issued token."""
+    if verify_exp and "exp" in claims and _numeric_date(claims, "exp") <= now - leeway:
+        raise TokenError("token expired")
+    if "nbf" in claims and _numeric_date(claims, "nbf") > now + leeway:
+        raise TokenError("token not yet valid")
+    if "iat" in claims and _numeric_date(claims, "iat") > now + leeway:
+        raise TokenError("token issued in the future")
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float:
+    value = claims[name]
+    # RFC 7519 §2: a JSON number of seconds, fractions allowed; true is not a date.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise TokenError(f"claim {name!r} is not a NumericDate")
+    return float(value)
+
+
+def credentials(request: InboundRequest, scheme: str) -> str | None:
+    """The token of ``Authorization: <scheme> <token>`` (scheme in any case), or None."""
+    value = request.header("authorization")
+    if value is None:
+        return None
+    given, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if given.lower() != scheme.lower() or not token:
+        return None
+    return token
+
+
+def challenge(scheme: str, error: str | None = None, **params: str) -> str:
+    """A ``WWW-Authenticate`` value; RFC 6750 §3.1: no error code when no token was sent."""
+    parts = [f'realm="{REALM}"']
+    if error is not None:
+        parts.append(f'error="{error}"')
+    parts.extend(f'{name}="{value}"' for name, value in params.items())
+    return f"{scheme} {', '.join(parts)}"
+
+
+def build(config: JwtConfig, services: Services) -> Check:
+    """The ``jwt`` check; ValueError when the key cannot verify ``config.algorithm``."""
+    key = load_key(config.secret, [config.algorithm])
+
+    async def check(request: InboundRequest) -> None:
+        token = credentials(request, "Bearer")
+        if token is None:
+            raise unauthorized("missing bearer token", challenge("Bearer"))
+        try:
+            decode_bearer_jwt(
+                token,
+                key,
+                now=request.now,
+                issuer=config.issuer,
+                audience=config.audience,
+                verify_exp=config.verify_exp,
+                leeway=config.leeway,
+                required_claims=config.required_claims,
+            )
+        except TokenError as exc:
+            raise unauthorized(exc.reason, challenge("Bearer", "invalid_token")) from None
+
+    return check
