@@ -591,6 +591,19 @@ async def test_a_json_body_is_covered_by_the_body_hash() -> None:
     await check(inbound("POST", url, headers, body))
 
 
+async def test_a_body_without_its_hash_is_refused_when_the_hash_is_required() -> None:
+    # Signed as a body-less request, so oauthlib adds no oauth_body_hash; then a body is sent.
+    signer = Client(CONSUMER_KEY, client_secret=CONSUMER_SECRET, timestamp=str(int(NOW)))
+    url, headers, _ = signer.sign(OAUTH_URL, http_method="POST")
+    plain = inbound("POST", url, {**headers, "Content-Type": "application/json"}, JSON)
+    await oauth_check()(plain)  # RFC 5849 alone: the JSON body is not covered
+    strict = oauth_check(require_body_hash=True)
+    assert (await rejection(strict, plain)).detail.startswith("oauth_body_hash required")
+    await strict(oauth_inbound(oauth_signed(OAUTH_URL)))  # with the hash: fine
+    form = oauth_signed(OAUTH_URL, b"x=1", FORM)
+    await strict(oauth_inbound(form))  # a form body is signed by RFC 5849 itself
+
+
 @pytest.mark.parametrize(
     ("signing", "options", "detail"),
     [

@@ -332,3 +332,72 @@ async def test_an_append_on_another_replica_wakes_a_reader(redis_url: str) -> No
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_append_once_stores_a_repeated_delivery_once(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    first = await buffer.append_once(envelope(b"1"), "gh:delivery-1", 60)
+    # Concurrent repeats (a provider retrying while the first is being written) included.
+    repeats = await asyncio.gather(
+        *(buffer.append_once(envelope(b"2"), "gh:delivery-1", 60) for _ in range(5))
+    )
+    other = await buffer.append_once(envelope(b"3"), "gh:delivery-2", 60)
+    assert first[1] and other[1]
+    assert set(repeats) == {(first[0], False)}
+    deliveries = await buffer.read("orders", "default", "c1", 10)
+    assert [d.envelope.body for d in deliveries] == [b"1", b"3"]
+    assert (await buffer.stats("orders")).counters["accepted"] == 2
+
+
+async def test_append_once_forgets_after_its_window(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    first, _ = await buffer.append_once(envelope(), "k", 0.2)
+    await asyncio.sleep(0.3)
+    second, is_new = await buffer.append_once(envelope(), "k", 0.2)
+    assert is_new and second != first
+
+
+async def test_append_once_is_refused_like_append_when_full(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders", max_queue_size=1))
+    await buffer.append_once(envelope(), "a", 60)
+    with pytest.raises(ChannelFull):
+        await buffer.append_once(envelope(), "b", 60)
+    # A refused delivery was not remembered: its retry is stored once there is room.
+    [delivery] = await buffer.read("orders", "default", "c1", 1)
+    assert await buffer.ack("orders", "default", delivery.message_id)
+    assert (await buffer.append_once(envelope(), "b", 60))[1]
+
+
+async def test_remember_reports_a_replay_until_the_key_expires(buffer: Buffer) -> None:
+    assert await buffer.remember("oauth1:key:nonce-1", 0.3)
+    assert not await buffer.remember("oauth1:key:nonce-1", 0.3)
+    assert await buffer.remember("oauth1:key:nonce-2", 0.3)
+    await asyncio.sleep(0.4)
+    assert await buffer.remember("oauth1:key:nonce-1", 0.3)
+
+
+async def test_rate_counters_refuse_past_the_limit_until_the_window_ends(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    # Start at a window boundary so the 3 hits share one window.
+    await asyncio.sleep(0.5 - time.time() % 0.5 + 0.01)
+    waits = [await buffer.hit_rate("orders", "webhook:shop", 2, 0.5) for _ in range(3)]
+    assert waits[:2] == [0.0, 0.0]
+    assert 0 < waits[2] <= 0.5
+    assert await buffer.hit_rate("orders", "webhook:other", 2, 0.5) == 0.0
+    await asyncio.sleep(waits[2] + 0.01)
+    assert await buffer.hit_rate("orders", "webhook:shop", 2, 0.5) == 0.0
+
+
+async def test_replicas_share_replay_keys_and_rate_counters(storage_url: str) -> None:
+    one, two = open_buffer(storage_url), open_buffer(storage_url)
+    try:
+        await one.provision(ChannelSpec("orders"))
+        assert await one.remember("nonce", 60)
+        assert not await two.remember("nonce", 60)
+        assert await one.hit_rate("orders", "k", 1, 60) == 0.0
+        assert await two.hit_rate("orders", "k", 1, 60) > 0
+        first, _ = await one.append_once(envelope(), "d", 60)
+        assert await two.append_once(envelope(), "d", 60) == (first, False)
+    finally:
+        await one.aclose()
+        await two.aclose()

@@ -114,6 +114,13 @@ def test_placeholders_are_replaced_from_the_environment() -> None:
             "not a valid JSON Schema",
         ),
         (
+            {"gh": {"module": "webhook_connect", "digest_auth": {"username": "u",
+                "password": "p", "algorithm": "MD5-sess", "qop": ""},
+                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            "gh.digest_auth",
+            "MD5-sess needs qop 'auth'",
+        ),
+        (
             {"gh": {"module": "webhook_connect", "provider": "github",
                 "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
             "gh",

@@ -18,9 +18,9 @@ import os
 import re
 import struct
 
+from cloud.security.authparams import parse_parameters
+from cloud.security.inbound import Check, InboundRequest, Rejected, Services, unauthorized
 from shared.config.inbound import DigestAuthConfig
-
-from .inbound import Check, InboundRequest, Rejected, Services, unauthorized
 
 HASHES = {"MD5": "md5", "MD5-SESS": "md5", "SHA-256": "sha256", "SHA-256-SESS": "sha256"}
 # Replicas' clocks differ a little; a nonce issued "in the future" by less than this is fine.
@@ -31,13 +31,6 @@ MAC_SIZE = hashlib.sha256().digest_size
 NONCE_SIZE = TIMESTAMP.size + SALT_SIZE + MAC_SIZE
 NC = re.compile(r"^[0-9a-fA-F]{8}$")
 REQUIRED = ("username", "realm", "nonce", "uri", "response")
-# One ``name=token`` or ``name="quoted string"`` and the comma after it (RFC 7235 auth-param).
-PARAMETER = re.compile(
-    r"""\s*(?P<name>[!#$%&'*+.^_`|~0-9A-Za-z-]+)\s*=\s*
-    (?:"(?P<quoted>(?:[^"\\]|\\.)*)"|(?P<token>[^\s,"]*))\s*(?:,|$)""",
-    re.VERBOSE,
-)
-QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 class NonceState(enum.Enum):
@@ -114,25 +107,6 @@ def parse_credentials(header: str) -> dict[str, str] | None:
     if scheme.lower() != "digest":
         return None
     return parse_parameters(rest, fold_case=True)
-
-
-def parse_parameters(text: str, fold_case: bool = False) -> dict[str, str] | None:
-    """``k=v, k="quoted \\" value"`` (RFC 7235 auth-params) as a dict, names lower-cased when
-    ``fold_case``; None when malformed or when a name repeats."""
-    found: dict[str, str] = {}
-    position, end = 0, len(text.rstrip())
-    while position < end:
-        match = PARAMETER.match(text, position)
-        if match is None or match.end() == position:
-            return None
-        name = match.group("name").lower() if fold_case else match.group("name")
-        quoted = match.group("quoted")
-        value = match.group("token") if quoted is None else QUOTED_PAIR.sub(r"\1", quoted)
-        if name in found:  # a repeated parameter is ambiguous: refuse rather than pick one
-            return None
-        found[name] = value
-        position = match.end()
-    return found
 
 
 def quote(value: str) -> str:

@@ -14,10 +14,9 @@ import hashlib
 import hmac
 import urllib.parse
 
+from cloud.security.authparams import parse_parameters
+from cloud.security.inbound import Check, InboundRequest, Services, unauthorized
 from shared.config.inbound import OAuth1Config
-
-from .digest import parse_parameters
-from .inbound import Check, InboundRequest, Services, unauthorized
 
 CHALLENGE = 'OAuth realm="webhook"'
 HMAC_HASHES = {"HMAC-SHA1": "sha1", "HMAC-SHA256": "sha256"}
@@ -156,6 +155,9 @@ def verify(config: OAuth1Config, request: InboundRequest) -> dict[str, str]:
         raise Invalid("invalid OAuth signature")
     # RFC 5849 signs a form body's parameters but no other body; the body hash extension
     # (draft-eaton-oauth-bodyhash §3.2) covers the rest, and the signature covers the hash.
+    is_form = (request.header("content-type") or "").split(";")[0].strip().lower() == FORM
+    if config.require_body_hash and "oauth_body_hash" not in oauth and not is_form:
+        raise Invalid("oauth_body_hash required: the body is not covered by the signature")
     if "oauth_body_hash" in oauth and not hmac.compare_digest(
         oauth["oauth_body_hash"].encode(), body_hash(request.body).encode()
     ):

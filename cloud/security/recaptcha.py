@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cloud.security.inbound import Check, InboundRequest, Services, unauthorized
-from cloud.security.oauth2 import post_form
+from cloud.security.outbound import post_form
 from shared.config.inbound import RecaptchaConfig
 
 # Where browsers and client libraries put the token, after the configured field.

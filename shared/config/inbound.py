@@ -149,6 +149,12 @@ class DigestAuthConfig(Strict):
     qop: Literal["auth", ""] = "auth"
     nonce_lifetime_seconds: PositiveInt = 300
 
+    @model_validator(mode="after")
+    def _session_needs_qop(self) -> DigestAuthConfig:
+        if self.algorithm.endswith("-sess") and not self.qop:
+            raise ValueError(f"{self.algorithm} needs qop 'auth' (its session key uses a cnonce)")
+        return self
+
 
 class OAuth1Config(Strict):
     consumer_key: str = Field(min_length=1)
@@ -157,6 +163,8 @@ class OAuth1Config(Strict):
     signature_method: Literal["HMAC-SHA1", "HMAC-SHA256", "PLAINTEXT"] = "HMAC-SHA1"
     verify_timestamp: bool = True
     timestamp_window: PositiveInt = 300
+    # RFC 5849 signs form bodies only; with this, any other body must carry oauth_body_hash.
+    require_body_hash: bool = False
 
 
 class RecaptchaConfig(Strict):
