@@ -269,3 +269,13 @@ def test_connector_flags_and_environment_override_the_file(tmp_path: Path) -> No
     )
     assert result.returncode == 2
     assert "cloud_url: must be a http" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["webhooks.json", "webhooks-secure.json"])
+def test_the_example_webhooks_load_and_compile(name: str) -> None:
+    from cloud.security.guard import OFFLINE, build_guards
+
+    path = Path(__file__).resolve().parents[1] / "examples" / name
+    webhooks = load_webhooks(path, environ={})
+    guards = build_guards(webhooks, OFFLINE, str(path))
+    assert set(guards) == set(webhooks)

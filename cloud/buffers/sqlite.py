@@ -231,7 +231,7 @@ class SQLiteBuffer:
     async def remember(self, key: str, ttl_seconds: float) -> bool:
         def remember(db: sqlite3.Connection) -> bool:
             now = time.time()
-            with _transaction(db):
+            with _transaction(db, durable=False):
                 row = db.execute(
                     "SELECT expires_at FROM seen WHERE key = ?", ("r:" + key,)
                 ).fetchone()
@@ -250,7 +250,7 @@ class SQLiteBuffer:
             now = time.time()
             start = now - now % window_seconds
             name = f"{channel}\0{key}"
-            with _transaction(db):
+            with _transaction(db, durable=False):
                 row = db.execute(
                     "SELECT window_start, hits FROM rates WHERE key = ?", (name,)
                 ).fetchone()
@@ -425,16 +425,28 @@ DEAD_LETTER_COLUMNS = "id, message_id, grp, reason, attempts, dead_at, meta, bod
 
 
 class _transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on error: one writer at a time."""
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on error: one writer at a time.
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    ``durable=False`` commits without an fsync (WAL, ``synchronous=NORMAL``): for rate counters
+    and replay keys, which a process crash keeps and only a power cut could lose, and which
+    must not cost a disk flush per webhook.
+    """
+
+    def __init__(self, db: sqlite3.Connection, *, durable: bool = True) -> None:
         self._db = db
+        self._durable = durable
 
     def __enter__(self) -> None:
+        if not self._durable:
+            self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind: object, value: object, traceback: object) -> None:
-        self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+        try:
+            self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+        finally:
+            if not self._durable:
+                self._db.execute("PRAGMA synchronous = FULL")
 
 
 def _int(text: str) -> int:
