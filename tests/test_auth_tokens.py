@@ -382,6 +382,8 @@ async def test_jwt_without_a_bearer_token_is_challenged(headers: list[tuple[str,
         (pem(EC_KEYS["ES256"]), "RS256", "RS256"),
         ("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "RS256", "neither"),
     ],
+    # Keys are generated per run: name the cases, so every test worker collects the same ids.
+    ids=["not-pem", "rsa-as-hs256", "rsa-as-es256", "p384-as-es256", "ec-as-rs256", "bad-pem"],
 )
 def test_jwt_unusable_key_fails_at_build(secret: str, algorithm: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
