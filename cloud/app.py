@@ -15,10 +15,12 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cloud import masking
-from cloud.admin import AdminRoutes
+from cloud.admin import admin_routes
 from cloud.buffers import Buffer, open_buffer
 from cloud.config import CloudConfig, config_from_environment
+from cloud.dashboard import dashboard
 from cloud.ingest import PREFIX, IngestEndpoint
+from cloud.metrics import MetricsRoute
 from cloud.openapi import DOCS_PAGE, openapi_document
 from cloud.provisioning import provision
 from cloud.pullroutes import PullRoutes
@@ -49,13 +51,13 @@ class CloudApp:
         self.ingest = IngestEndpoint(build_guards(config.webhooks, services, source), self.buffer)
         self.reloader = ConfigReloader(config, services, self._apply)
         self.masker = masking.SecretMasker(masking.configured_secrets(config.webhooks))
-        admin = AdminRoutes(config.admin_token, self.reloader)
         self._tasks: list[asyncio.Task[None]] = []
         pull = PullRoutes(self.buffer)
         self.router: ASGIApp = Starlette(
             routes=[
                 Route("/health", self.health),
                 Route("/ready", self.ready),
+                Route("/metrics", MetricsRoute(self.buffer).scrape),
                 WebSocketRoute("/connect/stream/{channel}", StreamEndpoint(self.buffer).handle),
                 Route("/connect/stream/{channel}/sse", pull.sse),
                 Route("/connect/stream/{channel}/poll", pull.poll),
@@ -63,7 +65,8 @@ class CloudApp:
                 Route("/smee/{channel}", SmeeRoute(self.buffer).stream),
                 Route("/openapi.json", self.openapi),
                 Route("/docs", self.docs),
-                Route("/admin/reload", admin.guarded(admin.reload), methods=["POST"]),
+                Route("/ui", dashboard),
+                *admin_routes(config.admin_token, self.buffer, self.reloader),
             ],
             lifespan=self.lifespan,
         )

@@ -18,6 +18,7 @@ from shared.exceptions import ConfigError
 DEFAULT_STORAGE = "sqlite:///webhook-connect.db"
 STORAGE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+LOG_FORMATS = ("auto", "json", "text")  # auto: text on a terminal, JSON lines elsewhere
 # Handed to uvicorn's worker processes, which rebuild the config from it.
 CONFIG_ENV = "WEBHOOK_CONNECT_INTERNAL_CLOUD_CONFIG"
 
@@ -34,6 +35,7 @@ class CloudConfig:
     admin_token: str | None = None
     workers: int = 1
     log_level: str = "info"
+    log_format: str = "auto"
     webhooks: Mapping[str, Webhook] = field(default_factory=dict)
 
     def channels(self) -> dict[str, ChannelSpec]:
@@ -70,6 +72,7 @@ def build_cloud_config(
     admin_token: str | None = None,
     workers: int = 1,
     log_level: str = "info",
+    log_format: str = "auto",
     environ: Mapping[str, str] | None = None,
 ) -> CloudConfig:
     """Validate options and load the files they name; raise :class:`ConfigError` on a problem."""
@@ -84,6 +87,8 @@ def build_cloud_config(
         raise ConfigError("--workers", "", "must be at least 1")
     if log_level.lower() not in LOG_LEVELS:
         raise ConfigError("--log-level", "", f"must be one of {', '.join(LOG_LEVELS)}")
+    if log_format.lower() not in LOG_FORMATS:
+        raise ConfigError("--log-format", "", f"must be one of {', '.join(LOG_FORMATS)}")
     if admin_token is not None and len(admin_token) < 16:
         raise ConfigError("--admin-token", "", "must be at least 16 characters")
     connections = load_connections(connections_path, environ)
@@ -99,6 +104,7 @@ def build_cloud_config(
         admin_token=admin_token,
         workers=workers,
         log_level=log_level.lower(),
+        log_format=log_format.lower(),
         webhooks=webhooks,
     )
 

@@ -7,6 +7,9 @@ Order of the checks (each answer documented in PRODUCT.md §5): unknown webhook 
 header limits 431, sender address 403, rate limits 429, body size 413, authentication 401,
 body rules 400/422, then storage (503 when full or down). A retried delivery that was stored
 already is answered 202 with the original message id.
+
+Every refusal is a :class:`Rejected` answered in one place, where it is counted by its error
+code (``cloud/metrics.py``: an in-memory add, no storage round trip) and logged with the 202s.
 """
 
 from __future__ import annotations
@@ -18,17 +21,18 @@ from dataclasses import dataclass
 
 from starlette.types import Receive, Scope, Send
 
+from cloud import logs, metrics
 from cloud.buffers import Buffer
 from cloud.responses import send_error, send_json
 from cloud.security.guard import Guard
 from cloud.security.inbound import InboundRequest, Rejected
 from cloud.security.network import client_address
 from shared.envelope import Envelope
-from shared.exceptions import ChannelFull, StorageError, StorageUnavailable, UnknownChannel
+from shared.exceptions import ChannelFull, StorageError
 
 PREFIX = "/webhook/"
-RETRY_AFTER_FULL = b"5"
-RETRY_AFTER_UNAVAILABLE = b"2"
+RETRY_FULL = [(b"retry-after", b"5")]
+RETRY_UNAVAILABLE = [(b"retry-after", b"2")]
 CLOSE = [(b"connection", b"close")]
 
 
@@ -57,19 +61,44 @@ class IngestEndpoint:
         if guard is None:
             await send_error(send, 404, "unknown_webhook", "no webhook with this id")
             return
+        started = time.perf_counter()
+        webhook_id, channel = guard.webhook.webhook_id, guard.webhook.relay.channel
+        metrics.count_received(channel)
+        peer = scope.get("client")
+        client = peer[0] if peer else ""
+        try:
+            request = self._inbound(guard, scope, client)
+            client = request.client
+            await self._admit(guard, request, receive)
+            message_id, is_new = await self._store(guard, request)
+        except (Rejected, StorageError) as exc:
+            refused = exc if isinstance(exc, Rejected) else storage_refusal(exc)
+            metrics.count_rejected(channel, refused.error)
+            await send_error(send, refused.status, refused.error, refused.detail, refused.headers)
+            logs.log_ingest(webhook_id, channel, refused.status, refused.error, started, client)
+            return
+        except ClientGone:
+            logs.log_ingest(webhook_id, channel, 499, "client_gone", started, client)
+            return
+        answer: dict[str, object] = {"status": "accepted", "message_id": message_id}
+        if not is_new:
+            answer["duplicate"] = True
+            metrics.count_duplicate(channel)
+        await send_json(send, 202, answer)
+        logs.log_ingest(webhook_id, channel, 202, message_id, started, client)
+
+    def _inbound(self, guard: Guard, scope: Scope, peer: str) -> InboundRequest:
+        """The request as checks see it, once method and header limits allow it."""
         entry = guard.entry
         if scope["method"] not in entry.methods:
-            allow = ", ".join(entry.methods).encode()
-            await send_error(send, 405, "method_not_allowed", None, [(b"allow", allow)])
-            return
+            allow = ", ".join(entry.methods)
+            raise Rejected(405, "method_not_allowed", allow, [(b"allow", allow.encode())])
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if len(headers) > guard.max_headers or (
             sum(len(k) + len(v) for k, v in headers) > guard.max_header_size
         ):
             detail = f"at most {guard.max_headers} headers and {guard.max_header_size} bytes"
-            await send_error(send, 431, "headers_too_large", detail, CLOSE)
-            return
-        peer = scope.get("client")
+            raise Rejected(431, "headers_too_large", detail, CLOSE)
         request = InboundRequest(
             webhook_id=guard.webhook.webhook_id,
             method=scope["method"],
@@ -78,27 +107,16 @@ class IngestEndpoint:
             query_string=scope["query_string"].decode("latin-1"),
             raw_headers=headers,
             body=b"",
-            peer=peer[0] if peer else "",
-            client=peer[0] if peer else "",
+            peer=peer,
+            client=peer,
             now=time.time(),
         )
-        try:
-            await self._admit(guard, request, receive)
-        except Rejected as exc:
-            await send_error(send, exc.status, exc.error, exc.detail, exc.headers)
-            return
-        except ClientGone:
-            return
-        except StorageError as exc:
-            retry = [(b"retry-after", RETRY_AFTER_UNAVAILABLE)]
-            await send_error(send, 503, "storage_unavailable", str(exc), retry)
-            return
-        await self._store(send, guard, request)
+        if guard.trusted_proxies:
+            request.client = client_address(peer, request.headers, guard.trusted_proxies)
+        return request
 
     async def _admit(self, guard: Guard, request: InboundRequest, receive: Receive) -> None:
         """Run every check in order, reading the body when it is needed; raise Rejected."""
-        if guard.trusted_proxies:
-            request.client = client_address(request.peer, request.headers, guard.trusted_proxies)
         if guard.ip_check is not None:
             await guard.ip_check(request)
         for limit in guard.rate_limits:
@@ -122,13 +140,10 @@ class IngestEndpoint:
             detail = f"more than {limit} requests in {window:g} s"
             raise Rejected(429, "rate_limited", detail, [(b"retry-after", retry_after)])
 
-    async def _store(self, send: Send, guard: Guard, request: InboundRequest) -> None:
+    async def _store(self, guard: Guard, request: InboundRequest) -> tuple[str, bool]:
+        """Store the message durably; its id, and False for a provider's retry of one stored."""
         if not self.is_ready:
-            await send_error(
-                send, 503, "not_ready", "storage is not provisioned yet",
-                [(b"retry-after", RETRY_AFTER_UNAVAILABLE)],
-            )  # fmt: skip
-            return
+            raise Rejected(503, "not_ready", "storage is not provisioned yet", RETRY_UNAVAILABLE)
         webhook = guard.webhook
         envelope = Envelope(
             channel=webhook.relay.channel,
@@ -144,26 +159,18 @@ class IngestEndpoint:
             client=request.client,
         )
         delivery = None if guard.delivery_key is None else guard.delivery_key(request)
-        try:
-            if delivery is None:
-                message_id, is_new = await self._buffer.append(envelope), True
-            else:
-                message_id, is_new = await self._buffer.append_once(
-                    envelope, f"{webhook.webhook_id}:{delivery}", guard.idempotency_window
-                )
-        except ChannelFull as exc:
-            await send_error(
-                send, 503, "channel_full", str(exc), [(b"retry-after", RETRY_AFTER_FULL)]
-            )
-            return
-        except (StorageUnavailable, UnknownChannel, StorageError) as exc:
-            retry = [(b"retry-after", RETRY_AFTER_UNAVAILABLE)]
-            await send_error(send, 503, "storage_unavailable", str(exc), retry)
-            return
-        answer: dict[str, object] = {"status": "accepted", "message_id": message_id}
-        if not is_new:
-            answer["duplicate"] = True
-        await send_json(send, 202, answer)
+        if delivery is None:
+            return await self._buffer.append(envelope), True
+        return await self._buffer.append_once(
+            envelope, f"{webhook.webhook_id}:{delivery}", guard.idempotency_window
+        )
+
+
+def storage_refusal(exc: StorageError) -> Rejected:
+    """503 with ``Retry-After``: connectors drain a full channel, storage comes back."""
+    if isinstance(exc, ChannelFull):
+        return Rejected(503, "channel_full", str(exc), RETRY_FULL)
+    return Rejected(503, "storage_unavailable", str(exc), RETRY_UNAVAILABLE)
 
 
 async def read_body(receive: Receive, headers: list[tuple[bytes, bytes]], limit: int) -> bytes:

@@ -98,6 +98,13 @@ class SecretMasker(logging.Filter):
             record.msg, record.args = masked, None
         if record.exc_info and not record.exc_text:
             record.exc_text = self.mask(logging.Formatter().formatException(record.exc_info))
+        # Structured events (cloud/logs.py) carry their values beside the message.
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            record.fields = {
+                key: self.mask(value) if isinstance(value, str) else value
+                for key, value in fields.items()
+            }
         return True
 
 

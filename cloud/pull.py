@@ -18,6 +18,7 @@ from cloud.sessions import (
     unavailable,
     wire_messages,
 )
+from cloud.tokens import token_in_force
 from shared.exceptions import StorageError
 from shared.frames import WireMessage
 
@@ -74,5 +75,5 @@ class Puller:
             raise Refusal(410, CLOSE_REMOVED, "connection_closed", "connection removed")
         token_id = connection.record.token_id
         tokens = await self.buffer.list_tokens(connection.channel)
-        if token_id and all(t.token_id != token_id for t in tokens):
-            raise Refusal(401, CLOSE_AUTH, "unauthorized", "token revoked")
+        if token_id and not token_in_force(tokens, token_id, time.time()):
+            raise Refusal(401, CLOSE_AUTH, "unauthorized", "token revoked or expired")

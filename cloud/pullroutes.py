@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from cloud import logs, metrics
 from cloud.buffers import Buffer
 from cloud.pull import Puller
 from cloud.sessions import (
@@ -79,6 +80,12 @@ class PullRoutes:
     def __init__(self, buffer: Buffer) -> None:
         self.buffer = buffer
         self._ack_cache: dict[tuple[str, str], tuple[float, Connection]] = {}
+        self._sent = metrics.SentTimes()
+
+    def _sending(self, connection: Connection, messages: list[WireMessage]) -> None:
+        """Note when messages left, for the ack latency of acks that come back here."""
+        self._sent.sent(connection.consumer, (m.message_id for m in messages), time.monotonic())
+        logs.log_redeliveries(connection.group, connection.consumer, messages)
 
     # SSE -------------------------------------------------------------------------------
 
@@ -114,6 +121,7 @@ class PullRoutes:
             while True:
                 messages = await puller.next_batch(SSE_BATCH, beat_at)
                 if messages:
+                    self._sending(connection, messages)
                     yield b"".join(
                         sse_event("webhook", orjson.dumps(message_json(m, native)), m.message_id)
                         for m in messages
@@ -167,6 +175,7 @@ class PullRoutes:
         headers = {"X-Connection-ID": connection.consumer}
         if not messages:
             return Response(status_code=204, headers=headers)
+        self._sending(connection, messages)
         native = is_native(request)
         return json_response(
             200,
@@ -250,6 +259,17 @@ class PullRoutes:
             done = await asyncio.gather(*calls)
         except StorageError as exc:
             raise unavailable(exc) from exc
+        settled = list(zip(ids, done, strict=True))
+        if frame.status == "ack":
+            acked = [i for i, ok in settled if ok]
+            ages = self._sent.settled(consumer, acked, time.monotonic())
+            metrics.observe_ack_latency(channel, ages)
+        else:
+            self._sent.settled(consumer, ids, time.monotonic())  # a retry is timed when resent
+        logs.log_settled(
+            channel, group, consumer, settled,
+            ack=frame.status == "ack", retry=retry, reason=reason,
+        )  # fmt: skip
         buffer.wake(channel)  # a stream of this replica may be waiting for room in its window
         return list(done)
 

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-import logging
 import os
+import shutil
+import tempfile
 
 import uvicorn
 
 from cloud.config import CONFIG_ENV, CloudConfig
+from cloud.logs import logging_config, resolve_format
+
+# prometheus_client's multiprocess mode (cloud/metrics.py): where every worker keeps its values.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def run(config: CloudConfig) -> None:
     """Serve until SIGINT/SIGTERM. The config is already validated."""
-    logging.basicConfig(
-        level=logging.getLevelName(config.log_level.upper()) if config.log_level != "trace" else 5,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     os.environ[CONFIG_ENV] = config.to_environment()
+    # Set before any process imports prometheus_client, which reads it once at import; fresh,
+    # so counts start at zero like the process.
+    metrics_dir = tempfile.mkdtemp(prefix="webhook-connect-metrics-")
+    os.environ[METRICS_DIR_ENV] = metrics_dir
+    try:
+        serve(config)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def serve(config: CloudConfig) -> None:
+    """uvicorn with the cloud's settings, in the foreground."""
     uvicorn.run(
         "cloud.app:app_from_environment",
         factory=True,
@@ -24,6 +37,8 @@ def run(config: CloudConfig) -> None:
         port=config.port,
         workers=config.workers,
         log_level=config.log_level,
+        # Applied by uvicorn in every worker: one stderr handler, JSON or text.
+        log_config=logging_config(resolve_format(config.log_format), config.log_level),
         loop="auto",
         http="auto",
         access_log=config.log_level in ("debug", "trace"),

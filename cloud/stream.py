@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from cloud import logs, metrics
 from cloud.buffers import Buffer, Delivery
 from cloud.sessions import (
     CLOSE_AUTH,
@@ -28,6 +29,7 @@ from cloud.sessions import (
     close_connection,
     open_connection,
 )
+from cloud.tokens import token_in_force
 from shared.exceptions import StorageError
 from shared.frames import (
     NATIVE_SUBPROTOCOL,
@@ -75,7 +77,7 @@ class StreamSession:
     connection: Connection
     native: bool
     settings: StreamSettings
-    in_flight: set[str] = field(default_factory=set)
+    in_flight: dict[str, float] = field(default_factory=dict)  # message id: monotonic sent at
     room: asyncio.Event = field(default_factory=asyncio.Event)
     sequence: int = 0
 
@@ -143,9 +145,10 @@ class StreamSession:
 
     async def send_messages(self, deliveries: list[Delivery]) -> None:
         messages = []
+        sent_at = time.monotonic()
         for delivery in deliveries:
             self.sequence += 1
-            self.in_flight.add(delivery.message_id)
+            self.in_flight[delivery.message_id] = sent_at
             messages.append(
                 WireMessage(
                     delivery.message_id,
@@ -165,6 +168,7 @@ class StreamSession:
                         await self.websocket.send_text(encode_seed_message(message).decode())
         except TimeoutError:
             raise SessionEnded(CLOSE_SLOW, "slow consumer: not reading") from None
+        logs.log_redeliveries(self.group, self.consumer, messages)
 
     async def listen(self) -> None:
         while True:
@@ -186,8 +190,7 @@ class StreamSession:
     async def settle(self, message_ids: tuple[str, ...], nack: NackFrame | None) -> None:
         unknown = [i for i in message_ids if i not in self.in_flight]
         known = [i for i in message_ids if i in self.in_flight]
-        for message_id in known:
-            self.in_flight.discard(message_id)
+        sent_at = {i: self.in_flight.pop(i) for i in dict.fromkeys(known)}
         self.room.set()
         try:
             if nack is None:
@@ -205,6 +208,17 @@ class StreamSession:
                 ]  # fmt: skip
         except StorageError as exc:
             raise SessionEnded(CLOSE_UNAVAILABLE, "storage unavailable") from exc
+        settled = list(zip(known, results, strict=True))
+        if nack is None:
+            now = time.monotonic()
+            acked = {i: now - sent_at[i] for i, ok in settled if ok}
+            metrics.observe_ack_latency(self.channel, acked.values())
+            logs.log_settled(self.channel, self.group, self.consumer, settled, ack=True)
+        else:
+            logs.log_settled(
+                self.channel, self.group, self.consumer, settled,
+                ack=False, retry=nack.retry, reason=reason,
+            )  # fmt: skip
         # At-least-once: an ack for a message already redelivered elsewhere is normal; say so.
         stale = [i for i, ok in zip(known, results, strict=True) if not ok]
         if unknown or stale:
@@ -223,8 +237,8 @@ class StreamSession:
             if not alive:
                 raise SessionEnded(CLOSE_REMOVED, "disconnected by the operator")
             token_id = self.connection.record.token_id
-            if token_id and all(t.token_id != token_id for t in token):
-                raise SessionEnded(CLOSE_AUTH, "token revoked")
+            if token_id and not token_in_force(token, token_id, time.time()):
+                raise SessionEnded(CLOSE_AUTH, "token revoked or expired")
             await self.websocket.send_text(encode_heartbeat(time.time()).decode())
 
 

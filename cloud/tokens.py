@@ -48,6 +48,15 @@ async def authenticate_connector(
     return record
 
 
+def token_in_force(records: list[TokenRecord], token_id: str, now: float) -> bool:
+    """Whether ``token_id`` is still among a channel's tokens and not past its expiry (a
+    revoked token, or one whose rotation grace ended, closes the connections it opened)."""
+    return any(
+        record.token_id == token_id and (record.expires_at is None or record.expires_at > now)
+        for record in records
+    )
+
+
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header."""
     if not authorization:

@@ -12,6 +12,7 @@ from typing import NoReturn
 
 import click
 
+from shared.admincli import channels, dlq
 from shared.exceptions import ConfigError
 
 ENV_PREFIX = "WEBHOOK_CONNECT_"
@@ -54,6 +55,14 @@ def main() -> None:
 @click.option("--admin-token", envvar=ENV_PREFIX + "ADMIN_TOKEN", help="Token for /admin.")
 @click.option("--workers", default=1, show_default=True, type=int, envvar=ENV_PREFIX + "WORKERS")
 @click.option("--log-level", default="info", show_default=True, envvar=ENV_PREFIX + "LOG_LEVEL")
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "text"]),
+    default="auto",
+    show_default=True,
+    envvar=ENV_PREFIX + "LOG_FORMAT",
+    help="JSON lines, or text for people; auto: text on a terminal, JSON otherwise.",
+)
 def cloud(**options: object) -> None:
     """Receive webhooks and buffer them durably per channel."""
     try:
@@ -71,19 +80,6 @@ def cloud(**options: object) -> None:
     except ConfigError as exc:
         fail_config(exc)
     run(config)
-
-
-def _later(name: str, issue: str) -> click.Command:
-    @click.command(
-        name=name,
-        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-        help=f"({issue}: not available in this version yet.)",
-    )
-    def command() -> None:
-        click.echo(f"webhook-connect {name}: not available in this version yet", err=True)
-        sys.exit(1)
-
-    return command
 
 
 @main.command()
@@ -148,8 +144,8 @@ def sink(host: str, port: int, status: int, jsonl: str | None, quiet: bool) -> N
         sys.exit(1)
 
 
-main.add_command(_later("channels", "channel administration"))
-main.add_command(_later("dlq", "dead-letter administration"))
+main.add_command(channels)
+main.add_command(dlq)
 
 
 if __name__ == "__main__":

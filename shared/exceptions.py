@@ -2,13 +2,18 @@
 
 WebhookConnectError
 ├── ConfigError              bad configuration file, flag or environment variable (exit 2)
-└── StorageError              anything the storage backend reports
-    ├── StorageUnavailable   the backend cannot be reached (ingest answers 503)
-    ├── ChannelFull          max_queue_size reached (ingest answers 503)
-    └── UnknownChannel       the channel is not provisioned
+├── StorageError              anything the storage backend reports
+│   ├── StorageUnavailable   the backend cannot be reached (ingest answers 503)
+│   ├── ChannelFull          max_queue_size reached (ingest answers 503)
+│   └── UnknownChannel       the channel is not provisioned
+└── AdminClientError          the admin command-line clients could not do what was asked
+    ├── CloudUnreachable     no HTTP answer from the cloud (refused, timed out, bad URL)
+    └── AdminApiError        the admin API answered an error (status_code, error, detail)
 """
 
 from __future__ import annotations
+
+import json
 
 
 class WebhookConnectError(Exception):
@@ -51,3 +56,35 @@ class UnknownChannel(StorageError):
     def __init__(self, channel: str) -> None:
         self.channel = channel
         super().__init__(f"unknown channel {channel!r}")
+
+
+class AdminClientError(WebhookConnectError):
+    """The admin API client (``webhook-connect channels|dlq``) could not do what was asked."""
+
+
+class CloudUnreachable(AdminClientError):
+    """No HTTP answer from the cloud at ``url``."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"cannot reach the cloud at {url}: {reason}")
+
+
+class AdminApiError(AdminClientError):
+    """The admin API answered ``status_code`` with ``{"error": error, "detail": detail}``."""
+
+    def __init__(
+        self, status_code: int, error: str, detail: object = None, retry_after: str | None = None
+    ) -> None:
+        self.status_code = status_code
+        self.error = error
+        self.detail = detail
+        self.retry_after = retry_after
+        text = f"{status_code} {error}"
+        if detail not in (None, ""):
+            # The API's detail is usually a sentence; a structured one is shown as JSON.
+            text += f": {detail if isinstance(detail, str) else json.dumps(detail)}"
+        if retry_after:
+            text += f" (retry after {retry_after} s)"
+        super().__init__(text)

@@ -401,3 +401,23 @@ async def test_replicas_share_replay_keys_and_rate_counters(storage_url: str) ->
     finally:
         await one.aclose()
         await two.aclose()
+
+
+async def test_recent_events_feed_the_dashboard(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders", max_delivery_attempts=5))
+    first = await buffer.append(envelope(b"1"))
+    second = await buffer.append(envelope(b"2"))
+    taken = await buffer.read("orders", "default", "c1", 10)
+    assert await buffer.ack("orders", "default", taken[0].message_id, "c1")
+    assert await buffer.nack("orders", "default", taken[1].message_id, retry=False, consumer="c1")
+    events = await buffer.recent_events("orders", 10)
+    assert [(e.type, e.message_id) for e in events] == [
+        ("dead_lettered", second),
+        ("delivered", first),
+        ("received", second),
+        ("received", first),
+    ]
+    assert events[1].consumer == "c1"
+    assert events[0].time >= events[-1].time > 0
+    assert len(await buffer.recent_events("orders", 2)) == 2
+    assert await buffer.recent_events("other") == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cloud.buffers.base import (
     Buffer,
+    ChannelEvent,
     ChannelSpec,
     ConnectionRecord,
     DeadLetter,
@@ -31,6 +32,7 @@ def open_buffer(url: str) -> Buffer:
 
 __all__ = [
     "Buffer",
+    "ChannelEvent",
     "ChannelSpec",
     "ConnectionRecord",
     "DeadLetter",

@@ -77,6 +77,20 @@ class DeadLetter:
     envelope: Envelope
 
 
+@dataclass(frozen=True, slots=True)
+class ChannelEvent:
+    """One line of a channel's recent-activity feed (for the dashboard)."""
+
+    time: float
+    type: str  # "received", "delivered" or "dead_lettered"
+    message_id: str
+    consumer: str = ""
+
+
+# How many recent events a channel keeps.
+EVENTS_KEPT = 200
+
+
 @dataclass(slots=True)
 class ChannelStats:
     """Counters and gauges of one channel."""
@@ -219,3 +233,7 @@ class Buffer(Protocol):
     async def purge_dead_letters(self, channel: str, ids: list[str] | None = None) -> int: ...
 
     async def stats(self, channel: str) -> ChannelStats: ...
+
+    async def recent_events(self, channel: str, limit: int = 50) -> list[ChannelEvent]:
+        """The channel's latest received, delivered and dead-lettered messages, newest first
+        (at most EVENTS_KEPT are kept), as every replica recorded them."""

@@ -29,6 +29,8 @@ from cloud.buffers.base import (
     CONNECTION_STALE_SECONDS,
     COUNTERS,
     DEFAULT_GROUP,
+    EVENTS_KEPT,
+    ChannelEvent,
     ChannelSpec,
     ChannelStats,
     ConnectionRecord,
@@ -50,6 +52,7 @@ SCRIPT_NAMES = (
     "append", "read", "ack", "nack", "release", "housekeep", "depth", "connect", "touch", "hit",
 )  # fmt: skip
 NOTIFY_CHANNEL = "wc:changed"
+CHANNEL_KEYS = 6  # what channel_keys() returns; a script's own extra keys come after
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -61,7 +64,10 @@ def key_digest(key: str) -> str:
 def channel_keys(channel: str) -> list[str]:
     """The keys of one channel, in the order every script expects them."""
     tag = "{" + channel + "}"
-    return [f"wc:{tag}:s", f"wc:{tag}:cfg", f"wc:{tag}:stats", f"wc:{tag}:dlq", f"wc:{tag}:conns"]
+    return [
+        f"wc:{tag}:s", f"wc:{tag}:cfg", f"wc:{tag}:stats", f"wc:{tag}:dlq", f"wc:{tag}:conns",
+        f"wc:{tag}:events",
+    ]  # fmt: skip
 
 
 def _load_scripts() -> dict[str, str]:
@@ -112,7 +118,7 @@ class RedisBuffer:
                 raise StorageError(f"cannot load script {name}: {loaded}")
             sha = self._shas[name] = loaded.decode()
         reply = await self._resp.execute(
-            "EVALSHA", sha, 5 + len(keys), *channel_keys(channel), *keys, *args
+            "EVALSHA", sha, CHANNEL_KEYS + len(keys), *channel_keys(channel), *keys, *args
         )
         if isinstance(reply, ReplyError):
             if str(reply).startswith("NOSCRIPT"):
@@ -403,7 +409,7 @@ class RedisBuffer:
         return [_dead_letter(entry_id, fields) for entry_id, fields in entries]
 
     async def replay_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
-        stream, _, stats, dlq, _ = channel_keys(channel)
+        stream, _, stats, dlq, *_ = channel_keys(channel)
         letters = await self._select_dead_letters(channel, ids)
         for letter in letters:
             # A replay is a new message for the one group that gave up on it.
@@ -447,10 +453,21 @@ class RedisBuffer:
         entries: Any = await self._redis.xrange(key, first, last, count=count)
         return list(entries)
 
+    async def recent_events(self, channel: str, limit: int = 50) -> list[ChannelEvent]:
+        try:
+            raw = await self._redis.lrange(channel_keys(channel)[5], 0, min(limit, EVENTS_KEPT) - 1)
+        except UNAVAILABLE as exc:
+            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        events = []
+        for line in cast("list[bytes]", raw):
+            kind, ms, message_id, consumer = line.decode().split(" ", 3)
+            events.append(ChannelEvent(int(ms) / 1000, kind, message_id, consumer))
+        return events
+
     async def stats(self, channel: str) -> ChannelStats:
         try:
             depth, in_flight, oldest = await self._call("depth", channel)
-            _, _, stats_key, dlq, _ = channel_keys(channel)
+            _, _, stats_key, dlq, *_ = channel_keys(channel)
             raw = await self._redis.hgetall(stats_key)
             dead = await self._redis.xlen(dlq)
         except ResponseError as exc:

@@ -1,9 +1,12 @@
 -- Webhook Connect: the Redis Streams buffer's server-side logic.
--- Every script receives KEYS = {stream, config, stats, dead letters} of one channel; they share
+-- Every script receives KEYS = {stream, config, stats, dead letters, connections, events} of one
+-- channel, then its own extra keys (KEYS[7] ...); they share
 -- a hash tag, so they live in one Redis Cluster slot. Each script is this prelude followed by
 -- one `-- script: NAME` section (see cloud/buffers/redis.py).
 local S, CFG, STATS, DLQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]  -- KEYS[5]: connections
+local EVENTS = KEYS[6]
 local RETRY_CONSUMER = '__retry__'
+local EVENTS_KEPT = 200  -- cloud.buffers.base.EVENTS_KEPT
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -53,11 +56,18 @@ local function trim()
   return redis.call('XTRIM', S, 'MINID', floor)
 end
 
+-- The recent-activity feed: "<type> <ms> <message id> <consumer>", newest first.
+local function event(kind, id, consumer)
+  redis.call('LPUSH', EVENTS, kind .. ' ' .. now_ms() .. ' ' .. id .. ' ' .. (consumer or ''))
+  redis.call('LTRIM', EVENTS, 0, EVENTS_KEPT - 1)
+end
+
 local function dead_letter(group, id, fields, attempts, reason, now)
   redis.call('XADD', DLQ, '*', 'message_id', id, 'group', group, 'reason', reason,
     'attempts', attempts, 'dead_at', now, 'meta', fields['meta'], 'body', fields['body'])
   redis.call('XACK', S, group, id)
   redis.call('HINCRBY', STATS, 'dead_lettered', 1)
+  event('dead_lettered', id)
 end
 
 local function config()
@@ -72,9 +82,9 @@ end
 
 -- script: append
 -- ARGV: meta, body[, window ms]. Returns the id, or an error reply 'FULL' / 'NOCHANNEL'.
--- With KEYS[6] (an idempotency key) and a window: returns {id, 1} when it stored the message,
--- {original id, 0} when KEYS[6] names one stored within the window.
-local once = KEYS[6]
+-- With KEYS[7] (an idempotency key) and a window: returns {id, 1} when it stored the message,
+-- {original id, 0} when KEYS[7] names one stored within the window.
+local once = KEYS[7]
 if once then
   local seen = redis.call('GET', once)
   if seen then return {seen, 0} end
@@ -87,6 +97,7 @@ if redis.call('XLEN', S) >= cfg.max_queue_size then
 end
 local id = redis.call('XADD', S, '*', 'meta', ARGV[1], 'body', ARGV[2])
 redis.call('HINCRBY', STATS, 'accepted', 1)
+event('received', id)
 if once then
   redis.call('SET', once, id, 'PX', ARGV[3])
   return {id, 1}
@@ -138,7 +149,10 @@ if consumer ~= '' then
   if #p == 0 or p[1][2] ~= consumer then return 0 end
 end
 local n = redis.call('XACK', S, group, id)
-if n == 1 then redis.call('HINCRBY', STATS, 'delivered', 1) end
+if n == 1 then
+  redis.call('HINCRBY', STATS, 'delivered', 1)
+  event('delivered', id, consumer)
+end
 return n
 
 -- script: nack
@@ -242,11 +256,11 @@ redis.call('HSET', CONNS, ARGV[1], cjson.encode(record))
 return 1
 
 -- script: hit
--- Fixed-window rate counter. KEYS[6]: the counter; ARGV: window ms.
+-- Fixed-window rate counter. KEYS[7]: the counter; ARGV: window ms.
 -- Returns {hits in this window, ms until it ends}.
 local window = tonumber(ARGV[1])
 local t = now_ms()
-local key = KEYS[6] .. ':' .. math.floor(t / window)
+local key = KEYS[7] .. ':' .. math.floor(t / window)
 local hits = redis.call('INCR', key)
 if hits == 1 then redis.call('PEXPIRE', key, window + 1000) end
 return {hits, window - t % window}

@@ -23,6 +23,8 @@ from cloud.buffers.base import (
     CONNECTION_STALE_SECONDS,
     COUNTERS,
     DEFAULT_GROUP,
+    EVENTS_KEPT,
+    ChannelEvent,
     ChannelSpec,
     ChannelStats,
     ConnectionRecord,
@@ -64,6 +66,10 @@ CREATE TABLE IF NOT EXISTS seen (
     key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS rates (
     key TEXT PRIMARY KEY, window_start REAL NOT NULL, hits INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, time REAL NOT NULL,
+    type TEXT NOT NULL, message_id TEXT NOT NULL, consumer TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_by_channel ON events (channel, id);
 CREATE TABLE IF NOT EXISTS counters (
     channel TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (channel, name));
@@ -415,11 +421,23 @@ class SQLiteBuffer:
     async def stats(self, channel: str) -> ChannelStats:
         return await self._run(_stats, channel, time.time())
 
+    async def recent_events(self, channel: str, limit: int = 50) -> list[ChannelEvent]:
+        def select(db: sqlite3.Connection) -> list[ChannelEvent]:
+            rows = db.execute(
+                "SELECT time, type, message_id, consumer FROM events WHERE channel = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (channel, min(limit, EVENTS_KEPT)),
+            )
+            return [ChannelEvent(*row) for row in rows]
+
+        return await self._run(select)
+
 
 # Work done on the database thread ------------------------------------------------------------
 
 CHANNEL_TABLES = (
     "tokens", "messages", "groups", "pending", "dead_letters", "counters", "connections",
+    "events",
 )  # fmt: skip
 DEAD_LETTER_COLUMNS = "id, message_id, grp, reason, attempts, dead_at, meta, body"
 
@@ -529,6 +547,7 @@ def _append_many(
             room[channel] -= 1
             accepted[channel] = accepted.get(channel, 0) + 1
             message_id = _message_id(envelope.received_at, row.lastrowid)
+            _event(db, channel, now, "received", message_id)
             if once_key is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO seen (key, value, expires_at) VALUES (?, ?, ?)",
@@ -629,6 +648,23 @@ def _dead_letter_now(
     )
     _settle(db, channel, group, seq)
     _count(db, channel, "dead_lettered")
+    row = db.execute("SELECT received_at FROM messages WHERE seq = ?", (seq,)).fetchone()
+    if row is not None:
+        _event(db, channel, now, "dead_lettered", _message_id(row[0], seq))
+
+
+def _event(
+    db: sqlite3.Connection,
+    channel: str,
+    now: float,
+    kind: str,
+    message_id: str,
+    consumer: str = "",
+) -> None:
+    db.execute(
+        "INSERT INTO events (channel, time, type, message_id, consumer) VALUES (?, ?, ?, ?, ?)",
+        (channel, now, kind, message_id, consumer),
+    )
 
 
 def _pending_row(
@@ -654,6 +690,7 @@ def _ack_many(
             if found is not None:
                 _settle(db, channel, group, found[0])
                 _count(db, channel, "delivered")
+                _event(db, channel, time.time(), "delivered", message_id, consumer)
             results.append(found is not None)
     return results
 
@@ -756,6 +793,11 @@ def _housekeep(db: sqlite3.Connection, channel: str, now: float) -> int:
             _count(db, channel, "expired", expired)
         _trim(db, channel)
         db.execute("DELETE FROM seen WHERE expires_at < ?", (now,))
+        db.execute(
+            "DELETE FROM events WHERE channel = ? AND id <= "
+            "(SELECT id FROM events WHERE channel = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (channel, channel, EVENTS_KEPT),
+        )
         db.execute("DELETE FROM rates WHERE window_start < ?", (now - 86400,))
         return expired
 

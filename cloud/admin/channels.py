@@ -1,0 +1,209 @@
+"""``/admin/channels``: channels, their connector tokens and their live connections.
+
+Channels created here live in storage like those of ``webhooks.json``: every replica serves
+them and they survive restarts. Tokens are stored only as hashes; the token itself is in one
+answer only. Revoking or ending a token removes its live connections from storage, and each
+connection's own heartbeat (every few seconds) sees that and closes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from cloud.admin.common import (
+    AdminError,
+    ChannelLimits,
+    NewChannel,
+    NewToken,
+    Rotation,
+    channel_name,
+    connection_json,
+    existing_channel,
+    json_body,
+    token_json,
+    validated,
+)
+from cloud.buffers import Buffer, ChannelSpec, TokenRecord
+from cloud.buffers.base import EVENTS_KEPT
+from cloud.tokens import hash_token, new_token
+
+
+class ChannelRoutes:
+    """Handlers for channels, tokens and connections."""
+
+    def __init__(self, buffer: Buffer) -> None:
+        self.buffer = buffer
+
+    async def _channel_json(self, spec: ChannelSpec) -> dict[str, Any]:
+        stats = await self.buffer.stats(spec.name)
+        connections = await self.buffer.list_connections(spec.name)
+        return {
+            **dataclasses.asdict(spec),
+            "depth": stats.depth,
+            "in_flight": stats.in_flight,
+            "dead_letters": stats.dead_letters,
+            "connections": len(connections),
+        }
+
+    async def _issue(
+        self, channel: str, label: str, expires_in: float | None
+    ) -> tuple[str, TokenRecord]:
+        token = new_token()
+        now = time.time()
+        record = TokenRecord(
+            token_id=uuid.uuid4().hex[:16],
+            channel=channel,
+            token_hash=hash_token(token),
+            label=label,
+            created_at=now,
+            expires_at=None if expires_in is None else now + expires_in,
+        )
+        await self.buffer.put_token(record)
+        return token, record
+
+    async def _disconnect(self, channel: str, token_ids: set[str] | None = None) -> int:
+        """Remove live connections (all, or those on ``token_ids``); return how many."""
+        removed = 0
+        for record in await self.buffer.list_connections(channel):
+            if token_ids is None or record.token_id in token_ids:
+                await self.buffer.release(channel, record.group, record.connection_id)
+                removed += await self.buffer.remove_connection(channel, record.connection_id)
+        return removed
+
+    # Channels -------------------------------------------------------------------------------
+
+    async def index(self, request: Request) -> JSONResponse:
+        specs = sorted(await self.buffer.list_channels(), key=lambda spec: spec.name)
+        return JSONResponse({"channels": [await self._channel_json(spec) for spec in specs]})
+
+    async def create(self, request: Request) -> JSONResponse:
+        wanted: NewChannel = validated(NewChannel, await json_body(request))
+        if await self.buffer.get_channel(wanted.name) is not None:
+            raise AdminError(409, "channel_exists", f"channel {wanted.name!r} exists already")
+        limits = ChannelLimits.model_validate(wanted.model_dump(include=_LIMIT_FIELDS))
+        spec = limits.applied_to(ChannelSpec(wanted.name))
+        await self.buffer.provision(spec)
+        token, record = await self._issue(
+            spec.name, wanted.token_label, wanted.token_expires_in_seconds
+        )
+        return JSONResponse(
+            {
+                "channel": await self._channel_json(spec),
+                "token": token,
+                "token_id": record.token_id,
+            },
+            201,
+        )
+
+    async def show(self, request: Request) -> JSONResponse:
+        spec = await existing_channel(self.buffer, request)
+        stats = await self.buffer.stats(spec.name)
+        tokens = await self.buffer.list_tokens(spec.name)
+        return JSONResponse(
+            {
+                "channel": await self._channel_json(spec),
+                "stats": dataclasses.asdict(stats),
+                "tokens": [token_json(record) for record in tokens],
+                "connections": await self._connections(spec),
+            }
+        )
+
+    async def update(self, request: Request) -> JSONResponse:
+        spec = await existing_channel(self.buffer, request)
+        limits: ChannelLimits = validated(ChannelLimits, await json_body(request))
+        updated = limits.applied_to(spec)
+        await self.buffer.provision(updated)
+        return JSONResponse({"channel": await self._channel_json(updated)})
+
+    async def delete(self, request: Request) -> JSONResponse:
+        spec = await existing_channel(self.buffer, request)
+        disconnected = await self._disconnect(spec.name)
+        await self.buffer.delete_channel(spec.name)
+        return JSONResponse({"deleted": spec.name, "disconnected": disconnected})
+
+    async def events(self, request: Request) -> JSONResponse:
+        """The channel's recent activity, newest first (the dashboard's live feed)."""
+        spec = await existing_channel(self.buffer, request)
+        try:
+            limit = int(request.query_params.get("limit", "50"))
+        except ValueError:
+            raise AdminError(422, "invalid", "limit: must be a whole number") from None
+        if not 1 <= limit <= EVENTS_KEPT:
+            raise AdminError(422, "invalid", f"limit: must be 1..{EVENTS_KEPT}")
+        events = await self.buffer.recent_events(spec.name, limit)
+        return JSONResponse({"events": [dataclasses.asdict(event) for event in events]})
+
+    # Tokens ---------------------------------------------------------------------------------
+
+    async def tokens(self, request: Request) -> JSONResponse:
+        spec = await existing_channel(self.buffer, request)
+        records = await self.buffer.list_tokens(spec.name)
+        return JSONResponse({"tokens": [token_json(record) for record in records]})
+
+    async def issue(self, request: Request) -> JSONResponse:
+        spec = await existing_channel(self.buffer, request)
+        wanted: NewToken = validated(NewToken, await json_body(request))
+        token, record = await self._issue(spec.name, wanted.label, wanted.expires_in_seconds)
+        return JSONResponse({"token": token, **token_json(record)}, 201)
+
+    async def rotate(self, request: Request) -> JSONResponse:
+        """A new token; every other one of the channel ends after the grace period."""
+        spec = await existing_channel(self.buffer, request)
+        wanted: Rotation = validated(Rotation, await json_body(request))
+        token, record = await self._issue(spec.name, wanted.label, None)
+        grace_until = record.created_at + wanted.grace_seconds
+        rotated: list[str] = []
+        for old in await self.buffer.list_tokens(spec.name):
+            if old.token_id == record.token_id:
+                continue
+            ends = grace_until if old.expires_at is None else min(old.expires_at, grace_until)
+            await self.buffer.put_token(dataclasses.replace(old, expires_at=ends))
+            rotated.append(old.token_id)
+        if wanted.grace_seconds == 0:
+            await self._disconnect(spec.name, set(rotated))
+        return JSONResponse(
+            {"token": token, **token_json(record), "grace_until": grace_until, "rotated": rotated},
+            201,
+        )
+
+    async def revoke(self, request: Request) -> JSONResponse:
+        spec = await existing_channel(self.buffer, request)
+        token_id = str(request.path_params["token_id"])
+        if not await self.buffer.delete_token(spec.name, token_id):
+            raise AdminError(404, "unknown_token", f"no token {token_id!r} on {spec.name!r}")
+        disconnected = await self._disconnect(spec.name, {token_id})
+        return JSONResponse({"revoked": token_id, "disconnected": disconnected})
+
+    # Connections ----------------------------------------------------------------------------
+
+    async def _connections(self, spec: ChannelSpec) -> list[dict[str, Any]]:
+        answers = []
+        for record in await self.buffer.list_connections(spec.name):
+            in_flight = await self.buffer.pending_count(
+                spec.name, record.group, record.connection_id, spec.max_in_flight
+            )
+            answers.append(connection_json(record, in_flight))
+        return answers
+
+    async def connections(self, request: Request) -> JSONResponse:
+        spec = await existing_channel(self.buffer, request)
+        return JSONResponse({"connections": await self._connections(spec)})
+
+    async def disconnect(self, request: Request) -> JSONResponse:
+        name = channel_name(request)
+        connection_id = str(request.path_params["connection_id"])
+        record = await self.buffer.get_connection(name, connection_id)
+        if record is None:
+            raise AdminError(404, "unknown_connection", f"no connection {connection_id!r}")
+        await self.buffer.release(name, record.group, connection_id)
+        await self.buffer.remove_connection(name, connection_id)
+        return JSONResponse({"disconnected": connection_id})
+
+
+_LIMIT_FIELDS = set(ChannelLimits.model_fields)

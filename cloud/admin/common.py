@@ -1,0 +1,204 @@
+"""What every admin route shares: the admin token check, JSON bodies, errors, serialisers."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hmac
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from cloud.buffers import Buffer, ChannelSpec, ConnectionRecord, DeadLetter, TokenRecord
+from cloud.tokens import bearer_token
+from shared.config.webhooks import CHANNEL_NAME_PATTERN
+from shared.exceptions import StorageError
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+CHANNEL_NAME = re.compile(CHANNEL_NAME_PATTERN)
+
+
+class AdminError(Exception):
+    """An answer other than success: ``status`` with ``{"error": code, "detail": detail}``."""
+
+    def __init__(self, status: int, code: str, detail: object = None) -> None:
+        super().__init__(f"{status} {code}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+def error(status: int, code: str, detail: object = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status)
+
+
+def guarded(admin_token: str | None, endpoint: Endpoint) -> Endpoint:
+    """``endpoint`` behind the admin token, with AdminError and storage failures answered."""
+
+    async def handle(request: Request) -> Response:
+        if admin_token is None:
+            return error(404, "admin_disabled", "start the cloud with --admin-token to use it")
+        given = bearer_token(request.headers.get("authorization")) or ""
+        # Constant time; a connector token (or any other) never opens the admin API.
+        if not hmac.compare_digest(given.encode(), admin_token.encode()):
+            return JSONResponse(
+                {"error": "unauthorized", "detail": "admin token required"},
+                401,
+                {"www-authenticate": 'Bearer realm="webhook-connect-admin"'},
+            )
+        try:
+            return await endpoint(request)
+        except AdminError as exc:
+            return error(exc.status, exc.code, exc.detail)
+        except StorageError as exc:
+            return JSONResponse(
+                {"error": "storage_unavailable", "detail": str(exc)}, 503, {"retry-after": "2"}
+            )
+
+    return handle
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object; an empty body is ``{}``."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise AdminError(400, "bad_request", f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise AdminError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def validated(model: type[Any], data: dict[str, Any]) -> Any:
+    """``data`` as ``model``; the first problem is a 422 naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(body)"
+        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise AdminError(422, "invalid", f"{field}: {message}") from None
+
+
+def channel_name(request: Request) -> str:
+    """The ``{channel}`` path parameter, refused unless it is a valid channel name."""
+    name = str(request.path_params["channel"])
+    if not CHANNEL_NAME.match(name):
+        raise AdminError(422, "invalid", "channel: 1-128 letters, digits, '.', '_' or '-'")
+    return name
+
+
+async def existing_channel(buffer: Buffer, request: Request) -> ChannelSpec:
+    name = channel_name(request)
+    spec = await buffer.get_channel(name)
+    if spec is None:
+        raise AdminError(404, "unknown_channel", f"no channel {name!r}")
+    return spec
+
+
+def token_json(record: TokenRecord) -> dict[str, Any]:
+    return {
+        "token_id": record.token_id,
+        "label": record.label,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+    }
+
+
+def connection_json(record: ConnectionRecord, in_flight: int) -> dict[str, Any]:
+    return {
+        "connection_id": record.connection_id,
+        "connector_id": record.connector_id,
+        "group": record.group,
+        "transport": record.transport,
+        "address": record.address,
+        "connected_at": record.connected_at,
+        "seen_at": record.seen_at,
+        "token_id": record.token_id,
+        "in_flight": in_flight,
+    }
+
+
+def dead_letter_json(letter: DeadLetter, *, full: bool = False) -> dict[str, Any]:
+    envelope = letter.envelope
+    answer: dict[str, Any] = {
+        "dead_letter_id": letter.dead_letter_id,
+        "message_id": letter.message_id,
+        "group": letter.group,
+        "reason": letter.reason,
+        "attempts": letter.attempts,
+        "dead_at": letter.dead_at,
+        "webhook_id": envelope.webhook_id,
+        "received_at": envelope.received_at,
+        "method": envelope.method,
+        "size": len(envelope.body),
+    }
+    if full:
+        answer["path"] = envelope.path
+        answer["query_string"] = envelope.query_string
+        answer["headers"] = [list(pair) for pair in envelope.headers]
+        answer["body_base64"] = base64.b64encode(envelope.body).decode()
+    return answer
+
+
+class ChannelLimits(BaseModel):
+    """Limits of a channel as the admin API takes them; every field optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_seconds: PositiveInt | None = None
+    max_queue_size: PositiveInt | None = None
+    max_connections: PositiveInt | None = None
+    max_in_flight: PositiveInt | None = None
+    ack_timeout_seconds: PositiveFloat | None = None
+    max_delivery_attempts: PositiveInt | None = None
+    retry_delay_seconds: NonNegativeFloat | None = None
+
+    def applied_to(self, spec: ChannelSpec) -> ChannelSpec:
+        """``spec`` with the limits given here."""
+        return dataclasses.replace(spec, **self.model_dump(exclude_none=True))
+
+
+class NewChannel(ChannelLimits):
+    name: str = Field(pattern=CHANNEL_NAME_PATTERN)
+    token_label: str = Field(default="", max_length=200)
+    token_expires_in_seconds: PositiveFloat | None = None
+
+
+class NewToken(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(default="", max_length=200)
+    expires_in_seconds: PositiveFloat | None = None
+
+
+class Rotation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field(default="", max_length=200)
+    grace_seconds: NonNegativeFloat = 3600.0
+
+
+class Selection(BaseModel):
+    """Which dead letters: ``ids`` (message ids), or all of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] | None = None
+    all: bool = False
