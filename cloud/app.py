@@ -134,6 +134,8 @@ class CloudApp:
                     await self.buffer.reap_connections(spec.name)
             except StorageError as exc:
                 logger.warning("housekeeping skipped: %s", exc)
+            except Exception:  # never let one bad turn end upkeep for good
+                logger.exception("housekeeping failed; trying again next time")
 
     async def openapi(self, request: Request) -> JSONResponse:
         return JSONResponse(openapi_document(self.ingest.guards))

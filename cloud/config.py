@@ -52,6 +52,7 @@ class CloudConfig:
                 ack_timeout_seconds=relay.ack_timeout_seconds,
                 max_delivery_attempts=relay.max_delivery_attempts,
                 retry_delay_seconds=relay.retry_delay_seconds,
+                history_seconds=relay.history_seconds,
             )
         return specs
 

@@ -87,6 +87,7 @@ def limit_options(command: CommandT) -> CommandT:
         ("--ack-timeout-seconds", POSITIVE_FLOAT, "Redelivery without an ack (default 30)."),
         ("--max-delivery-attempts", POSITIVE_INT, "Attempts before a dead letter (default 5)."),
         ("--retry-delay-seconds", click.FloatRange(min=0), "Delay after a nack (default 5)."),
+        ("--history-seconds", click.IntRange(min=0), "Keep messages for replay (default 0)."),
     ]
     for flag, kind, text in reversed(options):
         command = click.option(flag, type=kind, help=text)(command)
@@ -220,6 +221,22 @@ def rotate(name: str, grace_seconds: int, label: str | None) -> None:
     body = {"grace_seconds": grace_seconds, **given({"label": label})}
     answer = admin.call("POST", "channels", name, "rotate-token", body=body)
     admin.show(answer, lambda a: [f"rotated the tokens of channel {name}", *new_token_lines(a)])
+
+
+@channels.command("replay")
+@click.argument("name")
+@click.option(
+    "--since", required=True, metavar="TIME",
+    help="Unix seconds, or ISO 8601 with a zone (2026-12-01T09:00:00Z).",
+)  # fmt: skip
+@click.option("--group", default="default", show_default=True, help="The group to deliver to.")
+@admin_options
+def replay_history(name: str, since: str, group: str) -> None:
+    """Deliver channel NAME's history since TIME again, to one group (needs history_seconds)."""
+    admin = connect()
+    when: float | str = float(since) if since.replace(".", "", 1).isdigit() else since
+    answer = admin.call("POST", "channels", name, "replay", body={"since": when, "group": group})
+    admin.show(answer, lambda a: [f"replayed {a['replayed']} message(s) to group {a['group']}"])
 
 
 @channels.command()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +16,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.servers import Cloud, running, wait_until
+from tests.servers import REPO, Cloud, running, wait_until
 
 ADMIN = "admin-token-0123456789"
 TOKEN = "config-channel-token"
@@ -21,7 +24,7 @@ WEBHOOKS = {
     "hook": {
         "module": "webhook_connect",
         "data_type": "blob",
-        "module-config": {"channel": "dev", "channel_token": TOKEN},
+        "module-config": {"channel": "dev", "channel_token": TOKEN, "history_seconds": 3600},
     }
 }
 
@@ -265,3 +268,42 @@ def test_an_api_channel_survives_a_restart(tmp_path: Path) -> None:
     with running(start(storage, tmp_path)) as cloud:
         assert api(cloud, "GET", "/channels/kept").json()["channel"]["ttl_seconds"] == 99
         assert poll(cloud, "kept", token["token"]).status_code in (200, 204)
+
+
+def ack_all(cloud: Cloud) -> list[str]:
+    taken = poll(cloud, "dev", TOKEN).json()
+    headers = {"Authorization": f"Bearer {TOKEN}", "X-Connection-ID": taken["connection_id"]}
+    ids = [m["message_id"] for m in taken["messages"]]
+    acks = {"message_ids": ids, "status": "ack"}
+    assert httpx.post(f"{cloud.url}/connect/ack", json=acks, headers=headers).is_success
+    return ids
+
+
+def test_history_is_replayed_from_a_point_in_time(admin_cloud: Cloud) -> None:
+    post_webhook(admin_cloud, b"before")
+    time.sleep(0.05)
+    since = time.time()
+    sent = [post_webhook(admin_cloud, f"after-{n}".encode()) for n in range(3)]
+    assert len(ack_all(admin_cloud)) == 4
+    assert api(admin_cloud, "GET", "/channels/dev").json()["stats"]["depth"] == 0
+
+    replayed = api(admin_cloud, "POST", "/channels/dev/replay", {"since": since})
+    assert replayed.json() == {"replayed": 3, "group": "default"}
+    again = poll(admin_cloud, "dev", TOKEN).json()["messages"]
+    assert [m["payload"] for m in again] == ["after-0", "after-1", "after-2"]
+    assert not set(sent) & {m["message_id"] for m in again}  # new ids
+
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 60))
+    cli = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "channels", "replay", "dev", "--since", iso,
+         "--group", "audit", "--cloud-url", admin_cloud.url, "--admin-token", ADMIN],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert "replayed 4 message(s) to group audit" in cli.stdout
+
+    api(admin_cloud, "POST", "/channels", {"name": "plain"})
+    refused = api(admin_cloud, "POST", "/channels/plain/replay", {"since": 0})
+    assert (refused.status_code, refused.json()["error"]) == (409, "no_history")
+    bad = api(admin_cloud, "POST", "/channels/dev/replay", {"since": "yesterday"})
+    assert bad.status_code == 422

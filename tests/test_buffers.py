@@ -287,6 +287,18 @@ async def test_unreachable_redis_is_reported_as_unavailable() -> None:
             await store.ping()
         with pytest.raises(StorageUnavailable):
             await store.append(envelope())
+        # Every operation, not only the hot path: background loops and admin routes rely on it.
+        for call in (
+            store.list_channels(),
+            store.get_channel("orders"),
+            store.stats("orders"),
+            store.list_tokens("orders"),
+            store.list_connections("orders"),
+            store.dead_letters("orders"),
+            store.recent_events("orders"),
+        ):
+            with pytest.raises(StorageUnavailable):
+                await call
     finally:
         await store.aclose()
 
@@ -421,3 +433,31 @@ async def test_recent_events_feed_the_dashboard(buffer: Buffer) -> None:
     assert events[0].time >= events[-1].time > 0
     assert len(await buffer.recent_events("orders", 2)) == 2
     assert await buffer.recent_events("other") == []
+
+
+async def test_history_is_replayed_to_one_group_from_a_point_in_time(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders", history_seconds=3600))
+    await buffer.join("orders", "audit")
+    first = await buffer.append(envelope(b"old"))
+    await asyncio.sleep(0.05)
+    since = time.time()
+    await buffer.append(envelope(b"new-1"))
+    await buffer.append(envelope(b"new-2"))
+    for group in ("default", "audit"):
+        taken = await buffer.read("orders", group, "c1", 10)
+        for delivery in taken:
+            assert await buffer.ack("orders", group, delivery.message_id)
+    await buffer.housekeep("orders")  # delivered messages leave the channel; history stays
+    assert await buffer.replay_history("orders", "audit", since) == 2
+    again = await buffer.read("orders", "audit", "c2", 10)
+    assert [d.envelope.body for d in again] == [b"new-1", b"new-2"]
+    assert first not in [d.message_id for d in again]
+    assert await buffer.read("orders", "default", "c1", 10) == []  # one group only
+    assert await buffer.replay_history("orders", "fresh", 0) == 3  # a new group, from the start
+    assert len(await buffer.read("orders", "fresh", "c3", 10)) == 3
+
+
+async def test_a_channel_without_history_replays_nothing(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    await buffer.append(envelope())
+    assert await buffer.replay_history("orders", "default", 0) == 0

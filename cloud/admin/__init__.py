@@ -41,6 +41,7 @@ def admin_routes(admin_token: str | None, buffer: Buffer, reloader: ConfigReload
         (PREFIX + "/{channel}", channels.update, ["PATCH"]),
         (PREFIX + "/{channel}", channels.delete, ["DELETE"]),
         (PREFIX + "/{channel}/events", channels.events, ["GET"]),
+        (PREFIX + "/{channel}/replay", channels.replay, ["POST"]),
         (PREFIX + "/{channel}/tokens", channels.tokens, ["GET"]),
         (PREFIX + "/{channel}/tokens", channels.issue, ["POST"]),
         (PREFIX + "/{channel}/rotate-token", channels.rotate, ["POST"]),

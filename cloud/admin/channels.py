@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse
 from cloud.admin.common import (
     AdminError,
     ChannelLimits,
+    HistoryReplay,
     NewChannel,
     NewToken,
     Rotation,
@@ -126,6 +127,19 @@ class ChannelRoutes:
         disconnected = await self._disconnect(spec.name)
         await self.buffer.delete_channel(spec.name)
         return JSONResponse({"deleted": spec.name, "disconnected": disconnected})
+
+    async def replay(self, request: Request) -> JSONResponse:
+        """Deliver the channel's history since a point in time again, to one group."""
+        spec = await existing_channel(self.buffer, request)
+        wanted: HistoryReplay = validated(HistoryReplay, await json_body(request))
+        if spec.history_seconds == 0:
+            raise AdminError(
+                409, "no_history", "the channel keeps no history: set its history_seconds"
+            )
+        replayed = await self.buffer.replay_history(
+            spec.name, wanted.group, wanted.since_seconds(), wanted.limit
+        )
+        return JSONResponse({"replayed": replayed, "group": wanted.group})
 
     async def events(self, request: Request) -> JSONResponse:
         """The channel's recent activity, newest first (the dashboard's live feed)."""

@@ -11,10 +11,12 @@ from typing import Any
 
 import orjson
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -169,6 +171,7 @@ class ChannelLimits(BaseModel):
     ack_timeout_seconds: PositiveFloat | None = None
     max_delivery_attempts: PositiveInt | None = None
     retry_delay_seconds: NonNegativeFloat | None = None
+    history_seconds: NonNegativeInt | None = None
 
     def applied_to(self, spec: ChannelSpec) -> ChannelSpec:
         """``spec`` with the limits given here."""
@@ -193,6 +196,19 @@ class Rotation(BaseModel):
 
     label: str = Field(default="", max_length=200)
     grace_seconds: NonNegativeFloat = 3600.0
+
+
+class HistoryReplay(BaseModel):
+    """``since``: Unix seconds, or an ISO 8601 time with its zone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    since: float | AwareDatetime
+    group: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    limit: int = Field(default=10000, ge=1, le=100_000)
+
+    def since_seconds(self) -> float:
+        return self.since if isinstance(self.since, float) else self.since.timestamp()
 
 
 class Selection(BaseModel):

@@ -41,6 +41,8 @@ class ChannelSpec:
     ack_timeout_seconds: float = 30.0
     max_delivery_attempts: int = 5
     retry_delay_seconds: float = 5.0
+    # How long a copy of every message is kept for history replay (0: no history).
+    history_seconds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +235,13 @@ class Buffer(Protocol):
     async def purge_dead_letters(self, channel: str, ids: list[str] | None = None) -> int: ...
 
     async def stats(self, channel: str) -> ChannelStats: ...
+
+    async def replay_history(
+        self, channel: str, group: str, since: float, limit: int = 10000
+    ) -> int:
+        """Deliver again to ``group`` (only) the messages received since ``since`` that the
+        channel's history still holds (``history_seconds``), as new messages; oldest first, at
+        most ``limit``. Returns how many."""
 
     async def recent_events(self, channel: str, limit: int = 50) -> list[ChannelEvent]:
         """The channel's latest received, delivered and dead-lettered messages, newest first

@@ -11,18 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import inspect
 import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cloud.buffers.base import (
@@ -45,6 +48,7 @@ from shared.exceptions import ChannelFull, StorageError, StorageUnavailable, Unk
 
 logger = logging.getLogger("webhook_connect.redis")
 
+T = TypeVar("T")
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 CHANNELS_KEY = "wc:channels"
 TOKENS_KEY = "wc:tokens"
@@ -52,7 +56,7 @@ SCRIPT_NAMES = (
     "append", "read", "ack", "nack", "release", "housekeep", "depth", "connect", "touch", "hit",
 )  # fmt: skip
 NOTIFY_CHANNEL = "wc:changed"
-CHANNEL_KEYS = 6  # what channel_keys() returns; a script's own extra keys come after
+CHANNEL_KEYS = 7  # what channel_keys() returns; a script's own extra keys come after
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -66,7 +70,7 @@ def channel_keys(channel: str) -> list[str]:
     tag = "{" + channel + "}"
     return [
         f"wc:{tag}:s", f"wc:{tag}:cfg", f"wc:{tag}:stats", f"wc:{tag}:dlq", f"wc:{tag}:conns",
-        f"wc:{tag}:events",
+        f"wc:{tag}:events", f"wc:{tag}:history",
     ]  # fmt: skip
 
 
@@ -81,6 +85,31 @@ def _load_scripts() -> dict[str, str]:
     return scripts
 
 
+def _storage_errors(cls: type[T]) -> type[T]:
+    """Make every public coroutine method of ``cls`` report a lost or failing Redis as the
+    project's StorageUnavailable / StorageError, which every caller handles (503, a retry),
+    instead of redis-py's own exceptions, which would end a background loop or answer 500."""
+    for name, method in list(vars(cls).items()):
+        if name.startswith("_") or not inspect.iscoroutinefunction(method):
+            continue
+
+        def wrap(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            @functools.wraps(method)
+            async def guarded(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await method(*args, **kwargs)
+                except UNAVAILABLE as exc:
+                    raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+                except RedisError as exc:
+                    raise StorageError(f"redis: {exc}") from exc
+
+            return guarded
+
+        setattr(cls, name, wrap(method))
+    return cls
+
+
+@_storage_errors
 class RedisBuffer:
     """The production backend. ``url`` is a ``redis://`` or ``rediss://`` URL."""
 
@@ -145,6 +174,7 @@ class RedisBuffer:
             "ack_timeout_ms": int(spec.ack_timeout_seconds * 1000),
             "max_attempts": spec.max_delivery_attempts,
             "retry_delay_ms": int(spec.retry_delay_seconds * 1000),
+            "history_ms": spec.history_seconds * 1000,
         }
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -426,6 +456,30 @@ class RedisBuffer:
                 pipe.hincrby(stats, "replayed", 1)
                 await pipe.execute()
         return len(letters)
+
+    async def replay_history(
+        self, channel: str, group: str, since: float, limit: int = 10000
+    ) -> int:
+        stream, _, stats, *_, history = channel_keys(channel)
+        spec = await self.get_channel(channel)
+        if spec is None:
+            raise UnknownChannel(channel)
+        await self.join(channel, group)
+        # Only what the window holds, even where the cheap trimming left older entries.
+        since = max(since, time.time() - spec.history_seconds)
+        start = f"{max(int(since * 1000), 0)}-0"
+        entries: Any = await self._redis.xrange(history, min=start, count=limit)
+        # A replay is a new message for that one group, as a dead-letter replay is.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for _, fields in entries:
+                pipe.xadd(
+                    stream, {b"meta": fields[b"meta"], b"body": fields[b"body"], b"group": group}
+                )
+            pipe.hincrby(stats, "replayed", len(entries))
+            await pipe.execute()
+        if entries:
+            self._announce(channel)
+        return len(entries)
 
     async def purge_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
         dlq = channel_keys(channel)[3]

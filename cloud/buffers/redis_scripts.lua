@@ -1,10 +1,10 @@
 -- Webhook Connect: the Redis Streams buffer's server-side logic.
 -- Every script receives KEYS = {stream, config, stats, dead letters, connections, events} of one
--- channel, then its own extra keys (KEYS[7] ...); they share
+-- channel and its history, then its own extra keys (KEYS[8] ...); they share
 -- a hash tag, so they live in one Redis Cluster slot. Each script is this prelude followed by
 -- one `-- script: NAME` section (see cloud/buffers/redis.py).
 local S, CFG, STATS, DLQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]  -- KEYS[5]: connections
-local EVENTS = KEYS[6]
+local EVENTS, HISTORY = KEYS[6], KEYS[7]
 local RETRY_CONSUMER = '__retry__'
 local EVENTS_KEPT = 200  -- cloud.buffers.base.EVENTS_KEPT
 
@@ -72,19 +72,20 @@ end
 
 local function config()
   local c = redis.call('HMGET', CFG, 'max_queue_size', 'ttl_ms', 'ack_timeout_ms',
-    'max_attempts', 'retry_delay_ms')
+    'max_attempts', 'retry_delay_ms', 'history_ms')
   if not c[1] then return nil end
   return {
     max_queue_size = tonumber(c[1]), ttl_ms = tonumber(c[2]), ack_timeout_ms = tonumber(c[3]),
     max_attempts = tonumber(c[4]), retry_delay_ms = tonumber(c[5]),
+    history_ms = tonumber(c[6] or '0'),
   }
 end
 
 -- script: append
 -- ARGV: meta, body[, window ms]. Returns the id, or an error reply 'FULL' / 'NOCHANNEL'.
--- With KEYS[7] (an idempotency key) and a window: returns {id, 1} when it stored the message,
--- {original id, 0} when KEYS[7] names one stored within the window.
-local once = KEYS[7]
+-- With KEYS[8] (an idempotency key) and a window: returns {id, 1} when it stored the message,
+-- {original id, 0} when KEYS[8] names one stored within the window.
+local once = KEYS[8]
 if once then
   local seen = redis.call('GET', once)
   if seen then return {seen, 0} end
@@ -98,6 +99,11 @@ end
 local id = redis.call('XADD', S, '*', 'meta', ARGV[1], 'body', ARGV[2])
 redis.call('HINCRBY', STATS, 'accepted', 1)
 event('received', id)
+if cfg.history_ms > 0 then
+  -- A copy under the same id, trimmed (approximately, cheaply) to the history window.
+  local cutoff = (id_parts(id) - cfg.history_ms) .. '-0'
+  redis.call('XADD', HISTORY, 'MINID', '~', cutoff, id, 'meta', ARGV[1], 'body', ARGV[2])
+end
 if once then
   redis.call('SET', once, id, 'PX', ARGV[3])
   return {id, 1}
@@ -214,6 +220,11 @@ for _, g in ipairs(groups_of()) do
   end
 end
 if expired > 0 then redis.call('HINCRBY', STATS, 'expired', expired) end
+if cfg.history_ms > 0 then
+  redis.call('XTRIM', HISTORY, 'MINID', (now_ms() - cfg.history_ms) .. '-0')
+else
+  redis.call('DEL', HISTORY)
+end
 trim()
 return expired
 
@@ -256,11 +267,11 @@ redis.call('HSET', CONNS, ARGV[1], cjson.encode(record))
 return 1
 
 -- script: hit
--- Fixed-window rate counter. KEYS[7]: the counter; ARGV: window ms.
+-- Fixed-window rate counter. KEYS[8]: the counter; ARGV: window ms.
 -- Returns {hits in this window, ms until it ends}.
 local window = tonumber(ARGV[1])
 local t = now_ms()
-local key = KEYS[7] .. ':' .. math.floor(t / window)
+local key = KEYS[8] .. ':' .. math.floor(t / window)
 local hits = redis.call('INCR', key)
 if hits == 1 then redis.call('PEXPIRE', key, window + 1000) end
 return {hits, window - t % window}

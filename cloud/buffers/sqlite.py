@@ -70,6 +70,10 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, time REAL NOT NULL,
     type TEXT NOT NULL, message_id TEXT NOT NULL, consumer TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_channel ON events (channel, id);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY, channel TEXT NOT NULL, received_at REAL NOT NULL,
+    meta BLOB NOT NULL, body BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS history_by_channel ON history (channel, received_at);
 CREATE TABLE IF NOT EXISTS counters (
     channel TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (channel, name));
@@ -421,6 +425,14 @@ class SQLiteBuffer:
     async def stats(self, channel: str) -> ChannelStats:
         return await self._run(_stats, channel, time.time())
 
+    async def replay_history(
+        self, channel: str, group: str, since: float, limit: int = 10000
+    ) -> int:
+        replayed = await self._run(_replay_history, channel, group, since, limit, time.time())
+        if replayed:
+            self._notifier.notify(channel)
+        return replayed
+
     async def recent_events(self, channel: str, limit: int = 50) -> list[ChannelEvent]:
         def select(db: sqlite3.Connection) -> list[ChannelEvent]:
             rows = db.execute(
@@ -437,7 +449,7 @@ class SQLiteBuffer:
 
 CHANNEL_TABLES = (
     "tokens", "messages", "groups", "pending", "dead_letters", "counters", "connections",
-    "events",
+    "events", "history",
 )  # fmt: skip
 DEAD_LETTER_COLUMNS = "id, message_id, grp, reason, attempts, dead_at, meta, body"
 
@@ -512,6 +524,7 @@ def _append_many(
     db: sqlite3.Connection, items: list[ToAppend], now: float
 ) -> list[tuple[str, bool] | Exception]:
     results: list[tuple[str, bool] | Exception] = []
+    history: dict[str, int] = {}
     room: dict[str, int] = {}
     accepted: dict[str, int] = {}
     with _transaction(db):
@@ -548,6 +561,12 @@ def _append_many(
             accepted[channel] = accepted.get(channel, 0) + 1
             message_id = _message_id(envelope.received_at, row.lastrowid)
             _event(db, channel, now, "received", message_id)
+            if history.setdefault(channel, _history_seconds(db, channel)):
+                db.execute(
+                    "INSERT INTO history (seq, channel, received_at, meta, body) "
+                    "SELECT seq, channel, received_at, meta, body FROM messages WHERE seq = ?",
+                    (row.lastrowid,),
+                )
             if once_key is not None:
                 db.execute(
                     "INSERT OR REPLACE INTO seen (key, value, expires_at) VALUES (?, ?, ?)",
@@ -651,6 +670,32 @@ def _dead_letter_now(
     row = db.execute("SELECT received_at FROM messages WHERE seq = ?", (seq,)).fetchone()
     if row is not None:
         _event(db, channel, now, "dead_lettered", _message_id(row[0], seq))
+
+
+def _history_seconds(db: sqlite3.Connection, channel: str) -> int:
+    spec = _get_channel(db, channel)
+    return 0 if spec is None else spec.history_seconds
+
+
+def _replay_history(
+    db: sqlite3.Connection, channel: str, group: str, since: float, limit: int, now: float
+) -> int:
+    with _transaction(db):
+        spec = _get_channel(db, channel)
+        if spec is None:
+            raise UnknownChannel(channel)
+        _join(db, channel, group, from_start=False)
+        since = max(since, now - spec.history_seconds)
+        # A replay is a new message for that one group, as a dead-letter replay is.
+        replayed = db.execute(
+            "INSERT INTO messages (channel, received_at, only_group, meta, body) "
+            "SELECT channel, ?, ?, meta, body FROM history "
+            "WHERE channel = ? AND received_at >= ? ORDER BY seq LIMIT ?",
+            (now, group, channel, since, limit),
+        ).rowcount
+        if replayed:
+            _count(db, channel, "replayed", replayed)
+        return replayed
 
 
 def _event(
@@ -793,6 +838,10 @@ def _housekeep(db: sqlite3.Connection, channel: str, now: float) -> int:
             _count(db, channel, "expired", expired)
         _trim(db, channel)
         db.execute("DELETE FROM seen WHERE expires_at < ?", (now,))
+        db.execute(
+            "DELETE FROM history WHERE channel = ? AND received_at < ?",
+            (channel, now - spec.history_seconds),
+        )
         db.execute(
             "DELETE FROM events WHERE channel = ? AND id <= "
             "(SELECT id FROM events WHERE channel = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",

@@ -46,6 +46,8 @@ class WebhookConnectSettings(BaseModel):
     ack_timeout_seconds: PositiveFloat = 30.0
     max_delivery_attempts: PositiveInt = 5
     retry_delay_seconds: float = Field(default=5.0, ge=0)
+    # Keep a copy of every message this long, for replaying history (0: keep none).
+    history_seconds: int = Field(default=0, ge=0)
     # For the whole channel, whichever webhook feeds it, across every cloud replica.
     rate_limit: RateLimitConfig | None = None
 
