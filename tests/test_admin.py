@@ -142,6 +142,7 @@ def test_stats_match_what_was_sent(admin_cloud: Cloud) -> None:
     assert connection["connection_id"] == taken["connection_id"]
     assert connection["transport"] == "long_poll"
     assert connection["in_flight"] == 3
+    assert connection["delivered"] == 2
     assert [t["label"] for t in shown["tokens"]] == ["webhooks.json:hook"]
     events = api(admin_cloud, "GET", "/channels/dev/events?limit=10").json()["events"]
     assert [e["type"] for e in events] == ["delivered"] * 2 + ["received"] * 5

@@ -461,3 +461,24 @@ async def test_a_channel_without_history_replays_nothing(buffer: Buffer) -> None
     await buffer.provision(ChannelSpec("orders"))
     await buffer.append(envelope())
     assert await buffer.replay_history("orders", "default", 0) == 0
+
+
+async def test_connections_count_what_they_delivered(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    for name in ("c1", "c2"):
+        record = ConnectionRecord(name, "orders", "default", seen_at=time.time())
+        assert await buffer.add_connection(record, 10)
+    for _ in range(3):
+        await buffer.append(envelope())
+    taken = await buffer.read("orders", "default", "c1", 10)
+    for delivery in taken[:2]:
+        assert await buffer.ack("orders", "default", delivery.message_id, "c1")
+    counts = {r.connection_id: r.delivered for r in await buffer.list_connections("orders")}
+    assert counts == {"c1": 2, "c2": 0}
+    found = await buffer.get_connection("orders", "c1")
+    assert found is not None and found.delivered == 2
+    assert (await buffer.stats("orders")).counters["delivered"] == 2
+    assert set((await buffer.stats("orders")).counters) >= {"delivered", "accepted"}
+    assert not any(":" in name for name in (await buffer.stats("orders")).counters)
+    await buffer.remove_connection("orders", "c1")
+    assert await buffer.get_connection("orders", "c1") is None

@@ -134,6 +134,7 @@ def connection_json(record: ConnectionRecord, in_flight: int) -> dict[str, Any]:
         "seen_at": record.seen_at,
         "token_id": record.token_id,
         "in_flight": in_flight,
+        "delivered": record.delivered,
     }
 
 

@@ -117,6 +117,7 @@ class ConnectionRecord:
     token_id: str = ""
     connected_at: float = 0.0
     seen_at: float = 0.0
+    delivered: int = 0  # messages it acked, filled in when connections are listed
 
 
 # A connection not heard of for this long is gone (its replica died): it no longer counts.

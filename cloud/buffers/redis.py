@@ -56,6 +56,8 @@ SCRIPT_NAMES = (
     "append", "read", "ack", "nack", "release", "housekeep", "depth", "connect", "touch", "hit",
 )  # fmt: skip
 NOTIFY_CHANNEL = "wc:changed"
+# Per-connection delivered counts live in the stats hash under this prefix.
+BY_CONNECTION = b"by:"
 CHANNEL_KEYS = 7  # what channel_keys() returns; a script's own extra keys come after
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -398,19 +400,34 @@ class RedisBuffer:
 
     async def remove_connection(self, channel: str, connection_id: str) -> bool:
         try:
-            return bool(await self._redis.hdel(channel_keys(channel)[4], connection_id))
+            _, _, stats, _, conns, *_ = channel_keys(channel)
+            await self._redis.hdel(stats, BY_CONNECTION.decode() + connection_id)
+            return bool(await self._redis.hdel(conns, connection_id))
         except UNAVAILABLE as exc:
             raise StorageUnavailable(f"redis unreachable: {exc}") from exc
 
     async def get_connection(self, channel: str, connection_id: str) -> ConnectionRecord | None:
-        raw = await self._redis.hget(channel_keys(channel)[4], connection_id)
-        return None if raw is None else ConnectionRecord(**orjson.loads(raw))
+        _, _, stats, _, conns, *_ = channel_keys(channel)
+        raw = await self._redis.hget(conns, connection_id)
+        if raw is None:
+            return None
+        delivered = await self._redis.hget(stats, BY_CONNECTION.decode() + connection_id)
+        record = ConnectionRecord(**orjson.loads(raw))
+        return dataclasses.replace(record, delivered=int(delivered or 0))
 
     async def list_connections(self, channel: str) -> list[ConnectionRecord]:
-        raw: Any = await self._redis.hvals(channel_keys(channel)[4])
+        _, _, stats, _, conns, *_ = channel_keys(channel)
+        raw: Any = await self._redis.hvals(conns)
         cutoff = time.time() - CONNECTION_STALE_SECONDS
         records = [ConnectionRecord(**orjson.loads(value)) for value in raw]
-        return sorted((r for r in records if r.seen_at >= cutoff), key=lambda r: r.connected_at)
+        live = sorted((r for r in records if r.seen_at >= cutoff), key=lambda r: r.connected_at)
+        if not live:
+            return []
+        fields = [BY_CONNECTION.decode() + r.connection_id for r in live]
+        counts: Any = await self._redis.hmget(stats, fields)
+        return [
+            dataclasses.replace(r, delivered=int(n or 0)) for r, n in zip(live, counts, strict=True)
+        ]
 
     async def reap_connections(self, channel: str) -> int:
         conns = channel_keys(channel)[4]
@@ -424,7 +441,7 @@ class RedisBuffer:
             record = ConnectionRecord(**orjson.loads(value))
             if record.seen_at < cutoff:
                 await self.release(channel, record.group, record.connection_id)
-                reaped += int(await self._redis.hdel(conns, record.connection_id))
+                reaped += await self.remove_connection(channel, record.connection_id)
         return reaped
 
     async def pending_count(self, channel: str, group: str, consumer: str, limit: int) -> int:
@@ -527,7 +544,13 @@ class RedisBuffer:
         except ResponseError as exc:
             raise _storage_error(exc, channel) from exc
         counters = {name: 0 for name in COUNTERS}
-        counters.update({k.decode(): int(v) for k, v in cast(dict[bytes, bytes], raw).items()})
+        counters.update(
+            {
+                k.decode(): int(v)
+                for k, v in cast(dict[bytes, bytes], raw).items()
+                if not k.startswith(BY_CONNECTION)
+            }
+        )
         oldest_age = None
         if oldest:
             oldest_age = max(0.0, time.time() - int(oldest.decode().split("-")[0]) / 1000)

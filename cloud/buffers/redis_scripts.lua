@@ -157,6 +157,7 @@ end
 local n = redis.call('XACK', S, group, id)
 if n == 1 then
   redis.call('HINCRBY', STATS, 'delivered', 1)
+  if consumer ~= '' then redis.call('HINCRBY', STATS, 'by:' .. consumer, 1) end
   event('delivered', id, consumer)
 end
 return n

@@ -74,6 +74,9 @@ CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY, channel TEXT NOT NULL, received_at REAL NOT NULL,
     meta BLOB NOT NULL, body BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS history_by_channel ON history (channel, received_at);
+CREATE TABLE IF NOT EXISTS delivered_by (
+    channel TEXT NOT NULL, connection_id TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (channel, connection_id));
 CREATE TABLE IF NOT EXISTS counters (
     channel TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (channel, name));
@@ -346,6 +349,10 @@ class SQLiteBuffer:
     async def remove_connection(self, channel: str, connection_id: str) -> bool:
         def remove(db: sqlite3.Connection) -> bool:
             with _transaction(db):
+                db.execute(
+                    "DELETE FROM delivered_by WHERE channel = ? AND connection_id = ?",
+                    (channel, connection_id),
+                )
                 sql = "DELETE FROM connections WHERE channel = ? AND connection_id = ?"
                 return bool(db.execute(sql, (channel, connection_id)).rowcount)
 
@@ -354,7 +361,7 @@ class SQLiteBuffer:
     async def get_connection(self, channel: str, connection_id: str) -> ConnectionRecord | None:
         def get(db: sqlite3.Connection) -> ConnectionRecord | None:
             row = db.execute(
-                "SELECT record, seen_at FROM connections WHERE channel = ? AND connection_id = ?",
+                f"SELECT {CONNECTION_COLUMNS} WHERE c.channel = ? AND c.connection_id = ?",
                 (channel, connection_id),
             ).fetchone()
             return None if row is None else _connection(row)
@@ -364,7 +371,7 @@ class SQLiteBuffer:
     async def list_connections(self, channel: str) -> list[ConnectionRecord]:
         def list_all(db: sqlite3.Connection) -> list[ConnectionRecord]:
             rows = db.execute(
-                "SELECT record, seen_at FROM connections WHERE channel = ? AND seen_at >= ?",
+                f"SELECT {CONNECTION_COLUMNS} WHERE c.channel = ? AND c.seen_at >= ?",
                 (channel, time.time() - CONNECTION_STALE_SECONDS),
             )
             return sorted((_connection(row) for row in rows), key=lambda r: r.connected_at)
@@ -449,8 +456,12 @@ class SQLiteBuffer:
 
 CHANNEL_TABLES = (
     "tokens", "messages", "groups", "pending", "dead_letters", "counters", "connections",
-    "events", "history",
+    "events", "history", "delivered_by",
 )  # fmt: skip
+CONNECTION_COLUMNS = (
+    "c.record, c.seen_at, COALESCE(d.n, 0) FROM connections AS c LEFT JOIN delivered_by AS d "
+    "ON d.channel = c.channel AND d.connection_id = c.connection_id"
+)
 DEAD_LETTER_COLUMNS = "id, message_id, grp, reason, attempts, dead_at, meta, body"
 
 
@@ -736,6 +747,12 @@ def _ack_many(
                 _settle(db, channel, group, found[0])
                 _count(db, channel, "delivered")
                 _event(db, channel, time.time(), "delivered", message_id, consumer)
+                if consumer:
+                    db.execute(
+                        "INSERT INTO delivered_by (channel, connection_id, n) VALUES (?, ?, 1) "
+                        "ON CONFLICT (channel, connection_id) DO UPDATE SET n = n + 1",
+                        (channel, consumer),
+                    )
             results.append(found is not None)
     return results
 
@@ -762,6 +779,8 @@ def _add_connection(
 def _connection(row: tuple[Any, ...]) -> ConnectionRecord:
     fields = orjson.loads(row[0])
     fields["seen_at"] = row[1]
+    if len(row) > 2:
+        fields["delivered"] = row[2]
     return ConnectionRecord(**fields)
 
 
