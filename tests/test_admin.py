@@ -203,6 +203,23 @@ def test_a_revoked_tokens_live_connections_close_and_cannot_reconnect(
     assert poll(admin_cloud, "dev", token["token"]).status_code == 401
 
 
+def test_a_revoked_tokens_sse_stream_ends_and_cannot_reopen(admin_cloud: Cloud) -> None:
+    token = api(admin_cloud, "POST", "/channels/dev/tokens", {"label": "sse"}).json()
+    url = f"{admin_cloud.url}/connect/stream/dev/sse"
+    headers = {"Authorization": f"Bearer {token['token']}"}
+    with httpx.stream("GET", url, headers=headers, timeout=30) as stream:
+        lines = stream.iter_lines()
+        assert next(lines) == "event: connected"
+        revoked = api(admin_cloud, "DELETE", f"/channels/dev/tokens/{token['token_id']}")
+        assert revoked.json()["disconnected"] == 1
+        began = time.monotonic()
+        for _ in lines:  # heartbeats until the cloud ends the stream
+            assert time.monotonic() - began < 15, "the stream outlived its token"
+    assert time.monotonic() - began < 15
+    reopened = httpx.get(url, headers=headers, timeout=10)
+    assert reopened.status_code == 401
+
+
 def test_an_operator_disconnects_a_connection(admin_cloud: Cloud) -> None:
     post_webhook(admin_cloud)
     taken = poll(admin_cloud, "dev", TOKEN).json()
