@@ -27,11 +27,12 @@ from cloud.admin.common import (
     connection_json,
     existing_channel,
     json_body,
+    query_limit,
     token_json,
     validated,
 )
 from cloud.buffers import Buffer, ChannelSpec, TokenRecord
-from cloud.buffers.base import EVENTS_KEPT
+from cloud.buffers.base import EVENTS_KEPT, ChannelStats
 from cloud.tokens import hash_token, new_token
 
 
@@ -41,15 +42,20 @@ class ChannelRoutes:
     def __init__(self, buffer: Buffer) -> None:
         self.buffer = buffer
 
-    async def _channel_json(self, spec: ChannelSpec) -> dict[str, Any]:
-        stats = await self.buffer.stats(spec.name)
-        connections = await self.buffer.list_connections(spec.name)
+    async def _channel_json(
+        self, spec: ChannelSpec, stats: ChannelStats | None = None, connections: int | None = None
+    ) -> dict[str, Any]:
+        """The channel's limits and gauges; pass what the caller has read already."""
+        if stats is None:
+            stats = await self.buffer.stats(spec.name)
+        if connections is None:
+            connections = len(await self.buffer.list_connections(spec.name))
         return {
             **dataclasses.asdict(spec),
             "depth": stats.depth,
             "in_flight": stats.in_flight,
             "dead_letters": stats.dead_letters,
-            "connections": len(connections),
+            "connections": connections,
         }
 
     async def _issue(
@@ -106,12 +112,13 @@ class ChannelRoutes:
         spec = await existing_channel(self.buffer, request)
         stats = await self.buffer.stats(spec.name)
         tokens = await self.buffer.list_tokens(spec.name)
+        connections = await self._connections(spec)
         return JSONResponse(
             {
-                "channel": await self._channel_json(spec),
+                "channel": await self._channel_json(spec, stats, len(connections)),
                 "stats": dataclasses.asdict(stats),
                 "tokens": [token_json(record) for record in tokens],
-                "connections": await self._connections(spec),
+                "connections": connections,
             }
         )
 
@@ -144,12 +151,7 @@ class ChannelRoutes:
     async def events(self, request: Request) -> JSONResponse:
         """The channel's recent activity, newest first (the dashboard's live feed)."""
         spec = await existing_channel(self.buffer, request)
-        try:
-            limit = int(request.query_params.get("limit", "50"))
-        except ValueError:
-            raise AdminError(422, "invalid", "limit: must be a whole number") from None
-        if not 1 <= limit <= EVENTS_KEPT:
-            raise AdminError(422, "invalid", f"limit: must be 1..{EVENTS_KEPT}")
+        limit = query_limit(request, 50, EVENTS_KEPT)
         events = await self.buffer.recent_events(spec.name, limit)
         return JSONResponse({"events": [dataclasses.asdict(event) for event in events]})
 

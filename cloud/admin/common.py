@@ -98,6 +98,17 @@ def validated(model: type[Any], data: dict[str, Any]) -> Any:
         raise AdminError(422, "invalid", f"{field}: {message}") from None
 
 
+def query_limit(request: Request, default: int, maximum: int) -> int:
+    """The ``?limit=`` of a listing, 1..``maximum``; 422 otherwise."""
+    try:
+        limit = int(request.query_params.get("limit", default))
+    except ValueError:
+        raise AdminError(422, "invalid", "limit: must be a whole number") from None
+    if not 1 <= limit <= maximum:
+        raise AdminError(422, "invalid", f"limit: must be 1..{maximum}")
+    return limit
+
+
 def channel_name(request: Request) -> str:
     """The ``{channel}`` path parameter, refused unless it is a valid channel name."""
     name = str(request.path_params["channel"])

@@ -15,6 +15,7 @@ from cloud.admin.common import (
     dead_letter_json,
     existing_channel,
     json_body,
+    query_limit,
     validated,
 )
 from cloud.buffers import Buffer, DeadLetter
@@ -32,12 +33,7 @@ class DeadLetterRoutes:
 
     async def index(self, request: Request) -> JSONResponse:
         spec = await existing_channel(self.buffer, request)
-        try:
-            limit = int(request.query_params.get("limit", "100"))
-        except ValueError:
-            raise AdminError(422, "invalid", "limit: must be a whole number") from None
-        if not 1 <= limit <= MAX_LISTED:
-            raise AdminError(422, "invalid", f"limit: must be 1..{MAX_LISTED}")
+        limit = query_limit(request, 100, MAX_LISTED)
         letters = await self.buffer.dead_letters(spec.name, limit)
         return JSONResponse({"dead_letters": [dead_letter_json(letter) for letter in letters]})
 

@@ -258,12 +258,9 @@ class RedisBuffer:
 
     async def remember(self, key: str, ttl_seconds: float) -> bool:
         ttl_ms = max(1, int(ttl_seconds * 1000))
-        try:
-            reply = await self._resp.execute(
-                "SET", "wc:seen:" + key_digest(key), "1", "NX", "PX", ttl_ms
-            )
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        reply = await self._resp.execute(
+            "SET", "wc:seen:" + key_digest(key), "1", "NX", "PX", ttl_ms
+        )
         if isinstance(reply, ReplyError):
             raise StorageError(f"redis: {reply}")
         return reply is not None
@@ -525,10 +522,7 @@ class RedisBuffer:
         return list(entries)
 
     async def recent_events(self, channel: str, limit: int = 50) -> list[ChannelEvent]:
-        try:
-            raw = await self._redis.lrange(channel_keys(channel)[5], 0, min(limit, EVENTS_KEPT) - 1)
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        raw = await self._redis.lrange(channel_keys(channel)[5], 0, min(limit, EVENTS_KEPT) - 1)
         events = []
         for line in cast("list[bytes]", raw):
             kind, ms, message_id, consumer = line.decode().split(" ", 3)
