@@ -19,6 +19,7 @@ from cloud.admin import admin_routes
 from cloud.buffers import Buffer, open_buffer
 from cloud.config import CloudConfig, config_from_environment
 from cloud.dashboard import dashboard
+from cloud.direct import DirectDelivery
 from cloud.ingest import PREFIX, IngestEndpoint
 from cloud.metrics import MetricsRoute
 from cloud.openapi import DOCS_PAGE, openapi_document
@@ -51,6 +52,7 @@ class CloudApp:
         self.ingest = IngestEndpoint(build_guards(config.webhooks, services, source), self.buffer)
         self.reloader = ConfigReloader(config, services, self._apply)
         self.masker = masking.SecretMasker(masking.configured_secrets(config.webhooks))
+        self.direct = DirectDelivery(self.buffer)
         self._tasks: list[asyncio.Task[None]] = []
         pull = PullRoutes(self.buffer)
         self.router: ASGIApp = Starlette(
@@ -94,6 +96,7 @@ class CloudApp:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.direct.aclose()
             await self.http.aclose()
             await self.buffer.aclose()
 
@@ -103,6 +106,7 @@ class CloudApp:
         self.masker.set_secrets(masking.configured_secrets(reloaded.config.webhooks))
         self.config = reloaded.config
         self.ingest.guards = reloaded.guards
+        await self.direct.apply(reloaded.config.webhooks)
 
     async def _provision_until_done(self) -> None:
         # Storage may come up after us (a Redis restart): keep trying, stay not-ready meanwhile.
@@ -115,6 +119,7 @@ class CloudApp:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, PROVISION_RETRY_MAX)
             else:
+                await self.direct.apply(self.config.webhooks)
                 self.ingest.is_ready = True
                 logger.info(
                     "storage %s ready with %d channel(s)",

@@ -193,13 +193,21 @@ async function refreshChannel(name) {
   });
   fill("dead-letters-body", letters.dead_letters, (d) => {
     const tr = row([[d.message_id, "message_id"], [d.webhook_id, "webhook_id"], [d.group, "group"],
-                    [d.reason, "reason"], [d.attempts, "attempts", 1], [when(d.dead_at), "dead_at"],
-                    [d.size, "size", 1]],
+                    [d.reason, "reason"], [d.attempts, "attempts", 1],
+                    [d.delivery_attempts.map(tried).join("; "), "delivery_attempts"],
+                    [when(d.dead_at), "dead_at"], [d.size, "size", 1]],
                    {"data-testid": "dead-letter-row", "data-message-id": d.message_id});
     return withButton(tr, "Replay", "replay", () => act(
       "POST", base + "/dead-letters/replay", {ids: [d.message_id]},
       (a) => "Replayed " + a.replayed));
   });
+}
+
+// One failed delivery of a dead letter: "#2 12:00:01 http_503 by laptop, 41 ms".
+function tried(a) {
+  return "#" + a.attempt + " " + new Date(a.time * 1000).toLocaleTimeString() + " " + a.outcome +
+    (a.connector_id ? " by " + a.connector_id : "") + ", " +
+    Math.round(a.duration_seconds * 1000) + " ms";
 }
 
 function select(name) {
@@ -343,7 +351,8 @@ value="3600" required></label><button id="rotate-submit" type="submit">Rotate</b
 <code id="new-token-value" class="secret"></code>
 <button id="new-token-copy" type="button">Copy</button></p>
 <h2>Dead letters</h2><table><thead><tr><th>message</th><th>webhook</th><th>group</th>
-<th>reason</th><th>attempts</th><th>dead since</th><th>bytes</th><th></th></tr></thead>
+<th>reason</th><th>attempts</th><th>failed deliveries</th><th>dead since</th><th>bytes</th>
+<th></th></tr></thead>
 <tbody id="dead-letters-body"></tbody></table>
 <p id="dead-letters-body-empty" class="muted" hidden>No dead letters.</p>
 <p><button id="replay-all" type="button">Replay all</button>

@@ -108,6 +108,14 @@ def _key_schemes(guard: Guard) -> dict[str, dict[str, Any]]:
     return schemes
 
 
+def _summary(guard: Guard) -> str:
+    webhook = guard.webhook
+    if webhook.plan is None:
+        return f"Relay to channel {webhook.relay.channel}"
+    modules = ", ".join(step.module for step in webhook.plan.steps)
+    return f"Stored, then delivered by the cloud to: {modules}"
+
+
 def _operation(guard: Guard, scheme_names: list[str]) -> dict[str, Any]:
     entry = guard.entry
     if entry.data_type == "json" or entry.json_schema is not None:
@@ -123,7 +131,7 @@ def _operation(guard: Guard, scheme_names: list[str]) -> dict[str, Any]:
     notes.append(f"bodies up to {entry.max_body_size} bytes")
     operation: dict[str, Any] = {
         "operationId": f"webhook_{guard.webhook.webhook_id}",
-        "summary": f"Relay to channel {guard.webhook.relay.channel}",
+        "summary": _summary(guard),
         "description": "; ".join(notes),
         "requestBody": {"required": entry.data_type == "json", "content": content},
         "responses": {

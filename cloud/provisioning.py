@@ -35,6 +35,8 @@ def _config_tokens(webhooks: Mapping[str, Webhook]) -> dict[str, TokenRecord]:
     now = time.time()
     records: dict[str, TokenRecord] = {}
     for webhook in webhooks.values():
+        if webhook.is_direct:  # delivered by the cloud itself: no connector, no token
+            continue
         token_hash = hash_token(webhook.relay.channel_token)
         records[token_hash] = TokenRecord(
             token_id=f"cfg-{token_hash[:12]}",

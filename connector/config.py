@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
+from shared.config.connections import load_connections
+from shared.config.delivery import DeliveryPlan, load_plans
 from shared.config.loading import load_json_file, validate_model
 from shared.config.webhooks import CHANNEL_NAME_PATTERN
 from shared.exceptions import ConfigError
@@ -128,12 +130,22 @@ def load_connector_settings(
         raise ConfigError(
             source, "default_target", "no delivery mode: set default_target (or targets)"
         )
-    if module_mode:
-        raise ConfigError(
-            source, "webhooks_config", "module mode is not available in this version yet"
-        )
-    if settings.connections_config is not None:
+    if settings.connections_config is not None and not module_mode:
         raise ConfigError(
             source, "connections_config", "only meaningful with webhooks_config (module mode)"
         )
     return settings
+
+
+def load_delivery_plans(
+    settings: ConnectorSettings, config_path: str | Path | None
+) -> dict[str, DeliveryPlan] | None:
+    """Module mode: the plans of ``webhooks_config`` (None in HTTP mode). Relative paths are
+    taken from the directory of connector.json, so the three files travel together."""
+    if settings.webhooks_config is None:
+        return None
+    base = Path(config_path).parent if config_path is not None else Path.cwd()
+    connections = {}
+    if settings.connections_config is not None:
+        connections = load_connections(base / settings.connections_config)
+    return load_plans(base / settings.webhooks_config, connections)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from tenacity import (
     AsyncRetrying,
@@ -20,8 +21,8 @@ from tenacity import (
 
 from connector.config import ConnectorSettings, Target
 from connector.httpclient import HttpClient, HttpClientError, InvalidRequest
-from connector.policy import Outcome, classify_status, parse_retry_after, retry_delay
 from shared.frames import WireMessage
+from shared.policy import Outcome, classify_status, parse_retry_after, retry_delay
 
 HOP_BY_HOP = frozenset(
     {
@@ -86,12 +87,28 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+class Deliverer(Protocol):
+    """Delivers one message and says how it went: HTTP mode, or module mode."""
+
+    async def start(self) -> None: ...
+
+    async def deliver(self, message: WireMessage) -> DeliveryResult: ...
+
+    async def aclose(self) -> None: ...
+
+
 class HttpDeliverer:
     """Delivers messages to the targets of a connector configuration."""
 
     def __init__(self, settings: ConnectorSettings, client: HttpClient) -> None:
         self._settings = settings
         self._client = client
+
+    async def start(self) -> None:
+        """Nothing to set up: the HTTP client connects on demand."""
+
+    async def aclose(self) -> None:
+        """The client is closed by its owner."""
 
     async def deliver(self, message: WireMessage) -> DeliveryResult:
         target = self._settings.target_for(message.envelope.webhook_id)

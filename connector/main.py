@@ -8,14 +8,16 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from connector.config import ConnectorSettings
 from connector.dedup import DeliveredLog
-from connector.delivery import HttpDeliverer
+from connector.delivery import Deliverer, HttpDeliverer
 from connector.httpclient import HttpClient
 from connector.runner import Runner
 from connector.transports import open_transport
+from shared.config.delivery import DeliveryPlan
 
 
 def state_path(settings: ConnectorSettings) -> Path:
@@ -38,26 +40,33 @@ def configure_logging(level: str = "INFO") -> None:
     root.propagate = False
 
 
-async def serve(settings: ConnectorSettings) -> int:
+async def serve(settings: ConnectorSettings, plans: Mapping[str, DeliveryPlan] | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     client = HttpClient(max_connections_per_host=max(settings.max_concurrent_requests, 1))
     delivered = DeliveredLog(state_path(settings), settings.dedup_capacity)
+    deliverer: Deliverer = HttpDeliverer(settings, client)
+    if plans is not None:
+        from connector.modules import ModuleDeliverer
+
+        deliverer = ModuleDeliverer(plans)
     try:
-        runner = Runner(settings, HttpDeliverer(settings, client), delivered, open_transport)
+        await deliverer.start()
+        runner = Runner(settings, deliverer, delivered, open_transport)
         return await runner.run(stop)
     finally:
         delivered.close()
+        await deliverer.aclose()
         await client.aclose()
 
 
-def run(settings: ConnectorSettings) -> int:
+def run(settings: ConnectorSettings, plans: Mapping[str, DeliveryPlan] | None = None) -> int:
     """Run until SIGINT/SIGTERM (0) or a refusal by the cloud (1)."""
     configure_logging()
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(settings))
-    return uvloop.run(serve(settings))
+        return asyncio.run(serve(settings, plans))
+    return uvloop.run(serve(settings, plans))

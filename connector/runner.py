@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 from connector.config import ConnectorSettings
 from connector.dedup import DeliveredLog
-from connector.delivery import DeliveryResult, HttpDeliverer
-from connector.policy import Backoff, Outcome
+from connector.delivery import Deliverer, DeliveryResult
 from connector.printer import LinePrinter
 from connector.transports import Disconnected, Refused, Transport
 from shared.frames import WireMessage
+from shared.policy import Backoff, Outcome
 
 logger = logging.getLogger("webhook_connect.connector")
 
@@ -33,7 +33,7 @@ class Runner:
     def __init__(
         self,
         settings: ConnectorSettings,
-        deliverer: HttpDeliverer,
+        deliverer: Deliverer,
         delivered: DeliveredLog,
         open_transport: Callable[[ConnectorSettings], Transport],
         rng: random.Random | None = None,

@@ -16,7 +16,7 @@ Answer = dict[str, Any]
 # Fields the admin API (docs/ADMIN.md) sends as Unix seconds.
 TIME_FIELDS = frozenset(
     {"created_at", "expires_at", "connected_at", "seen_at", "dead_at", "received_at",
-     "grace_until"}
+     "grace_until", "time"}
 )  # fmt: skip
 # A missing expiry means the token never expires, not that the value is unknown.
 NEVER_FIELDS = frozenset({"expires_at"})
@@ -35,6 +35,10 @@ CONNECTION_COLUMNS = (
 )  # fmt: skip
 DEAD_LETTER_COLUMNS = (
     "message_id", "group", "reason", "attempts", "dead_at", "webhook_id", "method", "size",
+)  # fmt: skip
+ATTEMPT_COLUMNS = (
+    "attempt", "time", "connector_id", "connection_id", "outcome", "status_code",
+    "duration_seconds",
 )  # fmt: skip
 # create, issue and rotate print these; the token itself last, where the eye lands.
 NEW_TOKEN_FIELDS = (
@@ -138,8 +142,13 @@ def channel_report(answer: Answer) -> list[str]:
 
 
 def dead_letter_report(answer: Answer) -> list[str]:
-    """``dlq show``: the metadata, the headers as received, then the body."""
-    metadata = {k: v for k, v in answer.items() if k not in ("headers", "body_base64")}
+    """``dlq show``: the metadata, each failed delivery, the headers as received, the body."""
+    parts = ("headers", "body_base64", "delivery_attempts")
+    metadata = {k: v for k, v in answer.items() if k not in parts}
+    attempts = listing(answer.get("delivery_attempts") or [], ATTEMPT_COLUMNS, "none recorded")
     headers = [f"{name}: {value}" for name, value in answer.get("headers", [])]
     body = base64.b64decode(answer.get("body_base64") or "")
-    return [*key_values(metadata), "", "headers:", *indented(headers), "", *body_lines(body)]
+    return [
+        *key_values(metadata), "", "delivery attempts:", *indented(attempts),
+        "", "headers:", *indented(headers), "", *body_lines(body),
+    ]  # fmt: skip

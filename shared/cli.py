@@ -105,7 +105,7 @@ def connector(config_path: str | None, **overrides: str | None) -> None:
     Flags (and their WEBHOOK_CONNECT_* variables) override connector.json only when given.
     """
     try:
-        from connector.config import load_connector_settings
+        from connector.config import load_connector_settings, load_delivery_plans
         from connector.main import run
     except ImportError as exc:
         click.echo(
@@ -116,9 +116,10 @@ def connector(config_path: str | None, **overrides: str | None) -> None:
         sys.exit(2)
     try:
         settings = load_connector_settings(config_path, overrides)
+        plans = load_delivery_plans(settings, config_path)
     except ConfigError as exc:
         fail_config(exc)
-    sys.exit(run(settings))
+    sys.exit(run(settings, plans))
 
 
 @main.command()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.servers import REPO, Cloud, running, wait_until
+from tests.servers import REPO, Cloud, ConnectorProcess, Sink, running, wait_until
 
 ADMIN = "admin-token-0123456789"
 TOKEN = "config-channel-token"
@@ -261,6 +263,39 @@ def test_dead_letters_are_listed_shown_replayed_and_purged(admin_cloud: Cloud) -
     purged = api(admin_cloud, "DELETE", "/channels/dev/dead-letters", {"all": True})
     assert purged.json() == {"purged": 1}
     assert api(admin_cloud, "GET", "/channels/dev/dead-letters").json()["dead_letters"] == []
+
+
+def test_a_dead_letter_shows_each_delivery_attempt(admin_cloud: Cloud, tmp_path: Path) -> None:
+    """A real connector against a target that answers 503: each attempt is on record."""
+    limits = {"max_delivery_attempts": 2, "retry_delay_seconds": 0.1}
+    assert api(admin_cloud, "PATCH", "/channels/dev", limits).status_code == 200
+    failing = Sink(tmp_path, status=503)
+    connector = ConnectorProcess(
+        tmp_path,
+        {
+            "protocol": "websocket", "cloud_url": admin_cloud.url, "channel": "dev",
+            "token": TOKEN, "connector_id": "on-prem-7", "state_dir": str(tmp_path / "state"),
+            "default_target": {"url": failing.url, "retry_max_attempts": 1},
+        },
+    )  # fmt: skip
+    with running(failing), contextlib.ExitStack() as stack:
+        connector.start()
+        stack.callback(connector.stop, signal.SIGKILL)
+        message_id = post_webhook(admin_cloud)
+        path = f"/channels/dev/dead-letters/{message_id}"
+        wait_until(lambda: api(admin_cloud, "GET", path).status_code == 200, 30, "dead letter")
+    shown = api(admin_cloud, "GET", path).json()
+    assert (shown["reason"], shown["attempts"]) == ("max_delivery_attempts", 2)
+    attempts = shown["delivery_attempts"]
+    assert [a["attempt"] for a in attempts] == [1, 2]
+    assert {(a["connector_id"], a["outcome"], a["status_code"]) for a in attempts} == {
+        ("on-prem-7", "http_503", 503)
+    }
+    assert all(0 <= a["duration_seconds"] < 10 for a in attempts)
+    assert shown["dead_at"] - 10 < attempts[0]["time"] <= attempts[1]["time"] <= shown["dead_at"]
+    assert len(failing.records()) == 2
+    listed = api(admin_cloud, "GET", "/channels/dev/dead-letters").json()["dead_letters"]
+    assert listed[0]["delivery_attempts"] == attempts
 
 
 def test_a_channel_created_on_one_replica_is_served_by_another(

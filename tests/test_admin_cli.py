@@ -303,6 +303,9 @@ def test_dead_letters_list_show_replay_purge(cloud: Cloud) -> None:
     shown = ok(cloud, "dlq", "show", "dev", text_id)
     assert shown.rstrip().endswith('body: 12 bytes, UTF-8 text:\n{"order": 1}')
     assert re.search(r"^reason\s+http_400$", shown, re.MULTILINE)
+    # The attempts table: ATTEMPT TIME CONNECTOR_ID CONNECTION_ID OUTCOME STATUS_CODE DURATION
+    attempt = rf"^  1\s+{ISO_TIME.pattern}\s+-\s+{connection_id}\s+http_400\s+400\s+[\d.]+$"
+    assert re.search(attempt, shown, re.MULTILINE), shown
     shown = ok(cloud, "dlq", "show", "dev", binary_id)
     assert f"body: {len(binary)} bytes, not UTF-8, base64:" in shown
     assert base64.b64encode(binary).decode() in shown

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
@@ -482,3 +484,83 @@ async def test_connections_count_what_they_delivered(buffer: Buffer) -> None:
     assert not any(":" in name for name in (await buffer.stats("orders")).counters)
     await buffer.remove_connection("orders", "c1")
     assert await buffer.get_connection("orders", "c1") is None
+
+
+async def test_a_dead_letter_carries_each_failed_delivery(buffer: Buffer) -> None:
+    spec = ChannelSpec(
+        "orders", ack_timeout_seconds=0.3, retry_delay_seconds=0.05, max_delivery_attempts=4
+    )
+    await buffer.provision(spec)
+    record = ConnectionRecord("conn-a", "orders", "default", connector_id="laptop")
+    assert await buffer.add_connection(record, 10)
+    message_id = await buffer.append(envelope())
+    started = time.time()
+    # 1: the target answered 503; 2: the connection closed; 3: no answer within the ack
+    # timeout; 4: a 400, which gives up.
+    [first] = await buffer.read("orders", "default", "conn-a", 10)
+    await asyncio.sleep(0.05)
+    assert await buffer.nack("orders", "default", message_id, retry=True, reason="http_503")
+    await asyncio.sleep(0.1)
+    [second] = await buffer.read("orders", "default", "conn-b", 10)
+    assert await buffer.release("orders", "default", "conn-b") == 1
+    [third] = await buffer.read("orders", "default", "conn-a", 10)
+    await asyncio.sleep(0.35)
+    [fourth] = await buffer.read("orders", "default", "conn-a", 10)
+    assert [d.attempt for d in (first, second, third, fourth)] == [1, 2, 3, 4]
+    assert await buffer.nack(
+        "orders", "default", message_id, retry=False, consumer="conn-a", reason="http_400"
+    )
+    [letter] = await buffer.dead_letters("orders")
+    log = letter.delivery_attempts
+    assert [(a.attempt, a.connection, a.outcome) for a in log] == [
+        (1, "conn-a", "http_503"),
+        (2, "conn-b", "connection_closed"),
+        (3, "conn-a", "ack_timeout"),
+        (4, "conn-a", "http_400"),
+    ]
+    assert [a.connector for a in log] == ["laptop", "", "laptop", "laptop"]
+    assert [a.status_code for a in log] == [503, None, None, 400]
+    assert log[0].duration >= 0.04 and log[2].duration >= 0.3
+    assert all(started - 1 <= a.time <= time.time() for a in log)
+    assert [a.time for a in log] == sorted(a.time for a in log)
+
+
+async def test_an_acked_message_leaves_no_attempt_log_behind(buffer: Buffer) -> None:
+    spec = ChannelSpec("orders", retry_delay_seconds=0.05, max_delivery_attempts=2)
+    await buffer.provision(spec)
+    message_id = await buffer.append(envelope())
+    await buffer.read("orders", "default", "c1", 10)
+    assert await buffer.nack("orders", "default", message_id, retry=True, reason="timeout")
+    await asyncio.sleep(0.1)
+    await buffer.read("orders", "default", "c1", 10)
+    assert await buffer.ack("orders", "default", message_id)
+    # A later message that fails starts its own log.
+    second = await buffer.append(envelope())
+    await buffer.read("orders", "default", "c1", 10)
+    assert await buffer.nack("orders", "default", second, retry=False, reason="http_410")
+    [letter] = await buffer.dead_letters("orders")
+    assert [(a.attempt, a.outcome) for a in letter.delivery_attempts] == [(1, "http_410")]
+
+
+async def test_a_sqlite_file_from_before_the_attempt_log_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the tables as the first release created them
+        db.executescript(
+            "CREATE TABLE pending (channel TEXT NOT NULL, grp TEXT NOT NULL, seq INTEGER NOT NULL,"
+            " consumer TEXT NOT NULL, attempts INTEGER NOT NULL, due_at REAL NOT NULL,"
+            " PRIMARY KEY (channel, grp, seq));"
+            "CREATE TABLE dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " channel TEXT NOT NULL, grp TEXT NOT NULL, message_id TEXT NOT NULL,"
+            " reason TEXT NOT NULL, attempts INTEGER NOT NULL, dead_at REAL NOT NULL,"
+            " meta BLOB NOT NULL, body BLOB NOT NULL);"
+        )
+    buffer = open_buffer(f"sqlite:///{path}")
+    try:
+        await buffer.provision(ChannelSpec("orders"))
+        message_id = await buffer.append(envelope())
+        await buffer.read("orders", "default", "c1", 10)
+        assert await buffer.nack("orders", "default", message_id, retry=False, reason="http_422")
+        [letter] = await buffer.dead_letters("orders")
+        assert [a.status_code for a in letter.delivery_attempts] == [422]
+    finally:
+        await buffer.aclose()

@@ -14,6 +14,7 @@ from cloud.config import build_cloud_config
 from shared.config import load_connections, load_webhooks
 from shared.config.substitution import substitute
 from shared.exceptions import ConfigError
+from shared.modules.registry import MODULES
 from tests.servers import REPO
 
 GOOD = {
@@ -56,7 +57,23 @@ def test_placeholders_are_replaced_from_the_environment() -> None:
         ("{ nope", "", "invalid JSON at line 1 column 3"),
         ([], "", "expected a JSON object"),
         ({"gh": {"module": "nope"}}, "gh.module", "unknown module 'nope'"),
-        ({"gh": {"module": "kafka"}}, "gh.module", "not available in the cloud"),
+        ({"gh": {"module": "save_to_disk"}}, "gh.module-config.path", "required key is missing"),
+        ({"gh": {"module": "log", "module-config": {"colour": 1}}}, "gh.module-config.colour",
+         "unknown key"),
+        ({"gh": {"data_type": "json"}}, "gh.module", "required key is missing"),
+        ({"gh": {"chain": []}}, "gh.chain", "expected a list of 1 to 20 modules"),
+        ({"gh": {"chain": ["log", {"module": "nope"}]}}, "gh.chain[1].module",
+         "unknown module 'nope'"),
+        ({"gh": {"chain": ["log", "webhook_connect"]}}, "gh.chain[1].module", "cannot be chained"),
+        ({"gh": {"chain": ["log"], "chain-config": {"execution": "later"}}},
+         "gh.chain-config.execution", "'sequential' or 'parallel'"),
+        ({"gh": {"module": "log", "transform": {"pick": ["a..b"]}}}, "gh.transform",
+         "bad field path 'a..b'"),
+        ({"gh": {"module": "log", "retry": {"max_attempts": 0}}}, "gh.retry.max_attempts",
+         "greater than 0"),
+        ({"gh": {"module": "http_webhook", "module-config": {
+            "url": "http://10.0.0.1/", "allowed_hosts": ["example.com"]}}},
+         "gh.module-config", "not in allowed_hosts"),
         ({"gh": {"module": "webhook_connect"}}, "gh.module-config.channel", "required"),
         (
             {"gh": {"module": "webhook_connect", "module-config": {
@@ -279,3 +296,25 @@ def test_the_example_webhooks_load_and_compile(name: str) -> None:
     webhooks = load_webhooks(path, environ={})
     guards = build_guards(webhooks, OFFLINE, str(path))
     assert set(guards) == set(webhooks)
+
+
+def test_a_module_without_its_driver_names_the_extra_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(MODULES, "fakemq", ("fakemq_driver_not_installed:Module", "fakemq"))
+    with pytest.raises(ConfigError) as raised:
+        load_webhooks(write(tmp_path, {"gh": {"module": "fakemq"}}), environ={})
+    assert raised.value.key_path == "gh.module"
+    assert "install webhook-connect[fakemq]" in raised.value.reason
+
+
+def test_a_bad_module_file_of_the_connector_exits_2_naming_it(tmp_path: Path) -> None:
+    hooks = write(tmp_path, {"gh": {"module": "save_to_disk", "connection": "pg"}}, "hooks.json")
+    connections = write(tmp_path, {"pg": {"type": "postgresql"}}, "connections.json")
+    settings = {**CONNECTOR, "webhooks_config": hooks.name, "connections_config": connections.name}
+    del settings["default_target"]
+    path = write(tmp_path, settings, "connector.json")
+    result = run_cli("connector", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"webhook-connect: configuration error: {hooks}: gh.module-config.path")

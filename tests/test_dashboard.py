@@ -151,6 +151,9 @@ def test_log_in_create_a_channel_watch_a_webhook_and_replay_its_dead_letter(
 
         letter = row(page, "dead-letter-row", message_id=message_id)
         expect(letter.locator('[data-field="reason"]')).to_have_text(HOSTILE)
+        tried = letter.locator('[data-field="delivery_attempts"]')
+        expect(tried).to_have_text(re.compile(r"^#1 .* ms$"))
+        expect(tried).to_contain_text(HOSTILE)
         expect(dev.locator('[data-field="dead_letters"]')).to_have_text("1")
         expect(row(page, "event-row", type="dead_lettered", message_id=message_id)).to_be_visible()
         assert page.evaluate("() => window.injected") is None

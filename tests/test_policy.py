@@ -10,7 +10,6 @@ import pytest
 from connector.config import Target
 from connector.dedup import DeliveredLog
 from connector.delivery import build_request
-from connector.policy import Backoff, Outcome, classify_status, parse_retry_after, retry_delay
 from shared.envelope import Envelope
 from shared.frames import (
     FrameError,
@@ -20,6 +19,7 @@ from shared.frames import (
     parse_client_frame,
     seed_message,
 )
+from shared.policy import Backoff, Outcome, classify_status, parse_retry_after, retry_delay
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,9 @@ from shared.config.webhooks import CHANNEL_NAME_PATTERN
 from shared.exceptions import StorageError
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-CHANNEL_NAME = re.compile(CHANNEL_NAME_PATTERN)
+# Names in paths: also the channels of webhooks the cloud delivers itself ("_direct.<id>"),
+# which can be looked at, never created through the API.
+CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,135}$")
 
 
 class AdminError(Exception):
@@ -162,6 +164,18 @@ def dead_letter_json(letter: DeadLetter, *, full: bool = False) -> dict[str, Any
         "received_at": envelope.received_at,
         "method": envelope.method,
         "size": len(envelope.body),
+        "delivery_attempts": [
+            {
+                "attempt": a.attempt,
+                "time": a.time,
+                "connector_id": a.connector,
+                "connection_id": a.connection,
+                "outcome": a.outcome,
+                "status_code": a.status_code,
+                "duration_seconds": round(a.duration, 3),
+            }
+            for a in letter.delivery_attempts
+        ],
     }
     if full:
         answer["path"] = envelope.path

@@ -9,6 +9,7 @@ from cloud.buffers.base import (
     ConnectionRecord,
     DeadLetter,
     Delivery,
+    DeliveryAttempt,
     TokenRecord,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "ConnectionRecord",
     "DeadLetter",
     "Delivery",
+    "DeliveryAttempt",
     "TokenRecord",
     "open_buffer",
 ]

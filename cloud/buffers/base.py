@@ -15,6 +15,8 @@ each of them to it):
   after ``retry_delay_seconds`` (capped at the ack timeout); ``nack(retry=False)`` dead-letters
   it. A message in flight longer than ``ack_timeout_seconds`` is deliverable again; one read
   more than ``max_delivery_attempts`` times is dead-lettered instead.
+* Every delivery that does not end in an ack (a nack, an ack timeout, a connection that
+  closed) is logged with the message, and a dead letter carries that log.
 * A message older than ``ttl_seconds`` is expired (counted), never delivered. A message is
   removed from storage only when every group has acked, expired or dead-lettered it.
 """
@@ -22,7 +24,9 @@ each of them to it):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+import orjson
 
 from shared.envelope import Envelope
 
@@ -66,9 +70,60 @@ class Delivery:
     envelope: Envelope
 
 
+# Outcomes of a delivery the cloud ended itself; a nack's outcome is the connector's reason
+# ("http_503", "timeout", "connect_error", ...).
+ACK_TIMEOUT = "ack_timeout"
+CONNECTION_CLOSED = "connection_closed"
+# How many failed deliveries a message keeps the record of (the latest).
+ATTEMPTS_KEPT = 50
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryAttempt:
+    """One delivery of a message that did not end in an ack."""
+
+    attempt: int  # 1 for the first delivery
+    time: float  # when it was handed to the connection
+    connection: str  # the connection (consumer) that held it
+    connector: str  # the connector id that connection gave, "" if none
+    outcome: str  # the nack's reason, ACK_TIMEOUT or CONNECTION_CLOSED
+    duration: float  # seconds from delivery to the outcome
+
+    @property
+    def status_code(self) -> int | None:
+        """The target's HTTP status, when the connector nacked with ``http_<status>``."""
+        prefix, _, code = self.outcome.partition("_")
+        return int(code) if prefix == "http" and code.isdigit() else None
+
+
+def encode_attempts(attempts: list[DeliveryAttempt]) -> bytes:
+    """The storage form of an attempt log, as the Redis scripts write it too (times in ms)."""
+    return orjson.dumps(
+        [
+            [a.attempt, round(a.time * 1000), a.connection, a.connector, a.outcome,
+             round(a.duration * 1000)]
+            for a in attempts[-ATTEMPTS_KEPT:]
+        ]
+    )  # fmt: skip
+
+
+def decode_attempts(raw: bytes | str | None) -> tuple[DeliveryAttempt, ...]:
+    """An attempt log from storage; nothing (or an empty Lua table, ``{}``) is no attempts."""
+    rows: Any = orjson.loads(raw) if raw else []
+    if not isinstance(rows, list):
+        return ()
+    return tuple(
+        DeliveryAttempt(
+            int(n), t / 1000, str(connection), connector if isinstance(connector, str) else "",
+            str(outcome), duration / 1000,
+        )
+        for n, t, connection, connector, outcome, duration in rows
+    )  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A message a group gave up on, with why and after how many attempts."""
+    """A message a group gave up on, with why, after how many attempts, and each of them."""
 
     dead_letter_id: str
     message_id: str
@@ -77,6 +132,7 @@ class DeadLetter:
     attempts: int
     dead_at: float
     envelope: Envelope
+    delivery_attempts: tuple[DeliveryAttempt, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

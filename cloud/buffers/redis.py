@@ -40,6 +40,7 @@ from cloud.buffers.base import (
     DeadLetter,
     Delivery,
     TokenRecord,
+    decode_attempts,
 )
 from cloud.buffers.resp import ReplyError, RespClient
 from cloud.notifier import Notifier
@@ -58,7 +59,7 @@ SCRIPT_NAMES = (
 NOTIFY_CHANNEL = "wc:changed"
 # Per-connection delivered counts live in the stats hash under this prefix.
 BY_CONNECTION = b"by:"
-CHANNEL_KEYS = 7  # what channel_keys() returns; a script's own extra keys come after
+CHANNEL_KEYS = 8  # what channel_keys() returns; a script's own extra keys come after
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -72,7 +73,7 @@ def channel_keys(channel: str) -> list[str]:
     tag = "{" + channel + "}"
     return [
         f"wc:{tag}:s", f"wc:{tag}:cfg", f"wc:{tag}:stats", f"wc:{tag}:dlq", f"wc:{tag}:conns",
-        f"wc:{tag}:events", f"wc:{tag}:history",
+        f"wc:{tag}:events", f"wc:{tag}:history", f"wc:{tag}:attempts",
     ]  # fmt: skip
 
 
@@ -474,7 +475,7 @@ class RedisBuffer:
     async def replay_history(
         self, channel: str, group: str, since: float, limit: int = 10000
     ) -> int:
-        stream, _, stats, *_, history = channel_keys(channel)
+        stream, _, stats, _, _, _, history, _ = channel_keys(channel)
         spec = await self.get_channel(channel)
         if spec is None:
             raise UnknownChannel(channel)
@@ -581,4 +582,5 @@ def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         attempts=int(fields[b"attempts"]),
         dead_at=int(fields[b"dead_at"]) / 1000,
         envelope=Envelope.decode(fields[b"meta"], fields[b"body"]),
+        delivery_attempts=decode_attempts(fields.get(b"attempts_log")),
     )

@@ -1,12 +1,13 @@
 -- Webhook Connect: the Redis Streams buffer's server-side logic.
--- Every script receives KEYS = {stream, config, stats, dead letters, connections, events} of one
--- channel and its history, then its own extra keys (KEYS[8] ...); they share
--- a hash tag, so they live in one Redis Cluster slot. Each script is this prelude followed by
--- one `-- script: NAME` section (see cloud/buffers/redis.py).
-local S, CFG, STATS, DLQ = KEYS[1], KEYS[2], KEYS[3], KEYS[4]  -- KEYS[5]: connections
-local EVENTS, HISTORY = KEYS[6], KEYS[7]
+-- Every script receives KEYS = {stream, config, stats, dead letters, connections, events,
+-- history, attempts} of one channel, then its own extra keys (KEYS[9] ...); they share a hash
+-- tag, so they live in one Redis Cluster slot. Each script is this prelude followed by one
+-- `-- script: NAME` section (see cloud/buffers/redis.py).
+local S, CFG, STATS, DLQ, CONNS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local EVENTS, HISTORY, ATTEMPTS = KEYS[6], KEYS[7], KEYS[8]
 local RETRY_CONSUMER = '__retry__'
 local EVENTS_KEPT = 200  -- cloud.buffers.base.EVENTS_KEPT
+local ATTEMPTS_KEPT = 50  -- cloud.buffers.base.ATTEMPTS_KEPT
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -62,9 +63,33 @@ local function event(kind, id, consumer)
   redis.call('LTRIM', EVENTS, 0, EVENTS_KEPT - 1)
 end
 
+-- A failed delivery of a message in flight, from its pending entry {id, consumer, idle ms,
+-- deliveries}: appended to the message's attempt log, kept (the latest ATTEMPTS_KEPT) until
+-- it is acked, dead-lettered (the log goes with it) or expired. Entries as encode_attempts
+-- in cloud/buffers/base.py writes them: {attempt, ms, connection, connector, outcome, ms}.
+local function log_attempt(group, p, outcome, now)
+  local field = group .. ' ' .. p[1]
+  local raw = redis.call('HGET', ATTEMPTS, field)
+  local log = raw and cjson.decode(raw) or {}
+  local connector = ''
+  local record = redis.call('HGET', CONNS, p[2])
+  if record then
+    local ok, fields = pcall(cjson.decode, record)
+    if ok and type(fields.connector_id) == 'string' then connector = fields.connector_id end
+  end
+  local idle = tonumber(p[3])
+  table.insert(log, {tonumber(p[4]), now - idle, p[2], connector, outcome, idle})
+  while #log > ATTEMPTS_KEPT do table.remove(log, 1) end
+  redis.call('HSET', ATTEMPTS, field, cjson.encode(log))
+end
+
 local function dead_letter(group, id, fields, attempts, reason, now)
+  local field = group .. ' ' .. id
+  local log = redis.call('HGET', ATTEMPTS, field) or '[]'
   redis.call('XADD', DLQ, '*', 'message_id', id, 'group', group, 'reason', reason,
-    'attempts', attempts, 'dead_at', now, 'meta', fields['meta'], 'body', fields['body'])
+    'attempts', attempts, 'dead_at', now, 'meta', fields['meta'], 'body', fields['body'],
+    'attempts_log', log)
+  redis.call('HDEL', ATTEMPTS, field)
   redis.call('XACK', S, group, id)
   redis.call('HINCRBY', STATS, 'dead_lettered', 1)
   event('dead_lettered', id)
@@ -83,9 +108,9 @@ end
 
 -- script: append
 -- ARGV: meta, body[, window ms]. Returns the id, or an error reply 'FULL' / 'NOCHANNEL'.
--- With KEYS[8] (an idempotency key) and a window: returns {id, 1} when it stored the message,
--- {original id, 0} when KEYS[8] names one stored within the window.
-local once = KEYS[8]
+-- With KEYS[9] (an idempotency key) and a window: returns {id, 1} when it stored the message,
+-- {original id, 0} when KEYS[9] names one stored within the window.
+local once = KEYS[9]
 if once then
   local seen = redis.call('GET', once)
   if seen then return {seen, 0} end
@@ -122,6 +147,7 @@ local function offer(id, flat, attempts)
   local f = fields_of(flat)
   if id_parts(id) < cutoff then
     redis.call('XACK', S, group, id)
+    redis.call('HDEL', ATTEMPTS, group .. ' ' .. id)
     redis.call('HINCRBY', STATS, 'expired', 1)
   elseif f['group'] and f['group'] ~= group then
     redis.call('XACK', S, group, id)  -- a replay meant for another group
@@ -132,11 +158,20 @@ local function offer(id, flat, attempts)
     table.insert(out, {id, attempts, f['meta'], f['body']})
   end
 end
-local claimed = redis.call('XAUTOCLAIM', S, group, consumer, cfg.ack_timeout_ms, '0-0',
-  'COUNT', count)
-for _, entry in ipairs(claimed[2]) do
-  local p = redis.call('XPENDING', S, group, entry[1], entry[1], 1)
-  offer(entry[1], entry[2], tonumber(p[1][4]))
+-- What is due again: a held message past its ack timeout (that attempt is logged), or one
+-- nacked or released, which waits under RETRY_CONSUMER until its retry delay is over.
+local due = redis.call('XPENDING', S, group, 'IDLE', cfg.ack_timeout_ms, '-', '+', count)
+if #due > 0 then
+  local ids, attempts = {}, {}
+  for _, p in ipairs(due) do
+    if p[2] ~= RETRY_CONSUMER then log_attempt(group, p, 'ack_timeout', now) end
+    table.insert(ids, p[1])
+    attempts[p[1]] = tonumber(p[4]) + 1
+  end
+  -- Entries gone from the stream are dropped from the group and not returned.
+  for _, entry in ipairs(redis.call('XCLAIM', S, group, consumer, 0, unpack(ids))) do
+    if entry and entry[2] then offer(entry[1], entry[2], attempts[entry[1]]) end
+  end
 end
 if #out < count then
   local fresh = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count - #out,
@@ -156,6 +191,7 @@ if consumer ~= '' then
 end
 local n = redis.call('XACK', S, group, id)
 if n == 1 then
+  redis.call('HDEL', ATTEMPTS, group .. ' ' .. id)
   redis.call('HINCRBY', STATS, 'delivered', 1)
   if consumer ~= '' then redis.call('HINCRBY', STATS, 'by:' .. consumer, 1) end
   event('delivered', id, consumer)
@@ -169,13 +205,16 @@ local cfg = config()
 if not cfg then return 0 end
 local p = redis.call('XPENDING', S, group, id, id, 1)
 if #p == 0 or (consumer ~= '' and p[1][2] ~= consumer) then return 0 end
+local now = now_ms()
+-- (A message already waiting for its retry was nacked before: that attempt is logged.)
+if p[1][2] ~= RETRY_CONSUMER then log_attempt(group, p[1], reason, now) end
 if retry == '1' then
   -- Due again once its idle time reaches the ack timeout: that is, after the retry delay.
   local idle = math.max(cfg.ack_timeout_ms - cfg.retry_delay_ms, 0)
   redis.call('XCLAIM', S, group, RETRY_CONSUMER, 0, id, 'IDLE', idle, 'JUSTID')
 else
   local entry = redis.call('XRANGE', S, id, id)[1]
-  dead_letter(group, id, fields_of(entry[2]), tonumber(p[1][4]), reason, now_ms())
+  dead_letter(group, id, fields_of(entry[2]), tonumber(p[1][4]), reason, now)
 end
 return 1
 
@@ -187,8 +226,12 @@ local released = 0
 while cfg do
   local p = redis.call('XPENDING', S, group, '-', '+', 1000, consumer)
   if #p == 0 then break end
+  local now = now_ms()
   local args = {S, group, RETRY_CONSUMER, 0}
-  for _, entry in ipairs(p) do table.insert(args, entry[1]) end
+  for _, entry in ipairs(p) do
+    log_attempt(group, entry, 'connection_closed', now)
+    table.insert(args, entry[1])
+  end
   table.insert(args, 'IDLE'); table.insert(args, cfg.ack_timeout_ms)
   table.insert(args, 'JUSTID')
   redis.call('XCLAIM', unpack(args))
@@ -221,6 +264,16 @@ for _, g in ipairs(groups_of()) do
   end
 end
 if expired > 0 then redis.call('HINCRBY', STATS, 'expired', expired) end
+-- Attempt logs of messages no longer in flight (expired, or their group deleted), a slice per
+-- run: the cursor is kept in the config hash.
+local scan = redis.call('HSCAN', ATTEMPTS, redis.call('HGET', CFG, 'attempts_cursor') or '0',
+  'COUNT', 200)
+for i = 1, #scan[2], 2 do
+  local group, id = string.match(scan[2][i], '^(.*) (%d+%-%d+)$')
+  local ok, p = pcall(redis.call, 'XPENDING', S, group or '', id or '0-0', id or '0-0', 1)
+  if not ok or #p == 0 then redis.call('HDEL', ATTEMPTS, scan[2][i]) end
+end
+redis.call('HSET', CFG, 'attempts_cursor', scan[1])
 if cfg.history_ms > 0 then
   redis.call('XTRIM', HISTORY, 'MINID', (now_ms() - cfg.history_ms) .. '-0')
 else
@@ -239,7 +292,6 @@ return {redis.call('XLEN', S), in_flight, first and first[1] or false}
 
 -- script: connect
 -- ARGV: connection id, record JSON, limit, stale ms. Drops stale records; 1 if registered.
-local CONNS = KEYS[5]
 local now = now_ms()
 local live = 0
 local all = redis.call('HGETALL', CONNS)
@@ -259,7 +311,6 @@ return 1
 
 -- script: touch
 -- ARGV: connection id. 1 if the connection is still registered.
-local CONNS = KEYS[5]
 local raw = redis.call('HGET', CONNS, ARGV[1])
 if not raw then return 0 end
 local record = cjson.decode(raw)
@@ -268,11 +319,11 @@ redis.call('HSET', CONNS, ARGV[1], cjson.encode(record))
 return 1
 
 -- script: hit
--- Fixed-window rate counter. KEYS[8]: the counter; ARGV: window ms.
+-- Fixed-window rate counter. KEYS[9]: the counter; ARGV: window ms.
 -- Returns {hits in this window, ms until it ends}.
 local window = tonumber(ARGV[1])
 local t = now_ms()
-local key = KEYS[8] .. ':' .. math.floor(t / window)
+local key = KEYS[9] .. ':' .. math.floor(t / window)
 local hits = redis.call('INCR', key)
 if hits == 1 then redis.call('PEXPIRE', key, window + 1000) end
 return {hits, window - t % window}

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import orjson
 
 from cloud.buffers.base import (
+    ACK_TIMEOUT,
+    CONNECTION_CLOSED,
     CONNECTION_STALE_SECONDS,
     COUNTERS,
     DEFAULT_GROUP,
@@ -30,10 +32,13 @@ from cloud.buffers.base import (
     ConnectionRecord,
     DeadLetter,
     Delivery,
+    DeliveryAttempt,
     TokenRecord,
+    decode_attempts,
+    encode_attempts,
 )
-from cloud.coalescer import Coalescer
 from cloud.notifier import Notifier
+from shared.coalescer import Coalescer
 from shared.envelope import Envelope
 from shared.exceptions import ChannelFull, StorageError, StorageUnavailable, UnknownChannel
 
@@ -52,12 +57,13 @@ CREATE TABLE IF NOT EXISTS groups (
     PRIMARY KEY (channel, name));
 CREATE TABLE IF NOT EXISTS pending (
     channel TEXT NOT NULL, grp TEXT NOT NULL, seq INTEGER NOT NULL, consumer TEXT NOT NULL,
-    attempts INTEGER NOT NULL, due_at REAL NOT NULL, PRIMARY KEY (channel, grp, seq));
+    attempts INTEGER NOT NULL, due_at REAL NOT NULL, delivered_at REAL NOT NULL DEFAULT 0,
+    log BLOB, PRIMARY KEY (channel, grp, seq));
 CREATE INDEX IF NOT EXISTS pending_by_due ON pending (channel, grp, due_at);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, grp TEXT NOT NULL,
     message_id TEXT NOT NULL, reason TEXT NOT NULL, attempts INTEGER NOT NULL,
-    dead_at REAL NOT NULL, meta BLOB NOT NULL, body BLOB NOT NULL);
+    dead_at REAL NOT NULL, meta BLOB NOT NULL, body BLOB NOT NULL, log BLOB);
 CREATE INDEX IF NOT EXISTS dead_letters_by_channel ON dead_letters (channel, id);
 CREATE TABLE IF NOT EXISTS connections (
     channel TEXT NOT NULL, connection_id TEXT NOT NULL, record TEXT NOT NULL,
@@ -81,6 +87,12 @@ CREATE TABLE IF NOT EXISTS counters (
     channel TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (channel, name));
 """
+# Columns added since the first release, for files created before them.
+ADDED_COLUMNS = (
+    ("pending", "delivered_at", "REAL NOT NULL DEFAULT 0"),
+    ("pending", "log", "BLOB"),
+    ("dead_letters", "log", "BLOB"),
+)
 
 
 def path_from_url(url: str) -> str:
@@ -132,6 +144,9 @@ class SQLiteBuffer:
         # At-least-once: a 202 promises the message survives a crash, so fsync every commit.
         db.execute("PRAGMA synchronous = FULL")
         db.executescript(SCHEMA)
+        for table, column, declaration in ADDED_COLUMNS:
+            if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         return db
 
     async def aclose(self) -> None:
@@ -317,15 +332,7 @@ class SQLiteBuffer:
         )
 
     async def release(self, channel: str, group: str, consumer: str) -> int:
-        def release(db: sqlite3.Connection) -> int:
-            with _transaction(db):
-                return db.execute(
-                    "UPDATE pending SET due_at = 0, consumer = '' "
-                    "WHERE channel = ? AND grp = ? AND consumer = ?",
-                    (channel, group, consumer),
-                ).rowcount
-
-        released = await self._run(release)
+        released = await self._run(_release, channel, group, consumer, time.time())
         if released:
             self._notifier.notify(channel)
         return released
@@ -462,7 +469,7 @@ CONNECTION_COLUMNS = (
     "c.record, c.seen_at, COALESCE(d.n, 0) FROM connections AS c LEFT JOIN delivered_by AS d "
     "ON d.channel = c.channel AND d.connection_id = c.connection_id"
 )
-DEAD_LETTER_COLUMNS = "id, message_id, grp, reason, attempts, dead_at, meta, body"
+DEAD_LETTER_COLUMNS = "id, message_id, grp, reason, attempts, dead_at, meta, body, log"
 
 
 class _transaction:
@@ -602,24 +609,26 @@ def _read(
         out: list[Delivery] = []
         # Messages whose ack timeout passed or whose retry delay is over come first.
         redue = db.execute(
-            "SELECT p.seq, p.attempts, m.received_at, m.meta, m.body "
-            "FROM pending p JOIN messages m ON m.seq = p.seq "
+            "SELECT p.seq, p.attempts, p.consumer, p.delivered_at, p.log, m.received_at, "
+            "m.meta, m.body FROM pending p JOIN messages m ON m.seq = p.seq "
             "WHERE p.channel = ? AND p.grp = ? AND p.due_at <= ? ORDER BY p.seq LIMIT ?",
             (channel, group, now, count),
         ).fetchall()
-        for seq, attempts, received_at, meta, body in redue:
+        for seq, attempts, holder, delivered_at, log, received_at, meta, body in redue:
+            if holder:  # still held when its ack timeout passed (a nack or release clears it)
+                log = _logged(db, channel, log, attempts, delivered_at, holder, ACK_TIMEOUT, now)
             attempts += 1
             if received_at < cutoff:
                 _settle(db, channel, group, seq)
                 _count(db, channel, "expired")
             elif attempts > spec.max_delivery_attempts:
                 reason = "max_delivery_attempts"
-                _dead_letter_now(db, channel, group, seq, attempts - 1, reason, now)
+                _dead_letter_now(db, channel, group, seq, attempts - 1, reason, now, log)
             else:
                 db.execute(
-                    "UPDATE pending SET attempts = ?, consumer = ?, due_at = ? "
-                    "WHERE channel = ? AND grp = ? AND seq = ?",
-                    (attempts, consumer, due_at, channel, group, seq),
+                    "UPDATE pending SET attempts = ?, consumer = ?, due_at = ?, "
+                    "delivered_at = ?, log = ? WHERE channel = ? AND grp = ? AND seq = ?",
+                    (attempts, consumer, due_at, now, log, channel, group, seq),
                 )
                 _count(db, channel, "redelivered")
                 out.append(
@@ -640,9 +649,10 @@ def _read(
                     _count(db, channel, "expired")
                 elif only_group is None or only_group == group:
                     db.execute(
-                        "INSERT INTO pending (channel, grp, seq, consumer, attempts, due_at) "
-                        "VALUES (?, ?, ?, ?, 1, ?)",
-                        (channel, group, seq, consumer, due_at),
+                        "INSERT INTO pending "
+                        "(channel, grp, seq, consumer, attempts, due_at, delivered_at) "
+                        "VALUES (?, ?, ?, ?, 1, ?, ?)",
+                        (channel, group, seq, consumer, due_at, now),
                     )
                     out.append(
                         Delivery(_message_id(received_at, seq), 1, Envelope.decode(meta, body))
@@ -668,19 +678,60 @@ def _dead_letter_now(
     attempts: int,
     reason: str,
     now: float,
+    log: bytes | None,
 ) -> None:
     db.execute(
         "INSERT INTO dead_letters "
-        "(channel, grp, message_id, reason, attempts, dead_at, meta, body) "
+        "(channel, grp, message_id, reason, attempts, dead_at, meta, body, log) "
         "SELECT channel, ?, CAST(CAST(received_at * 1000 AS INTEGER) AS TEXT) || '-' || seq, "
-        "?, ?, ?, meta, body FROM messages WHERE seq = ?",
-        (group, reason, attempts, now, seq),
+        "?, ?, ?, meta, body, ? FROM messages WHERE seq = ?",
+        (group, reason, attempts, now, log, seq),
     )
     _settle(db, channel, group, seq)
     _count(db, channel, "dead_lettered")
     row = db.execute("SELECT received_at FROM messages WHERE seq = ?", (seq,)).fetchone()
     if row is not None:
         _event(db, channel, now, "dead_lettered", _message_id(row[0], seq))
+
+
+def _logged(
+    db: sqlite3.Connection,
+    channel: str,
+    log: bytes | None,
+    attempt: int,
+    delivered_at: float,
+    connection: str,
+    outcome: str,
+    now: float,
+) -> bytes:
+    """``log`` (a pending message's attempt log) with one more failed delivery."""
+    row = db.execute(
+        "SELECT record FROM connections WHERE channel = ? AND connection_id = ?",
+        (channel, connection),
+    ).fetchone()
+    connector = str(orjson.loads(row[0]).get("connector_id") or "") if row else ""
+    duration = max(now - delivered_at, 0.0) if delivered_at else 0.0
+    entry = DeliveryAttempt(attempt, delivered_at or now, connection, connector, outcome, duration)
+    return encode_attempts([*decode_attempts(log), entry])
+
+
+def _release(db: sqlite3.Connection, channel: str, group: str, consumer: str, now: float) -> int:
+    with _transaction(db):
+        held = db.execute(
+            "SELECT seq, attempts, delivered_at, log FROM pending "
+            "WHERE channel = ? AND grp = ? AND consumer = ?",
+            (channel, group, consumer),
+        ).fetchall()
+        for seq, attempts, delivered_at, log in held:
+            log = _logged(
+                db, channel, log, attempts, delivered_at, consumer, CONNECTION_CLOSED, now
+            )
+            db.execute(
+                "UPDATE pending SET due_at = 0, consumer = '', log = ? "
+                "WHERE channel = ? AND grp = ? AND seq = ?",
+                (log, channel, group, seq),
+            )
+        return len(held)
 
 
 def _history_seconds(db: sqlite3.Connection, channel: str) -> int:
@@ -725,15 +776,17 @@ def _event(
 
 def _pending_row(
     db: sqlite3.Connection, channel: str, group: str, message_id: str, consumer: str
-) -> tuple[int, int] | None:
+) -> tuple[int, int, str, float, bytes | None] | None:
+    """``(seq, attempts, holder, delivered_at, log)`` of a message in flight (for ``consumer``)."""
     seq = _int(message_id.rpartition("-")[2])
     row = db.execute(
-        "SELECT attempts, consumer FROM pending WHERE channel = ? AND grp = ? AND seq = ?",
+        "SELECT attempts, consumer, delivered_at, log FROM pending "
+        "WHERE channel = ? AND grp = ? AND seq = ?",
         (channel, group, seq),
     ).fetchone()
     if row is None or (consumer and row[1] != consumer):
         return None
-    return seq, row[0]
+    return seq, row[0], row[1], row[2], row[3]
 
 
 def _ack_many(
@@ -799,16 +852,18 @@ def _nack(
         spec = _get_channel(db, channel)
         if found is None or spec is None:
             return False
-        seq, attempts = found
+        seq, attempts, holder, delivered_at, log = found
+        if holder:  # not a second nack of what already waits for its retry
+            log = _logged(db, channel, log, attempts, delivered_at, holder, reason, now)
         if retry:
             delay = min(spec.retry_delay_seconds, spec.ack_timeout_seconds)
             db.execute(
-                "UPDATE pending SET due_at = ?, consumer = '' "
+                "UPDATE pending SET due_at = ?, consumer = '', log = ? "
                 "WHERE channel = ? AND grp = ? AND seq = ?",
-                (now + delay, channel, group, seq),
+                (now + delay, log, channel, group, seq),
             )
         else:
-            _dead_letter_now(db, channel, group, seq, attempts, reason, now)
+            _dead_letter_now(db, channel, group, seq, attempts, reason, now, log)
         return True
 
 
@@ -895,7 +950,7 @@ def _replay_dead_letters(
 
 
 def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
-    dead_id, message_id, group, reason, attempts, dead_at, meta, body = row
+    dead_id, message_id, group, reason, attempts, dead_at, meta, body, log = row
     return DeadLetter(
         dead_letter_id=str(dead_id),
         message_id=message_id,
@@ -904,6 +959,7 @@ def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
         attempts=attempts,
         dead_at=dead_at,
         envelope=Envelope.decode(meta, body),
+        delivery_attempts=decode_attempts(log),
     )
 
 

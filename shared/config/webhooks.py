@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from shared.config.connections import ConnectionEntry
+from shared.config.delivery import RELAY_MODULE, DeliveryPlan, build_plan
 from shared.config.inbound import InboundSecurity, RateLimitConfig
 from shared.config.loading import load_json_file, validate_model
 from shared.exceptions import ConfigError
@@ -18,16 +19,9 @@ CHANNEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 WEBHOOK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 
-# Every module name the Core Webhook Module knows, so its files are recognised.
-KNOWN_MODULES = frozenset(
-    {
-        "webhook_connect", "log", "save_to_disk", "http_webhook", "rabbitmq", "redis_rq",
-        "redis_publish", "postgresql", "mysql", "mariadb", "clickhouse", "kafka", "s3",
-        "aws_sqs", "mqtt", "websocket", "zeromq", "activemq", "gcp_pubsub",
-    }
-)  # fmt: skip
-# What this version of the cloud can do with a webhook; the rest fail at start-up, loudly.
-CLOUD_MODULES = frozenset({"webhook_connect"})
+# Webhooks the cloud delivers itself are buffered in a channel of their own, named so that no
+# channel of webhooks.json or the admin API (whose names start with a letter or digit) clashes.
+DIRECT_CHANNEL_PREFIX = "_direct."
 
 HttpMethod = Literal["POST", "PUT", "PATCH"]
 
@@ -57,8 +51,14 @@ class WebhookEntry(InboundSecurity):
 
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
-    module: str
+    module: str | None = None
     module_config: dict[str, Any] = Field(default_factory=dict, alias="module-config")
+    # Delivery by modules (shared/config/delivery.py checks these).
+    chain: list[Any] | None = None
+    chain_config: dict[str, Any] | None = Field(default=None, alias="chain-config")
+    retry: dict[str, Any] | None = None
+    transform: dict[str, Any] | None = None
+    timeout_seconds: PositiveFloat | None = None
     data_type: Literal["json", "blob"] = "json"
     methods: tuple[HttpMethod, ...] = ("POST",)
     max_body_size: PositiveInt = DEFAULT_MAX_BODY_SIZE
@@ -66,13 +66,19 @@ class WebhookEntry(InboundSecurity):
 
 
 class Webhook(BaseModel):
-    """A validated webhook that the cloud relays through a channel."""
+    """A validated webhook: relayed to connectors through ``relay.channel``, or, with a
+    ``plan``, buffered in its own channel and delivered by the cloud through modules."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     webhook_id: str
     entry: WebhookEntry
     relay: WebhookConnectSettings
+    plan: DeliveryPlan | None = None
+
+    @property
+    def is_direct(self) -> bool:
+        return self.plan is not None
 
 
 def load_webhooks(
@@ -94,26 +100,42 @@ def load_webhooks(
             )
         entry = validate_model(WebhookEntry, raw, source, webhook_id)
         _check_entry(entry, webhook_id, source, connections or {})
-        relay = validate_model(
-            WebhookConnectSettings, entry.module_config, source, f"{webhook_id}.module-config"
+        if entry.module == RELAY_MODULE and entry.chain is None:
+            relay = validate_model(
+                WebhookConnectSettings, entry.module_config, source, f"{webhook_id}.module-config"
+            )
+            webhooks[webhook_id] = Webhook(webhook_id=webhook_id, entry=entry, relay=relay)
+            continue
+        plan = build_plan(raw, source, webhook_id, connections or {})
+        webhooks[webhook_id] = Webhook(
+            webhook_id=webhook_id, entry=entry, relay=direct_channel(webhook_id, plan), plan=plan
         )
-        webhooks[webhook_id] = Webhook(webhook_id=webhook_id, entry=entry, relay=relay)
     _check_channels_agree(webhooks, source)
     return webhooks
+
+
+def direct_channel(webhook_id: str, plan: DeliveryPlan) -> WebhookConnectSettings:
+    """The channel a directly delivered webhook is buffered in. Its ack timeout outlasts the
+    slowest delivery the plan allows (every retry of every step), so a message is not handed
+    to a second delivery while the first is still trying."""
+    step_times = [
+        step.timeout_seconds * step.retry.max_attempts
+        + step.retry.max_delay * (step.retry.max_attempts - 1)
+        for step in plan.steps
+    ]
+    slowest = max(step_times) if plan.execution == "parallel" else sum(step_times)
+    return WebhookConnectSettings.model_construct(
+        channel=DIRECT_CHANNEL_PREFIX + webhook_id,
+        channel_token="",
+        ack_timeout_seconds=max(30.0, slowest + 10),
+    )
 
 
 def _check_entry(
     entry: WebhookEntry, webhook_id: str, source: str, connections: Mapping[str, ConnectionEntry]
 ) -> None:
-    if entry.module not in KNOWN_MODULES:
-        raise ConfigError(source, f"{webhook_id}.module", f"unknown module {entry.module!r}")
-    if entry.module not in CLOUD_MODULES:
-        raise ConfigError(
-            source,
-            f"{webhook_id}.module",
-            f"module {entry.module!r} is not available in the cloud of this version; "
-            "use 'webhook_connect' and deliver it from a connector",
-        )
+    if entry.module is None and entry.chain is None:
+        raise ConfigError(source, f"{webhook_id}.module", "required key is missing")
     if entry.model_extra:
         key = next(iter(entry.model_extra))
         raise ConfigError(source, f"{webhook_id}.{key}", "unknown key")

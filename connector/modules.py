@@ -1,0 +1,41 @@
+"""Module mode: deliver each message through the output modules its webhook names.
+
+The same registry, plans and retry policy as the cloud's direct delivery; the verdict maps onto
+the HTTP mode's outcomes, so acks, nacks and the delivery lines work the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from connector.delivery import DeliveryResult
+from shared.config.delivery import DeliveryPlan
+from shared.frames import WireMessage
+from shared.modules import Message
+from shared.modules.pipeline import Dispatcher
+from shared.policy import Outcome
+
+
+class ModuleDeliverer:
+    """Delivers messages by the plans of ``webhooks_config``."""
+
+    def __init__(self, plans: Mapping[str, DeliveryPlan]) -> None:
+        self._dispatcher = Dispatcher(plans)
+
+    async def start(self) -> None:
+        await self._dispatcher.start()
+
+    async def aclose(self) -> None:
+        await self._dispatcher.aclose()
+
+    async def deliver(self, message: WireMessage) -> DeliveryResult:
+        verdict = await self._dispatcher.deliver(
+            Message.of(message.message_id, message.attempt, message.envelope)
+        )
+        if verdict.delivered:
+            outcome = Outcome.DELIVERED
+        else:
+            outcome = Outcome.RETRY if verdict.retry else Outcome.REJECTED
+        return DeliveryResult(
+            outcome, verdict.target, None, verdict.reason, verdict.attempts, verdict.seconds
+        )

@@ -1,0 +1,246 @@
+"""Where a webhook goes when it is delivered by modules: one module, or a ``chain`` of them.
+
+The Core Webhook Module's keys: ``module`` / ``connection`` / ``module-config``, or ``chain``
+(module names, or objects with those keys and a ``retry``) with ``chain-config {execution,
+continue_on_error}``; ``retry {enabled, max_attempts, initial_delay, max_delay,
+backoff_multiplier}``. Ours adds ``transform`` (payload reshaping before a module) and
+``timeout_seconds`` per module. The connector's ``webhooks_config`` and the cloud's direct
+delivery read the same entries, so one file works in both places.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+from shared.config.connections import ConnectionEntry
+from shared.config.loading import config_error_from, load_json_file
+from shared.exceptions import ConfigError
+from shared.modules.base import Pools
+from shared.modules.registry import MissingDriver, UnknownModule, module_class
+
+M = TypeVar("M", bound=BaseModel)
+
+MAX_CHAIN = 20
+RELAY_MODULE = "webhook_connect"
+# A dotted path into a JSON object: "data.order.id".
+FIELD_PATH = r"^[^.\s][^.]*(\.[^.\s][^.]*)*$"
+
+
+class RetryConfig(BaseModel):
+    """How often a module is tried within one delivery attempt before the message is nacked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    max_attempts: PositiveInt = 3
+    initial_delay: float = Field(default=1.0, ge=0)
+    max_delay: PositiveFloat = 60.0
+    backoff_multiplier: float = Field(default=2.0, ge=1)
+
+
+class TransformConfig(BaseModel):
+    """Reshape a JSON object before a module sees it, in this order: pick, rename, add, wrap.
+
+    Declarative only: no expressions, no code. Paths are dotted (``data.order.id``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pick: tuple[str, ...] | None = None
+    rename: dict[str, str] = Field(default_factory=dict)
+    add: dict[str, Any] = Field(default_factory=dict)
+    wrap: str | None = Field(default=None, pattern=FIELD_PATH)
+
+    @model_validator(mode="after")
+    def _check_paths(self) -> TransformConfig:
+        for path in (*(self.pick or ()), *self.rename, *self.rename.values(), *self.add):
+            if not re.match(FIELD_PATH, path):
+                raise ValueError(f"bad field path {path!r}: dotted names, no empty parts")
+        return self
+
+
+class StepConfig(BaseModel):
+    """One module of a chain (or the only one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    module: str
+    connection: str | None = None
+    module_config: dict[str, Any] = Field(default_factory=dict, alias="module-config")
+    retry: RetryConfig | None = None
+    transform: TransformConfig | None = None
+    timeout_seconds: PositiveFloat = 30.0
+
+
+class ChainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    execution: Literal["sequential", "parallel"] = "sequential"
+    continue_on_error: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """A validated step: the module's class is loaded and its config checked."""
+
+    module: str
+    config: BaseModel
+    connection_name: str | None
+    connection: ConnectionEntry | None
+    retry: RetryConfig
+    transform: TransformConfig | None
+    timeout_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPlan:
+    """What delivering one webhook means."""
+
+    steps: tuple[Step, ...]
+    execution: Literal["sequential", "parallel"] = "sequential"
+    continue_on_error: bool = True
+
+
+def build_plan(
+    raw: Mapping[str, Any],
+    source: str,
+    path: str,
+    connections: Mapping[str, ConnectionEntry],
+) -> DeliveryPlan:
+    """The plan of one ``webhooks.json`` entry that delivers by modules (``module`` or ``chain``).
+
+    Every module named is imported now, so a missing driver or a bad ``module-config`` stops
+    start-up with the file, the key and the reason.
+    """
+    entry_retry = _model(RetryConfig, raw.get("retry"), source, f"{path}.retry")
+    entry_transform = _model(TransformConfig, raw.get("transform"), source, f"{path}.transform")
+    if "chain" in raw:
+        chain = raw["chain"]
+        if not isinstance(chain, list) or not 1 <= len(chain) <= MAX_CHAIN:
+            raise ConfigError(
+                source, f"{path}.chain", f"expected a list of 1 to {MAX_CHAIN} modules"
+            )
+        settings = (
+            _model(ChainConfig, raw.get("chain-config"), source, f"{path}.chain-config")
+            or ChainConfig()
+        )
+        steps = []
+        for index, item in enumerate(chain):
+            item_path = f"{path}.chain[{index}]"
+            step = _model(StepConfig, {"module": item} if isinstance(item, str) else item,
+                          source, item_path)  # fmt: skip
+            if step is None:
+                raise ConfigError(source, item_path, "expected a module name or object")
+            steps.append(_step(step, entry_retry, entry_transform, source, item_path, connections))
+        return DeliveryPlan(tuple(steps), settings.execution, settings.continue_on_error)
+    single = {
+        key: raw[key]
+        for key in ("module", "connection", "module-config", "timeout_seconds")
+        if key in raw
+    }
+    step = _model(StepConfig, single, source, path)
+    if step is None:
+        raise ConfigError(source, f"{path}.module", "required key is missing")
+    return DeliveryPlan((_step(step, entry_retry, entry_transform, source, path, connections),))
+
+
+def _step(
+    step: StepConfig,
+    retry: RetryConfig | None,
+    transform: TransformConfig | None,
+    source: str,
+    path: str,
+    connections: Mapping[str, ConnectionEntry],
+) -> Step:
+    if step.module == RELAY_MODULE:
+        reason = "webhook_connect relays to connectors: it cannot be chained or used here"
+        raise ConfigError(source, f"{path}.module", reason)
+    try:
+        cls = module_class(step.module)
+    except (UnknownModule, MissingDriver) as exc:
+        raise ConfigError(source, f"{path}.module", str(exc)) from None
+    try:
+        config = cls.Config.model_validate(step.module_config)
+    except ValidationError as exc:
+        raise config_error_from(exc, source, f"{path}.module-config") from None
+    connection = None
+    if step.connection is not None:
+        connection = connections.get(step.connection)
+        if connection is None:
+            raise ConfigError(
+                source, f"{path}.connection", f"no connection named {step.connection!r}"
+            )
+        if cls.connection_types and connection.type not in cls.connection_types:
+            accepted = ", ".join(sorted(cls.connection_types))
+            raise ConfigError(
+                source,
+                f"{path}.connection",
+                f"connection {step.connection!r} is of type {connection.type!r}; "
+                f"module {step.module!r} takes {accepted}",
+            )
+    elif cls.needs_connection:
+        raise ConfigError(
+            source, f"{path}.connection", f"module {step.module!r} needs a connection"
+        )
+    try:  # a module checks its connection's settings when it is built (it connects later)
+        cls(config, connection, Pools())
+    except ValidationError as exc:
+        problem = config_error_from(exc, "", step.connection or "")
+        reason = f"connection {step.connection!r}: {problem.key_path}: {problem.reason}"
+        raise ConfigError(source, f"{path}.connection", reason) from None
+    return Step(
+        module=step.module,
+        config=config,
+        connection_name=step.connection,
+        connection=connection,
+        retry=step.retry or retry or RetryConfig(),
+        transform=step.transform or transform,
+        timeout_seconds=step.timeout_seconds,
+    )
+
+
+def _model(model: type[M], data: Any, source: str, path: str) -> M | None:
+    if data is None:
+        return None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise config_error_from(exc, source, path) from None
+
+
+def load_plans(
+    path: str | Path,
+    connections: Mapping[str, ConnectionEntry],
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, DeliveryPlan]:
+    """A connector's ``webhooks_config``: the plan of each webhook id (``"*"``: any other).
+
+    The same file format as the cloud's ``webhooks.json``; keys a connector has no use for
+    (inbound checks) are ignored, so one file can serve both.
+    """
+    source = str(path)
+    tree = load_json_file(path, environ)
+    if not isinstance(tree, dict) or not tree:
+        raise ConfigError(source, "", "expected a JSON object of webhooks keyed by id")
+    plans: dict[str, DeliveryPlan] = {}
+    for webhook_id, raw in tree.items():
+        if not isinstance(raw, dict):
+            raise ConfigError(source, webhook_id, "expected an object")
+        if "chain" not in raw and "module" not in raw:
+            raise ConfigError(source, f"{webhook_id}.module", "required key is missing")
+        plans[webhook_id] = build_plan(raw, source, webhook_id, connections)
+    return plans
