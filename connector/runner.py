@@ -176,6 +176,8 @@ class Runner:
             self._printer.line(f"{webhook_id} {message.message_id} {note}")
             return
         status = result.status if result.status is not None else result.error
+        if not status:  # module mode: the modules confirmed the write
+            status = "ok"
         outcome = "" if result.outcome is Outcome.DELIVERED else f" ({result.outcome.value})"
         self._printer.line(
             f"{webhook_id} {message.message_id} -> {result.target} {status} "
