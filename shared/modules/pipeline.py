@@ -160,7 +160,8 @@ class Dispatcher:
                 shaped = message
                 if step.transform is not None:
                     shaped = transform_message(step.transform, message)
-                await asyncio.wait_for(runner.module.deliver(shaped), step.timeout_seconds)
+                async with asyncio.timeout(step.timeout_seconds):  # no task per call
+                    await runner.module.deliver(shaped)
                 return None, attempt
             except TimeoutError:
                 error = Transient(f"no confirmation within {step.timeout_seconds:g}s")
