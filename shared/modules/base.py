@@ -16,13 +16,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from shared.config.connections import ConnectionEntry
 from shared.envelope import Envelope
+
+if TYPE_CHECKING:  # at run time shared.config imports this module (a cycle otherwise)
+    from shared.config.connections import ConnectionEntry
 
 logger = logging.getLogger("webhook_connect.modules")
 
