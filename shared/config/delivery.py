@@ -198,9 +198,10 @@ def _step(
         )
     try:  # a module checks its connection's settings when it is built (it connects later)
         cls(config, connection, Pools())
-    except ValidationError as exc:
-        problem = config_error_from(exc, "", step.connection or "")
-        reason = f"connection {step.connection!r}: {problem.key_path}: {problem.reason}"
+    except (ValidationError, ConfigError) as exc:
+        problem = exc if isinstance(exc, ConfigError) else config_error_from(exc, "", "")
+        where = f"{problem.key_path}: " if problem.key_path else ""
+        reason = f"connection {step.connection!r}: {where}{problem.reason}"
         raise ConfigError(source, f"{path}.connection", reason) from None
     return Step(
         module=step.module,

@@ -24,7 +24,11 @@ from shared.modules.dbtable import SqlTableConfig
 from shared.modules.postgresql import PostgreSQLModule
 from tests.servers import free_port, stop, wait_until
 
-BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian's server binaries, the newest installed major version (bookworm: 15).
+BIN = max(
+    Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+    default=Path("/usr/lib/postgresql/15/bin/initdb"),
+).parent
 BINARY_BODY = b"\xff\xfe\x00raw\r\n\x80 bytes\x00"
 HEADERS = (("Content-Type", "application/json"), ("X-Event", "push"), ("X-Event", "again"))
 
