@@ -8,10 +8,14 @@ the headers a provider sent may hold any latin-1 character.
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
+from typing import Any
 
-from shared.modules.base import Message
+import orjson
+
+from shared.modules.base import Message, Permanent
 
 MESSAGE_ID = "message-id"
 WEBHOOK_ID = "webhook-id"
@@ -58,3 +62,18 @@ def fitting_headers(message: Message, room: int, limit: str) -> dict[str, str]:
     if len(value) <= room:
         return {HEADERS: value}
     return {HEADERS_OMITTED: f"{len(value)} bytes of headers, over the {limit}"}
+
+
+def json_envelope(message: Message, *, include_headers: bool = True) -> bytes:
+    """The JSON document sent where the protocol has no headers: the parsed ``payload`` (null
+    when the body is not JSON, which then travels as ``body_base64``), ids and headers."""
+    try:
+        doc: dict[str, Any] = {"payload": message.json()}
+    except Permanent:
+        doc = {"payload": None, "body_base64": base64.b64encode(message.body).decode()}
+    meta = message.metadata()
+    for key in ("message_id", "webhook_id", "channel", "received_at"):
+        doc[key] = meta[key]
+    if include_headers:
+        doc["headers"] = message.header_map
+    return orjson.dumps(doc)
