@@ -47,12 +47,14 @@ class DirectDelivery:
         if not plans:
             return
         dispatcher = Dispatcher(plans)
-        await dispatcher.start()
         self._dispatcher = dispatcher
-        self._tasks = [
-            asyncio.create_task(self._serve(webhooks[webhook_id].relay.channel, dispatcher))
-            for webhook_id in plans
-        ]
+        channels = [webhooks[webhook_id].relay.channel for webhook_id in plans]
+        self._tasks = [asyncio.create_task(self._run(dispatcher, channels))]
+
+    async def _run(self, dispatcher: Dispatcher, channels: list[str]) -> None:
+        # Setting modules up may wait on their servers: never in the way of readiness.
+        await dispatcher.start()
+        await asyncio.gather(*(self._serve(channel, dispatcher) for channel in channels))
 
     async def aclose(self) -> None:
         tasks, self._tasks = self._tasks, []

@@ -71,3 +71,20 @@ def module_cloud(
     path.write_text(json.dumps(request.module.WEBHOOKS))
     with running(Cloud(f"sqlite:///{workdir / 'buffer.db'}", path, workdir)) as server:
         yield server
+
+
+# Files whose tests share one server started per file (a database, a broker, a cloud): with
+# ``--dist loadgroup`` each runs on one xdist worker, so the server starts once, not per worker.
+SHARED_SERVER_FILES = frozenset(
+    {
+        "test_postgresql.py", "test_mysql.py", "test_clickhouse.py", "test_rabbitmq.py",
+        "test_activemq.py", "test_mqtt.py", "test_s3.py", "test_sqs.py", "test_kafka.py",
+        "test_gcp_pubsub.py", "test_module_mode.py",
+    }
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SHARED_SERVER_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
