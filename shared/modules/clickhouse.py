@@ -3,10 +3,13 @@
 No driver beyond httpx: every ClickHouse since the first release speaks HTTP. Rows travel as
 ``TabSeparated``, whose escaping carries any byte, so ``body`` (a ``String``) holds exactly the
 bytes received; ``headers`` and ``payload`` are JSON text (``Nullable(String)``), queried with
-``JSONExtract*``. ClickHouse has no unique keys: before each batch the ids already stored are
-looked up and skipped, so a redelivery adds no row, and the default ``ReplacingMergeTree``
-ordered by ``message_id`` also collapses what two writers raced to insert (on merge, or at once
-with ``FINAL``).
+``JSONExtract*``. ClickHouse has no unique keys: before each batch the (channel, message id)
+pairs already stored are looked up and skipped, so a redelivery adds no row, and the default
+``ReplacingMergeTree`` ordered by ``(channel, message_id)`` also collapses what two writers
+raced to insert (on merge, or at once with ``FINAL``). A table an earlier version made is
+ordered by ``message_id`` alone and kept as it is: the look-up still compares pairs, but its
+merges collapse rows of two channels that share an id, so recreate it (see
+:mod:`shared.modules.dbtable`).
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ def create_statement(config: ClickHouseConfig, columns: tuple[Column, ...], vers
     """``CREATE TABLE IF NOT EXISTS``; DateTime64 (microseconds) from ClickHouse 20.1 on."""
     major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
     time_type = "DateTime64(6, 'UTC')" if major >= 20 else "DateTime('UTC')"
+    key = ", ".join(quote(column.name) for column in columns if column.key)
     definitions = []
     for column in columns:
         sql_type = time_type if column.type == "datetime" else TYPES[column.type]
@@ -90,7 +94,7 @@ def create_statement(config: ClickHouseConfig, columns: tuple[Column, ...], vers
         )
     return (
         f"CREATE TABLE IF NOT EXISTS {quote(config.table)} ({', '.join(definitions)}) "
-        f"ENGINE = {config.engine}() ORDER BY {quote(columns[0].name)}"
+        f"ENGINE = {config.engine}() ORDER BY ({key})"
     )
 
 
@@ -179,18 +183,25 @@ class ClickHouseModule(TableModule[ClickHouseConfig]):
         """Insert the rows whose key is not stored yet, creating the table first if need be."""
         if not self._table_ready:
             await self._create_table()
-        fresh: dict[str, RowT] = {}
+        positions = [i for i, column in enumerate(self._columns) if column.key]
+        fresh: dict[tuple[str, ...], RowT] = {}
         for row in rows:
-            fresh.setdefault(row[0], row)
+            fresh.setdefault(tuple(str(row[i]) for i in positions), row)
         if not fresh:
             return
-        ids = ", ".join(literal(key) for key in fresh)
-        key, table = quote(self._columns[0].name), quote(self.config.table)
-        stored = await self._query(
-            f"SELECT {key} FROM {table} WHERE {key} IN ({ids}) FORMAT TabSeparated"
+        keys, table = [quote(self._columns[i].name) for i in positions], quote(self.config.table)
+        # Each key column IN its values: a superset of the stored pairs, matched exactly below.
+        where = " AND ".join(
+            f"{name} IN ({', '.join(sorted({literal(key[n]) for key in fresh}))})"
+            for n, name in enumerate(keys)
         )
-        for line in stored.splitlines():
-            fresh.pop(line, None)  # message ids are plain text: no TSV escapes to undo
+        stored = await self._query(
+            f"SELECT {', '.join(f'hex({name})' for name in keys)} FROM {table} "
+            f"WHERE {where} FORMAT TabSeparated"
+        )
+        for line in stored.splitlines():  # hex: no TSV escapes to undo
+            key = tuple(bytes.fromhex(part).decode(errors="replace") for part in line.split("\t"))
+            fresh.pop(key, None)
         if fresh:
             names = ", ".join(quote(column.name) for column in self._columns)
             data = b"".join(tsv_row(row, self._subsecond) for row in fresh.values())

@@ -1,26 +1,33 @@
 """What the database modules share: the table's shape, checked names, one row per message.
 
-Every database module writes one row per webhook, keyed by its message id (or by a top-level
-field of the JSON body, ``upsert_key``), so a redelivery upserts instead of duplicating. Table
-and column names come from configuration and end up in SQL text: they are checked against
+Every database module writes one row per webhook, keyed by its channel and message id (or by
+a top-level field of the JSON body, ``upsert_key``, alone), so a redelivery upserts instead of
+duplicating. The channel is part of the key because a message id is unique only within its
+channel: each Redis stream numbers its own, so two channels feeding one table (two connectors,
+or two webhooks the cloud delivers directly) can issue the same id in the same millisecond.
+A table an earlier version created is keyed on ``message_id`` alone (and, in relational mode,
+has no ``channel``): it is written as it is and keeps that key, never migrated; recreate it to
+get the new key.
+
+Table and column names come from configuration and end up in SQL text: they are checked against
 ``IDENTIFIER`` here, once, when the configuration is loaded, and quoted again by each dialect.
 
 Columns of the default ``json`` storage mode::
 
-    message_id   the relay's message id (the key unless upsert_key names a body field)
-    webhook_id, channel, received_at (UTC), method, path, query_string
+    channel, message_id   the key (unless upsert_key names a body field)
+    webhook_id, received_at (UTC), method, path, query_string
     headers      JSON object, names lower-cased (NULL when include_headers is false)
     payload      the body as JSON when it is JSON, else NULL
     body         the exact bytes received
 
-``hybrid`` adds one column per ``schema`` field; ``relational`` keeps only the key,
+``hybrid`` adds one column per ``schema`` field; ``relational`` keeps only the key columns,
 ``message_id``, ``webhook_id``, ``received_at`` and the schema's columns.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
@@ -177,23 +184,29 @@ class Column:
     unique: bool = False
     # The top-level field of the JSON body this column takes, if any.
     field: str | None = None
+    # Part of the row's key (the primary key, or what ClickHouse looks up before inserting).
+    key: bool = False
 
 
 def table_columns(config: TableConfig) -> tuple[Column, ...]:
-    """The table's columns, the key first."""
+    """The table's columns, the key first: (channel, message_id), or the body field alone."""
     sql = config if isinstance(config, SqlTableConfig) else None
     mode = sql.storage_mode if sql else "json"
-    columns: list[Column] = []
-    if sql and sql.upsert_key != "message_id":
-        columns.append(Column(sql.upsert_key, "string", not_null=True, field=sql.upsert_key))
-    columns += [
-        Column("message_id", "string", not_null=True),
+    by_field = sql is not None and sql.upsert_key != "message_id"
+    channel = Column("channel", "string", not_null=True, key=not by_field)
+    if sql and by_field:
+        first = Column(sql.upsert_key, "string", not_null=True, field=sql.upsert_key, key=True)
+    else:
+        first = channel
+    columns = [
+        first,
+        Column("message_id", "string", not_null=True, key=not by_field),
         Column("webhook_id", "string", not_null=True),
         Column("received_at", "datetime"),
     ]
     if mode != "relational":
+        columns += [channel] if by_field else []
         columns += [
-            Column("channel", "string", not_null=True),
             Column("method", "string", not_null=True),
             Column("path", "text", not_null=True),
             Column("query_string", "text", not_null=True),
@@ -240,10 +253,17 @@ def row_values(message: Message, config: TableConfig, columns: Sequence[Column])
         if not isinstance(document, dict):
             raise Permanent(f"column {column.name!r} needs a JSON object body")
         value = _as_text(document.get(column.field))
-        if value is None and column.name == columns[0].name:
+        if value is None and column.key:
             raise Permanent(f"upsert_key {column.field!r}: the JSON body has no such field")
         values.append(value)
     return tuple(values)
+
+
+def fitted_columns(columns: Sequence[Column], existing: Collection[str]) -> tuple[Column, ...]:
+    """``columns`` as the table ``existing`` (its column names) takes them: one made in
+    relational mode before the channel joined the key has no ``channel``, so rows go in without
+    it. Any other missing column stays, for the server to refuse."""
+    return tuple(c for c in columns if c.name in existing or not existing or c.name != "channel")
 
 
 def _as_text(value: Any) -> str | None:

@@ -10,7 +10,7 @@ the server dropped (it restarted while the pool sat idle) safe.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import orjson
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from shared.coalescer import Coalescer
 from shared.config.connections import ConnectionEntry
 from shared.modules.base import DeliveryError, Message, Module, Permanent, Pools
-from shared.modules.dbtable import TableConfig, row_values, table_columns
+from shared.modules.dbtable import TableConfig, fitted_columns, row_values, table_columns
 
 logger = logging.getLogger("webhook_connect.modules")
 
@@ -72,8 +72,8 @@ class TableModule(Module[TableConfigT]):
     """A module that writes one row per webhook into ``table``, created if missing.
 
     Subclasses say how to write a batch (:meth:`_write_once`, which creates the table first
-    while ``_table_ready`` is false), what a driver error means (:meth:`_classify`) and how to
-    drop connections the server closed (:meth:`_reset`).
+    while ``_table_ready`` is false, then may :meth:`_fit` the rows to it), what a driver error
+    means (:meth:`_classify`) and how to drop connections the server closed (:meth:`_reset`).
     """
 
     Settings: ClassVar[type[ServerSettings]] = ServerSettings
@@ -87,7 +87,10 @@ class TableModule(Module[TableConfigT]):
         self.settings = self.Settings.model_validate(self.connection_settings)
         raw = orjson.dumps(self.connection_settings, option=orjson.OPT_SORT_KEYS, default=str)
         self._pool_key = f"{self.name}:{raw.decode()}"
+        # Every row is built with all the columns; _fit narrows what is written to the table.
         self._columns = table_columns(config)
+        self._written = self._columns
+        self._key = tuple(column.name for column in self._columns if column.key)
         self._table_ready = False
         self._coalescer: Coalescer[RowT, None] = Coalescer(self._flush, max_batch=self.max_batch)
 
@@ -123,6 +126,22 @@ class TableModule(Module[TableConfigT]):
                     raise error from exc
                 if not missing:
                     await self._reset()
+
+    def _fit(self, existing: Collection[str], primary: Sequence[str]) -> None:
+        """Write to the table as it stands, given its column names and primary key. One an
+        earlier version made keeps its key (``message_id`` alone): upserts target that key,
+        and rows go in without a ``channel`` column it lacks (see ``fitted_columns``)."""
+        self._written = fitted_columns(self._columns, existing)
+        names = {column.name for column in self._written}
+        own = tuple(column.name for column in self._written if column.key)
+        self._key = tuple(primary) if primary and set(primary) <= names else own
+
+    def _shaped(self, rows: list[RowT]) -> list[RowT]:
+        """``rows`` cut down to the columns written (see :meth:`_fit`)."""
+        if len(self._written) == len(self._columns):
+            return rows
+        keep = [i for i, column in enumerate(self._columns) if column in self._written]
+        return [tuple(row[i] for i in keep) for row in rows]
 
     async def _write_once(self, rows: list[RowT]) -> None:
         raise NotImplementedError

@@ -4,12 +4,18 @@ Concurrent deliveries are coalesced (see :mod:`shared.modules.dbwriter`) into on
 ``INSERT ... ON DUPLICATE KEY UPDATE`` (the driver splits it at about 1 MB) and one commit. The
 session runs in strict mode, so a value that does not fit its column is an error, never a
 silent truncation.
+
+The key is ``PRIMARY KEY (channel, message_id)``, two ``VARCHAR(255)`` in utf8mb4: 2,040 bytes,
+within InnoDB's 3,072-byte index limit (DYNAMIC rows, the default since MySQL 5.7 and MariaDB
+10.2). A table an earlier version made keeps its ``message_id`` key and is written as it is
+(see :mod:`shared.modules.dbtable`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ssl
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -50,10 +56,12 @@ def create_statement(config: SqlTableConfig, columns: tuple[Column, ...]) -> str
     """``CREATE TABLE IF NOT EXISTS`` with the schema's indexes (MySQL has no CREATE INDEX
     IF NOT EXISTS, so they are made with the table)."""
     definitions = []
-    for position, column in enumerate(columns):
+    for column in columns:
         sql = f"{quote(column.name)} {SQL_TYPES[column.type]}"
-        sql += " NOT NULL PRIMARY KEY" if position == 0 else " NOT NULL" if column.not_null else ""
+        sql += " NOT NULL" if column.not_null else ""
         definitions.append(sql + (" UNIQUE" if column.unique else ""))
+    key = ", ".join(quote(column.name) for column in columns if column.key)
+    definitions.append(f"PRIMARY KEY ({key})")
     indexes = config.table_schema.indexes if config.table_schema else {}
     for name, index in indexes.items():
         names = ", ".join(quote(column) for column in index.columns)
@@ -64,16 +72,20 @@ def create_statement(config: SqlTableConfig, columns: tuple[Column, ...]) -> str
     )
 
 
-def insert_statement(config: SqlTableConfig, columns: tuple[Column, ...]) -> str:
-    """One row's upsert, on one line: the driver rewrites ``VALUES (%s, ...)`` into a
-    multi-row insert only when the statement has exactly that shape."""
+def insert_statement(
+    config: SqlTableConfig, columns: tuple[Column, ...], key: Sequence[str]
+) -> str:
+    """One row's upsert (``key``: the table's primary key), on one line: the driver rewrites
+    ``VALUES (%s, ...)`` into a multi-row insert only when the statement has exactly that shape."""
     names = ", ".join(quote(column.name) for column in columns)
     placeholders = ", ".join(["%s"] * len(columns))
-    key = quote(columns[0].name)
     if config.upsert:
-        updates = ", ".join(f"{quote(c.name)} = VALUES({quote(c.name)})" for c in columns[1:])
+        updated = [quote(c.name) for c in columns if c.name not in key]
+        updates = ", ".join(f"{name} = VALUES({name})" for name in updated)
     else:
-        updates = f"{key} = {key}"  # keep the stored row (unlike INSERT IGNORE, errors stay errors)
+        # Keep the stored row (unlike INSERT IGNORE, errors stay errors).
+        first = quote(key[0])
+        updates = f"{first} = {first}"
     return (
         f"INSERT INTO {quote(config.table)} ({names}) VALUES ({placeholders}) "
         f"ON DUPLICATE KEY UPDATE {updates}"
@@ -160,7 +172,7 @@ class MySQLModule(TableModule[SqlTableConfig]):
         self, config: SqlTableConfig, connection: ConnectionEntry | None, pools: Pools
     ) -> None:
         super().__init__(config, connection, pools)
-        self._insert = insert_statement(config, self._columns)
+        self._insert = insert_statement(config, self._columns, self._key)
         self._pool: Any = None
 
     async def _write_once(self, rows: list[RowT]) -> None:
@@ -176,10 +188,9 @@ class MySQLModule(TableModule[SqlTableConfig]):
             try:
                 async with connection.cursor() as cursor:
                     if not self._table_ready:
-                        await cursor.execute(create_statement(self.config, self._columns))
-                        self._table_ready = True
+                        await self._create_table(cursor)
                     if rows:
-                        values = [adapt(self._columns, row) for row in rows]
+                        values = [adapt(self._written, row) for row in self._shaped(rows)]
                         await cursor.executemany(self._insert, values)
                 await connection.commit()
             except BaseException:
@@ -187,6 +198,14 @@ class MySQLModule(TableModule[SqlTableConfig]):
                     with contextlib.suppress(Exception):  # the original error matters
                         await connection.rollback()
                 raise
+
+    async def _create_table(self, cursor: Any) -> None:
+        await cursor.execute(create_statement(self.config, self._columns))
+        await cursor.execute(f"SHOW COLUMNS FROM {quote(self.config.table)}")
+        shape = await cursor.fetchall()  # Field, Type, Null, Key ("PRI": primary), ...
+        self._fit([row[0] for row in shape], [row[0] for row in shape if row[3] == "PRI"])
+        self._insert = insert_statement(self.config, self._written, self._key)
+        self._table_ready = True
 
     def _classify(self, exc: Exception) -> DeliveryError:
         return classify(exc)

@@ -4,11 +4,15 @@ Concurrent deliveries are coalesced (see :mod:`shared.modules.dbwriter`) into on
 so many webhooks share one commit (one fsync) and one pipelined ``executemany`` round trip:
 that is what makes thousands of rows a second reachable through one connection. Every write is
 an ``INSERT ... ON CONFLICT`` on the key, so a retried batch or a redelivery never duplicates.
+The key is ``PRIMARY KEY (channel, message_id)`` (or the ``upsert_key`` body field); a table an
+earlier version made keeps its ``PRIMARY KEY (message_id)``, which is read from the catalog and
+used as the conflict target, so inserts go on as before (see :mod:`shared.modules.dbtable`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Literal
 
 import asyncpg  # type: ignore[import-untyped]
@@ -31,6 +35,12 @@ SQL_TYPES = {
 TRANSIENT_CLASSES = frozenset({"08", "28", "40", "53", "55", "57", "58", "XX"})
 TRANSIENT_STATES = frozenset({"3D000", "42501"})  # database missing, privilege not granted yet
 ACQUIRE_TIMEOUT = 10.0
+# The table's columns, each with whether it is in the primary key.
+TABLE_SHAPE = """
+SELECT a.attname, coalesce(a.attnum = ANY(i.indkey), false)
+FROM pg_attribute a LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+"""
 
 
 def quote(name: str) -> str:
@@ -41,10 +51,12 @@ def quote(name: str) -> str:
 def create_statements(config: SqlTableConfig, columns: tuple[Column, ...]) -> list[str]:
     """``CREATE TABLE IF NOT EXISTS`` and the schema's indexes."""
     definitions = []
-    for position, column in enumerate(columns):
+    for column in columns:
         sql = f"{quote(column.name)} {SQL_TYPES[column.type]}"
-        sql += " PRIMARY KEY" if position == 0 else " NOT NULL" if column.not_null else ""
+        sql += " NOT NULL" if column.not_null else ""
         definitions.append(sql + (" UNIQUE" if column.unique else ""))
+    key = ", ".join(quote(column.name) for column in columns if column.key)
+    definitions.append(f"PRIMARY KEY ({key})")
     statements = [f"CREATE TABLE IF NOT EXISTS {quote(config.table)} ({', '.join(definitions)})"]
     indexes = config.table_schema.indexes if config.table_schema else {}
     for name, index in indexes.items():
@@ -56,9 +68,11 @@ def create_statements(config: SqlTableConfig, columns: tuple[Column, ...]) -> li
     return statements
 
 
-def insert_statement(config: SqlTableConfig, columns: tuple[Column, ...]) -> str:
-    """One row's upsert. Body fields arrive as text and are cast by the server, so a value
-    that does not fit its column is the server's data error, reported as such."""
+def insert_statement(
+    config: SqlTableConfig, columns: tuple[Column, ...], key: Sequence[str]
+) -> str:
+    """One row's upsert on ``key`` (the conflict target). Body fields arrive as text and are
+    cast by the server, so a value that does not fit its column is the server's data error."""
     placeholders = []
     for position, column in enumerate(columns, start=1):
         cast = column.field is not None and column.type not in ("string", "text")
@@ -66,15 +80,15 @@ def insert_statement(config: SqlTableConfig, columns: tuple[Column, ...]) -> str
             f"CAST(${position}::text AS {SQL_TYPES[column.type]})" if cast else f"${position}"
         )
     names = ", ".join(quote(column.name) for column in columns)
-    key = quote(columns[0].name)
     if config.upsert:
-        updates = ", ".join(f"{quote(c.name)} = EXCLUDED.{quote(c.name)}" for c in columns[1:])
+        updated = [quote(c.name) for c in columns if c.name not in key]
+        updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in updated)
         conflict = f"DO UPDATE SET {updates}"
     else:
         conflict = "DO NOTHING"
     return (
         f"INSERT INTO {quote(config.table)} ({names}) VALUES ({', '.join(placeholders)}) "
-        f"ON CONFLICT ({key}) {conflict}"
+        f"ON CONFLICT ({', '.join(quote(name) for name in key)}) {conflict}"
     )
 
 
@@ -144,7 +158,7 @@ class PostgreSQLModule(TableModule[SqlTableConfig]):
         self, config: SqlTableConfig, connection: ConnectionEntry | None, pools: Pools
     ) -> None:
         super().__init__(config, connection, pools)
-        self._insert = insert_statement(config, self._columns)
+        self._insert = insert_statement(config, self._columns, self._key)
         self._pool: asyncpg.Pool | None = None
 
     async def _write_once(self, rows: list[RowT]) -> None:
@@ -161,7 +175,7 @@ class PostgreSQLModule(TableModule[SqlTableConfig]):
                 await self._create_table(connection)
             if rows:
                 async with connection.transaction():
-                    await connection.executemany(self._insert, rows)
+                    await connection.executemany(self._insert, self._shaped(rows))
 
     def _classify(self, exc: Exception) -> DeliveryError:
         return classify(exc)
@@ -179,4 +193,7 @@ class PostgreSQLModule(TableModule[SqlTableConfig]):
                 await connection.execute(statement)
             except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
                 pass  # another writer created it at the same moment: IF NOT EXISTS races
+        shape = await connection.fetch(TABLE_SHAPE, quote(self.config.table))
+        self._fit([name for name, _ in shape], [name for name, primary in shape if primary])
+        self._insert = insert_statement(self.config, self._written, self._key)
         self._table_ready = True

@@ -114,9 +114,9 @@ async def pools() -> AsyncIterator[Pools]:
     await shared.aclose()
 
 
-def make_message(body: bytes, message_id: str = "m-1") -> Message:
+def make_message(body: bytes, message_id: str = "m-1", channel: str = "orders") -> Message:
     envelope = Envelope(
-        channel="orders", webhook_id="stripe", received_at=1_700_000_000.25, method="POST",
+        channel=channel, webhook_id="stripe", received_at=1_700_000_000.25, method="POST",
         path="/webhook/stripe", query_string="a=1&b=%20", headers=HEADERS, body=body,
     )  # fmt: skip
     return Message.of(message_id, 1, envelope)
@@ -170,6 +170,38 @@ async def test_redelivery_never_duplicates(server, pools, engine: str) -> None:
     ]
 
 
+async def test_same_message_id_in_two_channels_is_two_rows(server, pools) -> None:
+    # Each Redis stream numbers its own messages: two channels can issue the same id.
+    module = await started(server, pools, table="two_channels")
+    same = "1700000000000-0"
+    await asyncio.gather(  # one batch
+        module.deliver(make_message(b'{"from": "a"}', same, "orders")),
+        module.deliver(make_message(b'{"from": "b"}', same, "_direct.billing")),
+    )
+    await module.deliver(make_message(b'{"from": "a again"}', same, "orders"))  # redelivery
+    server.query("OPTIMIZE TABLE two_channels FINAL")  # a merge keeps both: they differ in key
+    found = server.rows("SELECT channel, message_id, body FROM two_channels ORDER BY channel")
+    assert [tuple(r.values()) for r in found] == [
+        ("_direct.billing", same, '{"from": "b"}'),
+        ("orders", same, '{"from": "a"}'),
+    ]
+
+
+async def test_table_ordered_by_message_id_alone_still_takes_rows(server, pools) -> None:
+    """A table an earlier version made (ORDER BY message_id): the look-up compares pairs."""
+    server.query(
+        "CREATE TABLE old_key (message_id String, webhook_id String, "
+        "received_at Nullable(DateTime('UTC')), channel String, method String, path String, "
+        "query_string String, headers Nullable(String), payload Nullable(String), body String) "
+        "ENGINE = ReplacingMergeTree() ORDER BY message_id"
+    )
+    module = await started(server, pools, table="old_key")
+    for channel in ("orders", "other", "orders"):
+        await module.deliver(make_message(b"{}", "old", channel))
+    found = server.rows("SELECT channel FROM old_key ORDER BY channel")
+    assert [r["channel"] for r in found] == ["orders", "other"]
+
+
 async def test_concurrent_deliveries_are_batched_and_all_stored(server, pools) -> None:
     module = await started(server, pools, table="bulk")
     count, gate = 1000, asyncio.Semaphore(50)
@@ -187,7 +219,7 @@ async def test_concurrent_deliveries_are_batched_and_all_stored(server, pools) -
 async def test_table_of_another_shape_is_a_permanent_error(server, pools) -> None:
     server.query("CREATE TABLE other (message_id String, body String) ENGINE = Log")
     module = await started(server, pools, table="other")
-    with pytest.raises(Permanent, match="webhook_id"):
+    with pytest.raises(Permanent, match="channel|webhook_id"):
         await module.deliver(make_message(b"{}", "x"))
 
 

@@ -99,9 +99,9 @@ async def pools() -> AsyncIterator[Pools]:
     await shared.aclose()
 
 
-def make_message(body: bytes, message_id: str = "m-1") -> Message:
+def make_message(body: bytes, message_id: str = "m-1", channel: str = "orders") -> Message:
     envelope = Envelope(
-        channel="orders", webhook_id="stripe", received_at=1_700_000_000.25, method="POST",
+        channel=channel, webhook_id="stripe", received_at=1_700_000_000.25, method="POST",
         path="/webhook/stripe", query_string="a=1&b=%20", headers=HEADERS, body=body,
     )  # fmt: skip
     return Message.of(message_id, 1, envelope)
@@ -161,6 +161,52 @@ async def test_redelivery_never_duplicates(server, pools) -> None:
         await module.deliver(make_message(b'{"v": 2}', "same"))
     assert [r["body"] for r in rows(server, "SELECT body FROM keep_first")] == [b'{"v": 1}']
     assert [r["body"] for r in rows(server, "SELECT body FROM keep_latest")] == [b'{"v": 2}']
+
+
+@pytest.mark.parametrize("upsert", [False, True])
+async def test_same_message_id_in_two_channels_is_two_rows(server, pools, upsert: bool) -> None:
+    # Each Redis stream numbers its own messages: two channels can issue the same id.
+    table = f"two_channels_{str(upsert).lower()}"
+    module = await started(server, pools, table=table, upsert=upsert)
+    same = "1700000000000-0"
+    await asyncio.gather(  # one batch
+        module.deliver(make_message(b'{"from": "a"}', same, "orders")),
+        module.deliver(make_message(b'{"from": "b"}', same, "_direct.billing")),
+    )
+    await module.deliver(make_message(b'{"from": "a again"}', same, "orders"))  # redelivery
+    found = rows(server, f"SELECT channel, message_id, body FROM {table}")
+    assert sorted(tuple(r.values()) for r in found) == [
+        ("_direct.billing", same, b'{"from": "b"}'),
+        ("orders", same, b'{"from": "a again"}' if upsert else b'{"from": "a"}'),
+    ]
+
+
+async def test_table_keyed_on_message_id_alone_still_takes_rows(server, pools) -> None:
+    """Tables an earlier version made: keyed on message_id, without channel in relational mode."""
+    rows(
+        server,
+        "CREATE TABLE old_json (message_id VARCHAR(255) NOT NULL PRIMARY KEY, "
+        "webhook_id VARCHAR(255) NOT NULL, received_at DATETIME(6), channel VARCHAR(255) NOT NULL, "
+        "method VARCHAR(255) NOT NULL, path LONGTEXT NOT NULL, query_string LONGTEXT NOT NULL, "
+        "headers JSON, payload JSON, body LONGBLOB NOT NULL) CHARACTER SET utf8mb4",
+    )
+    rows(
+        server,
+        "CREATE TABLE old_relational (message_id VARCHAR(255) NOT NULL PRIMARY KEY, "
+        "webhook_id VARCHAR(255) NOT NULL, received_at DATETIME(6), amount BIGINT)",
+    )
+    json_mode = await started(server, pools, table="old_json", upsert=True)
+    schema = {"fields": {"amount": {"column": "amount", "type": "integer"}}}
+    relational = await started(
+        server, pools, table="old_relational", storage_mode="relational", schema=schema
+    )
+    for module in (json_mode, relational):
+        await module.deliver(make_message(b'{"amount": 1}', "old"))
+        await module.deliver(make_message(b'{"amount": 2}', "old"))
+    found = rows(server, "SELECT message_id, payload FROM old_json")
+    assert [(r["message_id"], json.loads(r["payload"])) for r in found] == [("old", {"amount": 2})]
+    found = rows(server, "SELECT message_id, amount FROM old_relational")
+    assert [tuple(r.values()) for r in found] == [("old", 1)]
 
 
 async def test_upsert_key_from_the_body_merges_provider_retries(server, pools) -> None:
