@@ -84,6 +84,7 @@ SHARED_SERVER_FILES = frozenset(
 )  # fmt: skip
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist turns the groups into scheduling keys
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in SHARED_SERVER_FILES:
