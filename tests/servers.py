@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import httpx
 
@@ -131,14 +131,21 @@ class Cloud:
             self.process = None
 
 
-ServerT = TypeVar("ServerT", "RedisServer", "Cloud", "Sink")
+class Startable(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+ServerT = TypeVar("ServerT", bound=Startable)
 
 
 @contextlib.contextmanager
 def running(server: ServerT) -> Iterator[ServerT]:
-    """Start ``server`` and stop it on the way out, whatever happened."""
-    server.start()
+    """Start ``server`` and stop it on the way out, whatever happened (a start that failed
+    half-way included: the process it launched is stopped too)."""
     try:
+        server.start()
         yield server
     finally:
         server.stop()

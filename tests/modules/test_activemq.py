@@ -10,7 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from shared.envelope import Envelope
 from shared.modules.activemq import ActiveMQConfig, ActiveMQModule
 from shared.modules.base import Message, Permanent, Pools, Transient
 from shared.modules.stomp import Frame, FrameError, FrameParser, encode
-from tests.servers import free_port, stop, wait_until
+from tests.servers import free_port, running, stop, wait_until
 
 BINARY = b"\x00\xff\xfe binary \x80\x81\r\n\x00"
 JSON = b'{"event": "paid", "amount": 12.5, "name": "Zo\xc3\xab"}'
@@ -106,21 +106,8 @@ class ActiveMQServer:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ActiveMQServer]:
-    server = ActiveMQServer(tmp_path_factory.mktemp("activemq"))
-    try:
-        server.start()
+    with running(ActiveMQServer(tmp_path_factory.mktemp("activemq"))) as server:
         yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def pools() -> AsyncIterator[Pools]:
-    shared = Pools()
-    try:
-        yield shared
-    finally:
-        await shared.aclose()
 
 
 def message(body: bytes, number: int = 1, *extra: tuple[str, str]) -> Message:

@@ -7,7 +7,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from shared.config.connections import ConnectionEntry
 from shared.envelope import Envelope
 from shared.modules.base import Message, Permanent, Pools, Transient
 from shared.modules.clickhouse import ClickHouseConfig, ClickHouseModule
-from tests.servers import free_port, stop, wait_until
+from tests.servers import free_port, running, stop, wait_until
 
 BINARY_BODY = b"\xff\xfe\x00raw\r\n\t\\N\\\x80 bytes\x00'"
 HEADERS = (("Content-Type", "application/json"), ("X-Event", "push"), ("X-Event", "again"))
@@ -99,19 +99,8 @@ class ClickHouseServer:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseServer]:
-    clickhouse = ClickHouseServer(tmp_path_factory.mktemp("clickhouse"))
-    try:
-        clickhouse.start()
+    with running(ClickHouseServer(tmp_path_factory.mktemp("clickhouse"))) as clickhouse:
         yield clickhouse
-    finally:
-        clickhouse.stop()
-
-
-@pytest.fixture
-async def pools() -> AsyncIterator[Pools]:
-    shared = Pools()
-    yield shared
-    await shared.aclose()
 
 
 def make_message(body: bytes, message_id: str = "m-1", channel: str = "orders") -> Message:
@@ -237,18 +226,18 @@ def test_bad_module_config_is_refused(config: dict[str, Any], problem: str) -> N
 
 
 async def test_server_down_is_transient_and_recovery_needs_no_restart(server, pools) -> None:
-    running = await started(server, pools, table="outage")
-    await running.deliver(make_message(b"{}", "before"))
+    outage = await started(server, pools, table="outage")
+    await outage.deliver(make_message(b"{}", "before"))
     server.stop()
     try:
         with pytest.raises(Transient):
-            await running.deliver(make_message(b"{}", "during"))
+            await outage.deliver(make_message(b"{}", "during"))
         late = await started(server, Pools(), table="outage_late")
         with pytest.raises(Transient):
             await late.deliver(make_message(b"{}", "late-during"))
     finally:
         server.start()
-    await running.deliver(make_message(b"{}", "after"))
+    await outage.deliver(make_message(b"{}", "after"))
     await late.deliver(make_message(b"{}", "late-after"))
     await late.pools.aclose()
     assert server.query("SELECT message_id FROM outage ORDER BY message_id") == "after\nbefore\n"

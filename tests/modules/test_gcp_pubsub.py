@@ -28,16 +28,13 @@ from tests.modules.cloud_peers import (
     make_message,
     new_private_key,
 )
+from tests.servers import running
 
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSubStandIn]:
-    server = PubSubStandIn(tmp_path_factory.mktemp("pubsub"))
-    try:
-        server.start()
+    with running(PubSubStandIn(tmp_path_factory.mktemp("pubsub"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +117,6 @@ def connection(bootstrap: str, **extra: Any) -> ConnectionEntry:
         type="kafka", bootstrap_servers=bootstrap, enable_idempotence=False,
         timeout_seconds=TIMEOUT, **extra,
     )  # fmt: skip
-
-
-@pytest.fixture
-async def pools() -> AsyncIterator[Pools]:
-    shared = Pools()
-    try:
-        yield shared
-    finally:
-        await shared.aclose()
 
 
 def make_module(pools: Pools, bootstrap: str, config: dict[str, Any], **conn: Any) -> KafkaModule:

@@ -21,7 +21,7 @@ from shared.config.connections import ConnectionEntry
 from shared.envelope import Envelope
 from shared.modules.base import Message, Permanent, Pools, Transient
 from shared.modules.mqtt import MQTTConfig, MQTTModule
-from tests.servers import free_port, stop, wait_until
+from tests.servers import free_port, running, stop, wait_until
 
 BINARY = b"\x00\xff\xfe binary \x80\x81\r\n\x00"
 JSON = b'{"event": "paid", "amount": 12.5, "name": "Zo\xc3\xab"}'
@@ -78,21 +78,8 @@ class MosquittoServer:
 
 @pytest.fixture(scope="module")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoServer]:
-    server = MosquittoServer(tmp_path_factory.mktemp("mosquitto"))
-    try:
-        server.start()
+    with running(MosquittoServer(tmp_path_factory.mktemp("mosquitto"))) as server:
         yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def pools() -> AsyncIterator[Pools]:
-    shared = Pools()
-    try:
-        yield shared
-    finally:
-        await shared.aclose()
 
 
 def message(body: bytes, number: int = 1) -> Message:

@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from shared.modules.base import Message, Permanent, Pools, Transient
 from shared.modules.dbtable import SqlTableConfig
 from shared.modules.mysql import MySQLModule
 from shared.modules.registry import module_class
-from tests.servers import free_port, stop, wait_until
+from tests.servers import free_port, running, stop, wait_until
 
 BINARY_BODY = b"\xff\xfe\x00raw\r\n\x80 bytes\x00'\\"
 HEADERS = (("Content-Type", "application/json"), ("X-Event", "push"), ("X-Event", "again"))
@@ -84,19 +84,8 @@ class MariaDBServer:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBServer]:
-    mariadb = MariaDBServer(tmp_path_factory.mktemp("mariadb"))
-    try:
-        mariadb.start()
+    with running(MariaDBServer(tmp_path_factory.mktemp("mariadb"))) as mariadb:
         yield mariadb
-    finally:
-        mariadb.stop()
-
-
-@pytest.fixture
-async def pools() -> AsyncIterator[Pools]:
-    shared = Pools()
-    yield shared
-    await shared.aclose()
 
 
 def make_message(body: bytes, message_id: str = "m-1", channel: str = "orders") -> Message:
@@ -277,18 +266,18 @@ def test_bad_connection_entry_is_refused() -> None:
 
 
 async def test_server_down_is_transient_and_recovery_needs_no_restart(server, pools) -> None:
-    running = await started(server, pools, table="outage")
-    await running.deliver(make_message(b"{}", "before"))
+    outage = await started(server, pools, table="outage")
+    await outage.deliver(make_message(b"{}", "before"))
     server.stop()
     try:
         with pytest.raises(Transient):
-            await running.deliver(make_message(b"{}", "during"))
+            await outage.deliver(make_message(b"{}", "during"))
         late = await started(server, Pools(), table="outage_late")
         with pytest.raises(Transient):
             await late.deliver(make_message(b"{}", "late-during"))
     finally:
         server.start()
-    await running.deliver(make_message(b"{}", "after"))
+    await outage.deliver(make_message(b"{}", "after"))
     await late.deliver(make_message(b"{}", "late-after"))
     await late.pools.aclose()
     found = rows(server, "SELECT message_id FROM outage ORDER BY message_id")

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from shared.envelope import Envelope
 from shared.modules.base import Message, Permanent, Pools, Transient
 from shared.modules.dbtable import SqlTableConfig
 from shared.modules.postgresql import PostgreSQLModule
-from tests.servers import free_port, stop, wait_until
+from tests.servers import free_port, running, stop, wait_until
 
 # Debian's server binaries, the newest installed major version (bookworm: 15).
 BIN = max(
@@ -83,18 +83,10 @@ class PostgresServer:
 def server() -> Iterator[PostgresServer]:
     postgres = PostgresServer()
     try:
-        postgres.start()
-        yield postgres
+        with running(postgres):
+            yield postgres
     finally:
-        postgres.stop()
         shutil.rmtree(postgres.directory, ignore_errors=True)
-
-
-@pytest.fixture
-async def pools() -> AsyncIterator[Pools]:
-    shared = Pools()
-    yield shared
-    await shared.aclose()
 
 
 def make_message(body: bytes, message_id: str = "m-1", channel: str = "orders") -> Message:
@@ -288,19 +280,19 @@ def test_bad_module_config_is_refused(config: dict[str, Any], problem: str) -> N
 
 
 async def test_server_down_is_transient_and_recovery_needs_no_restart(server, pools) -> None:
-    running = await started(server, pools, table="outage")
-    await running.deliver(make_message(b"{}", "before"))
+    outage = await started(server, pools, table="outage")
+    await outage.deliver(make_message(b"{}", "before"))
     server.stop()
     try:
         with pytest.raises(Transient):
-            await running.deliver(make_message(b"{}", "during"))
+            await outage.deliver(make_message(b"{}", "during"))
         # A module configured while the server is down starts anyway.
         late = await started(server, Pools(), table="outage_late")
         with pytest.raises(Transient):
             await late.deliver(make_message(b"{}", "late-during"))
     finally:
         server.start()
-    await running.deliver(make_message(b"{}", "after"))
+    await outage.deliver(make_message(b"{}", "after"))
     await late.deliver(make_message(b"{}", "late-after"))
     await late.pools.aclose()
     found = await rows(server, "SELECT message_id FROM outage ORDER BY message_id")

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aio_pika
@@ -22,7 +23,12 @@ from pydantic import ValidationError
 from shared.config.connections import ConnectionEntry
 from shared.envelope import Envelope
 from shared.modules.base import Message, Permanent, Pools, Transient
-from shared.modules.rabbitmq import RabbitMQConfig, RabbitMQModule
+from shared.modules.rabbitmq import (
+    PublishedProperties,
+    RabbitMQConfig,
+    RabbitMQModule,
+    amqp_properties,
+)
 from tests.servers import free_port, stop, wait_until
 
 BINARY = b"\x00\xff\xfe binary \x80\x81\r\n\x00"
@@ -333,3 +339,37 @@ async def test_broker_down_is_transient_and_the_module_reconnects(
     assert [(m.message_id, m.body) for m in got] == [
         ("msg-1", BINARY), ("msg-4", JSON), ("msg-5", JSON),
     ]  # fmt: skip
+
+
+STAMP = datetime.fromtimestamp(1_700_000_000.9999996, UTC)  # rounds up to the next second
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {"content_type": "text/plain; charset=\xe9", "headers": {"b": "\xe9\u20ac", "a": ""}},
+        {"content_type": "", "message_id": "", "delivery_mode": 1, "timestamp": STAMP},
+        {"headers": {}, "timestamp": datetime(2024, 1, 2, 3, 4, 5)},  # naive: pamqp takes it as UTC
+        {"headers": {"n": 1, "t": True, "nested": {"x": "y"}, "k" * 200: "v"}},
+        {"priority": 5, "app_id": "x", "message_id": "m", "headers": {"a": "b"}},
+        {},
+    ],
+)
+def test_properties_encode_as_pamqp_does(properties: dict[str, object]) -> None:
+    fast = PublishedProperties(**properties)  # type: ignore[arg-type]
+    assert fast.marshal() == aiormq.spec.Basic.Properties(**properties).marshal()  # type: ignore[arg-type]
+
+
+def test_published_properties_encode_as_pamqp_does() -> None:
+    for sent in (message(b"\xff", 1, "application/octet-stream"), message(b"{}", 2, "x" * 300)):
+        fast = amqp_properties(sent)
+        plain = aiormq.spec.Basic.Properties(**{k: getattr(fast, k) for k in fast.__slots__})
+        assert type(fast) is PublishedProperties
+        assert fast.marshal() == plain.marshal()
+
+
+def test_properties_pamqp_refuses_are_refused_alike() -> None:
+    with pytest.raises(TypeError, match="255"):
+        aiormq.spec.Basic.Properties(message_id="m" * 256).marshal()
+    with pytest.raises(TypeError, match="255"):
+        PublishedProperties(message_id="m" * 256).marshal()

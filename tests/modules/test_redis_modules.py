@@ -4,7 +4,7 @@ clients: rq's own ``Queue``/``Job``/``SimpleWorker`` for jobs, a pub/sub subscri
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,6 @@ def message(body: bytes, message_id: str = "1700000000000-0", channel: str = "ch
 
 def connection_to(url: str) -> ConnectionEntry:
     return ConnectionEntry.model_validate({"type": "redis", "url": url})
-
-
-@pytest.fixture
-async def pools() -> AsyncIterator[Pools]:
-    shared = Pools()
-    yield shared
-    await shared.aclose()
 
 
 @pytest.fixture

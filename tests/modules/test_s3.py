@@ -18,18 +18,15 @@ from shared.modules.base import Permanent, Pools, Transient
 from shared.modules.registry import module_class
 from shared.modules.s3 import S3Config, S3Module
 from tests.modules.cloud_peers import BINARY_BODY, JSON_BODY, MotoServer, make_message
+from tests.servers import running
 
 BUCKET = "webhook-archive"
 
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    try:
-        server.start()
+    with running(MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

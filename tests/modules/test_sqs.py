@@ -18,16 +18,13 @@ from shared.modules.base import Message, Permanent, Pools, Transient
 from shared.modules.registry import module_class
 from shared.modules.sqs import MAX_BATCH_BYTES, SQSConfig, SQSModule, batches
 from tests.modules.cloud_peers import BINARY_BODY, JSON_BODY, MotoServer, make_message
+from tests.servers import running
 
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    try:
-        server.start()
+    with running(MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -86,13 +86,6 @@ async def peer() -> AsyncIterator[Peer]:
         await server.stop()
 
 
-@pytest.fixture
-async def pools() -> AsyncIterator[Pools]:
-    shared = Pools()
-    yield shared
-    await shared.aclose()
-
-
 def module(pools: Pools, **config: Any) -> WebSocketModule:
     return WebSocketModule(WebSocketConfig.model_validate(config), None, pools)
 

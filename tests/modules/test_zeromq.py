@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -55,13 +55,6 @@ def peers() -> Iterator[Peers]:
     opened = Peers()
     yield opened
     opened.close()
-
-
-@pytest.fixture
-async def pools() -> AsyncIterator[Pools]:
-    shared = Pools()
-    yield shared
-    await shared.aclose()
 
 
 async def started(pools: Pools, **config: Any) -> ZeroMQModule:
