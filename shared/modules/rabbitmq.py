@@ -14,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import re
+import struct
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import aio_pika
 import aiormq.exceptions
@@ -162,6 +165,7 @@ class RabbitMQModule(Module[RabbitMQConfig]):
         # The connection a channel was opened on, the channel, and the exchange to publish to.
         self._opened: tuple[AbstractConnection, AbstractChannel, AbstractExchange] | None = None
         self._lock = asyncio.Lock()
+        self._routing_key = config.key
 
     async def start(self) -> None:
         try:
@@ -174,15 +178,21 @@ class RabbitMQModule(Module[RabbitMQConfig]):
         try:
             # Straight to aiormq, as aio-pika's Exchange.publish would, without an
             # aio_pika.Message and its per-publish timeout task: a third less CPU per message.
-            channel = await opened.get_underlay_channel()
-            async with asyncio.timeout(self.config.timeout_seconds):
-                await channel.basic_publish(
-                    message.body,
-                    exchange=exchange.name,
-                    routing_key=self.config.key,
-                    properties=amqp_properties(message),
-                    mandatory=self.config.mandatory,
-                )
+            # aiormq's own deadline spans the publish and its confirm, so no second one here.
+            # ``wait=False`` (a keyword of aiormq's Channel, not of its abstract class): we
+            # still await the broker's ack, just not also the socket write before it, which
+            # saved two event-loop turns per message; the in-flight bytes stay bounded by the
+            # connector's concurrency, each publish waiting for its confirm.
+            channel = cast(aiormq.Channel, await opened.get_underlay_channel())
+            await channel.basic_publish(
+                message.body,
+                exchange=exchange.name,
+                routing_key=self._routing_key,
+                properties=amqp_properties(message),
+                mandatory=self.config.mandatory,
+                timeout=self.config.timeout_seconds,
+                wait=False,
+            )
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             # The broker closes the whole channel over one message it cannot take: the
             # publishes in flight beside it fail too, through no fault of theirs.
@@ -256,7 +266,7 @@ def amqp_properties(message: Message) -> aiormq.spec.Basic.Properties:
     content_type = message.header_map.get("content-type")
     if content_type is not None and len(content_type.encode()) > SHORTSTR_MAX:
         content_type = None
-    return aiormq.spec.Basic.Properties(
+    return PublishedProperties(
         headers={
             **attributes.message_attributes(message),
             **attributes.fitting_headers(message, HEADERS_ROOM, "AMQP frame limit"),
@@ -266,3 +276,93 @@ def amqp_properties(message: Message) -> aiormq.spec.Basic.Properties:
         message_id=message.message_id,
         timestamp=datetime.fromtimestamp(message.envelope.received_at, UTC),
     )
+
+
+# Each property's bit in the content header's property flags (AMQP 0-9-1, 4.2.6.1).
+FLAGS = aiormq.spec.Basic.Properties.flags
+# What ``amqp_properties`` sets; the others, while they hold pamqp's defaults, are not encoded.
+FAST_PROPERTIES = {"content_type", "headers", "delivery_mode", "message_id", "timestamp"}
+OTHER_PROPERTIES = operator.attrgetter(
+    *(name for name in aiormq.spec.Basic.Properties.__slots__ if name not in FAST_PROPERTIES)
+)
+UNSET = OTHER_PROPERTIES(aiormq.spec.Basic.Properties())
+U8, U16, U32, U64 = (struct.Struct(f">{code}") for code in "BHIQ")
+
+
+class PublishedProperties(aiormq.spec.Basic.Properties):
+    """``Basic.Properties`` encoded by a straight-line ``marshal`` for the values this module
+    sets (a string-valued headers table), in under half the time of pamqp's generic
+    per-slot, per-type encoder. The bytes are pamqp's (tests compare them); anything else,
+    or any value pamqp would refuse, goes to pamqp's own encoder and its errors.
+
+    No ``__slots__`` here: pamqp walks ``self.__slots__``, which must stay the parent's list."""
+
+    def marshal(self) -> bytes:
+        content_type, headers, mode, message_id, timestamp = (
+            self.content_type, self.headers, self.delivery_mode, self.message_id, self.timestamp
+        )  # fmt: skip
+        if (
+            OTHER_PROPERTIES(self) != UNSET
+            or (headers is not None and type(headers) is not dict)
+            or (mode is not None and type(mode) is not int)
+            or (
+                timestamp is not None
+                and (type(timestamp) is not datetime or timestamp.tzinfo is not UTC)
+            )
+        ):
+            return super().marshal()
+        flags = 0
+        parts: list[bytes | None] = [b""]
+        if content_type is not None and content_type != "":
+            parts.append(shortstr(content_type))
+            flags |= FLAGS["content_type"]
+        if headers is not None:
+            parts.append(string_table(headers))
+            flags |= FLAGS["headers"]
+        if mode is not None:
+            parts.append(U8.pack(mode))
+            flags |= FLAGS["delivery_mode"]
+        if message_id is not None and message_id != "":
+            parts.append(shortstr(message_id))
+            flags |= FLAGS["message_id"]
+        if timestamp is not None:
+            parts.append(U64.pack(int(timestamp.timestamp())))
+            flags |= FLAGS["timestamp"]
+        if None in parts:  # a value only pamqp's encoder can handle or refuse
+            return super().marshal()
+        parts[0] = U16.pack(flags)
+        return b"".join(cast(list[bytes], parts))
+
+
+def shortstr(value: object) -> bytes | None:
+    """An AMQP shortstr, or None for what pamqp has to encode (or reject) itself."""
+    if type(value) is not str:
+        return None
+    data = value.encode()
+    return U8.pack(len(data)) + data if len(data) <= SHORTSTR_MAX else None
+
+
+def string_table(table: Mapping[str, object]) -> bytes | None:
+    """A field table of long strings, keys sorted as pamqp sorts them; None for any other."""
+    if not table:
+        return None
+    parts: list[bytes] = []
+    for key, value in sorted(table.items()):
+        name = TABLE_KEYS.get(key) if type(key) is str else None
+        if name is None:
+            name = shortstr(key)
+            if name is None or len(name) > 129:  # pamqp truncates names over 128 bytes
+                return None
+        if type(value) is not str:
+            return None
+        data = value.encode()
+        parts += (name, b"S", U32.pack(len(data)), data)
+    body = b"".join(parts)
+    return U32.pack(len(body)) + body
+
+
+TABLE_KEYS = {
+    key: U8.pack(len(key)) + key.encode()
+    for key in (attributes.MESSAGE_ID, attributes.WEBHOOK_ID, attributes.CHANNEL)
+    + (attributes.RECEIVED_AT, attributes.HEADERS, attributes.HEADERS_OMITTED)
+}
