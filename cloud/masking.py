@@ -33,6 +33,10 @@ SECRET_KEYS = frozenset(
         "token_secret", "secret_key", "jwt_secret", "authorization",
     }
 )  # fmt: skip
+# In connections.json a URL or DSN may hold a password too.
+CONNECTION_SECRET_KEYS = SECRET_KEYS | {
+    "aws_secret_access_key", "aws_session_token", "sasl_plain_password", "pass", "url", "dsn",
+}  # fmt: skip
 MIN_LITERAL = 4  # shorter "secrets" would mask ordinary words
 
 
@@ -53,16 +57,21 @@ def configured_secrets(webhooks: Mapping[str, Webhook]) -> list[str]:
     found: set[str] = set()
     for webhook in webhooks.values():
         _collect(webhook.entry.model_dump(by_alias=True), found, under_secret=False)
+        for step in webhook.plan.steps if webhook.plan else ():
+            if step.connection is not None:  # the connections.json entries in use
+                _collect(step.connection.model_dump(), found, False, CONNECTION_SECRET_KEYS)
     return sorted((item for item in found if len(item) >= MIN_LITERAL), key=len, reverse=True)
 
 
-def _collect(node: Any, found: set[str], *, under_secret: bool) -> None:
+def _collect(
+    node: Any, found: set[str], under_secret: bool, keys: frozenset[str] = SECRET_KEYS
+) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
-            _collect(value, found, under_secret=under_secret or key in SECRET_KEYS)
+            _collect(value, found, under_secret or key in keys, keys)
     elif isinstance(node, list):
         for item in node:
-            _collect(item, found, under_secret=under_secret)
+            _collect(item, found, under_secret, keys)
     elif isinstance(node, str) and under_secret:
         found.add(node)
         # "Bearer <token>": the token alone may appear too.

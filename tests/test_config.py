@@ -318,3 +318,14 @@ def test_a_bad_module_file_of_the_connector_exits_2_naming_it(tmp_path: Path) ->
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"webhook-connect: configuration error: {hooks}: gh.module-config.path")
+
+
+def test_the_secrets_of_connections_the_cloud_delivers_with_are_masked(tmp_path: Path) -> None:
+    from cloud.masking import configured_secrets
+
+    pg = {"type": "postgresql", "host": "db", "user": "app", "password": "pg-password-123"}
+    connections = load_connections(write(tmp_path, {"pg": pg}, "connections.json"), {})
+    hooks = write(tmp_path, {"gh": {"module": "postgresql", "connection": "pg"}})
+    secrets = configured_secrets(load_webhooks(hooks, connections, environ={}))
+    assert "pg-password-123" in secrets
+    assert "app" not in secrets and "db" not in secrets

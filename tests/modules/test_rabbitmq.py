@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,13 +22,9 @@ from pydantic import ValidationError
 
 from shared.config.connections import ConnectionEntry
 from shared.envelope import Envelope
+from shared.modules.amqp import PublishedProperties
 from shared.modules.base import Message, Permanent, Pools, Transient
-from shared.modules.rabbitmq import (
-    PublishedProperties,
-    RabbitMQConfig,
-    RabbitMQModule,
-    amqp_properties,
-)
+from shared.modules.rabbitmq import RabbitMQConfig, RabbitMQModule, amqp_properties
 from tests.servers import free_port, stop, wait_until
 
 BINARY = b"\x00\xff\xfe binary \x80\x81\r\n\x00"
@@ -125,15 +121,6 @@ def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]
         yield server
     finally:
         server.close()
-
-
-@pytest.fixture
-async def pools() -> AsyncIterator[Pools]:
-    shared = Pools()
-    try:
-        yield shared
-    finally:
-        await shared.aclose()
 
 
 def message(body: bytes, number: int = 1, content_type: str = "application/json") -> Message:
