@@ -16,13 +16,12 @@ import pytest
 from pydantic import ValidationError
 
 from shared.config.connections import ConnectionEntry
-from shared.envelope import Envelope
-from shared.modules.base import Message, Permanent, Pools, Transient
+from shared.modules.base import Permanent, Pools, Transient
 from shared.modules.clickhouse import ClickHouseConfig, ClickHouseModule
+from tests.modules.dbcases import make_message
 from tests.servers import free_port, running, stop, wait_until
 
 BINARY_BODY = b"\xff\xfe\x00raw\r\n\t\\N\\\x80 bytes\x00'"
-HEADERS = (("Content-Type", "application/json"), ("X-Event", "push"), ("X-Event", "again"))
 CONFIG = """<?xml version="1.0"?>
 <yandex>
     <logger><level>warning</level><log>{dir}/server.log</log><errorlog>{dir}/error.log</errorlog></logger>
@@ -101,14 +100,6 @@ class ClickHouseServer:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseServer]:
     with running(ClickHouseServer(tmp_path_factory.mktemp("clickhouse"))) as clickhouse:
         yield clickhouse
-
-
-def make_message(body: bytes, message_id: str = "m-1", channel: str = "orders") -> Message:
-    envelope = Envelope(
-        channel=channel, webhook_id="stripe", received_at=1_700_000_000.25, method="POST",
-        path="/webhook/stripe", query_string="a=1&b=%20", headers=HEADERS, body=body,
-    )  # fmt: skip
-    return Message.of(message_id, 1, envelope)
 
 
 async def started(server: ClickHouseServer, pools: Pools, **config: Any) -> ClickHouseModule:

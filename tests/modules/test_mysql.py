@@ -18,15 +18,14 @@ import pytest
 from pydantic import ValidationError
 
 from shared.config.connections import ConnectionEntry
-from shared.envelope import Envelope
-from shared.modules.base import Message, Permanent, Pools, Transient
+from shared.modules.base import Permanent, Pools, Transient
 from shared.modules.dbtable import SqlTableConfig
 from shared.modules.mysql import MySQLModule
 from shared.modules.registry import module_class
+from tests.modules.dbcases import make_message
 from tests.servers import free_port, running, stop, wait_until
 
 BINARY_BODY = b"\xff\xfe\x00raw\r\n\x80 bytes\x00'\\"
-HEADERS = (("Content-Type", "application/json"), ("X-Event", "push"), ("X-Event", "again"))
 # Test speed only: the data directory is throwaway, so bootstrap need not sync.
 NO_SYNC = ["--innodb-flush-method=nosync", "--innodb-doublewrite=0"]
 
@@ -86,14 +85,6 @@ class MariaDBServer:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBServer]:
     with running(MariaDBServer(tmp_path_factory.mktemp("mariadb"))) as mariadb:
         yield mariadb
-
-
-def make_message(body: bytes, message_id: str = "m-1", channel: str = "orders") -> Message:
-    envelope = Envelope(
-        channel=channel, webhook_id="stripe", received_at=1_700_000_000.25, method="POST",
-        path="/webhook/stripe", query_string="a=1&b=%20", headers=HEADERS, body=body,
-    )  # fmt: skip
-    return Message.of(message_id, 1, envelope)
 
 
 async def started(server: MariaDBServer, pools: Pools, **config: Any) -> MySQLModule:

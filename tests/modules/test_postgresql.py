@@ -18,10 +18,10 @@ import pytest
 from pydantic import ValidationError
 
 from shared.config.connections import ConnectionEntry
-from shared.envelope import Envelope
-from shared.modules.base import Message, Permanent, Pools, Transient
+from shared.modules.base import Permanent, Pools, Transient
 from shared.modules.dbtable import SqlTableConfig
 from shared.modules.postgresql import PostgreSQLModule
+from tests.modules.dbcases import make_message
 from tests.servers import free_port, running, stop, wait_until
 
 # Debian's server binaries, the newest installed major version (bookworm: 15).
@@ -30,7 +30,6 @@ BIN = max(
     default=Path("/usr/lib/postgresql/15/bin/initdb"),
 ).parent
 BINARY_BODY = b"\xff\xfe\x00raw\r\n\x80 bytes\x00"
-HEADERS = (("Content-Type", "application/json"), ("X-Event", "push"), ("X-Event", "again"))
 
 
 class PostgresServer:
@@ -87,14 +86,6 @@ def server() -> Iterator[PostgresServer]:
             yield postgres
     finally:
         shutil.rmtree(postgres.directory, ignore_errors=True)
-
-
-def make_message(body: bytes, message_id: str = "m-1", channel: str = "orders") -> Message:
-    envelope = Envelope(
-        channel=channel, webhook_id="stripe", received_at=1_700_000_000.25, method="POST",
-        path="/webhook/stripe", query_string="a=1&b=%20", headers=HEADERS, body=body,
-    )  # fmt: skip
-    return Message.of(message_id, 1, envelope)
 
 
 async def started(server: PostgresServer, pools: Pools, **config: Any) -> PostgreSQLModule:
