@@ -329,3 +329,13 @@ def test_the_secrets_of_connections_the_cloud_delivers_with_are_masked(tmp_path:
     secrets = configured_secrets(load_webhooks(hooks, connections, environ={}))
     assert "pg-password-123" in secrets
     assert "app" not in secrets and "db" not in secrets
+
+
+def test_the_module_mode_example_is_valid() -> None:
+    from connector.config import load_connector_settings, load_delivery_plans
+
+    path = REPO / "examples" / "modules" / "connector.json"
+    settings = load_connector_settings(path, {})
+    plans = load_delivery_plans(settings, path)
+    assert plans is not None and set(plans) == {"github", "*"}
+    assert [step.module for step in plans["github"].steps] == ["postgresql", "rabbitmq"]
