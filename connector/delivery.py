@@ -22,15 +22,8 @@ from tenacity import (
 from connector.config import ConnectorSettings, Target
 from connector.httpclient import HttpClient, HttpClientError, InvalidRequest
 from shared.frames import WireMessage
-from shared.policy import Outcome, classify_status, parse_retry_after, retry_delay
+from shared.policy import HOP_BY_HOP, Outcome, classify_status, parse_retry_after, retry_delay
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-        "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-        "expect", "host", "content-length",
-    }
-)  # fmt: skip
 RELAY_PREFIX = "x-webhook-connect-"
 
 

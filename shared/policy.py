@@ -12,6 +12,14 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+# Headers that describe one hop, not the message: never forwarded to a target.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+        "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+        "expect", "host", "content-length",
+    }
+)  # fmt: skip
 
 
 class Outcome(enum.Enum):

@@ -20,15 +20,8 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 from shared.modules.base import Message, Module, Permanent, Transient
-from shared.policy import Outcome, classify_status
+from shared.policy import HOP_BY_HOP, Outcome, classify_status
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-        "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-        "expect", "host", "content-length",
-    }
-)  # fmt: skip
 RESOLVED_FOR = 30.0  # seconds a host's addresses are trusted before they are checked again
 
 

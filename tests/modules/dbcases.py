@@ -1,9 +1,16 @@
-"""What the database module tests share: one message shape, with repeated headers."""
+"""What the database module tests share: one message shape, with repeated headers, and an
+outage to ride out."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
 from shared.envelope import Envelope
-from shared.modules import Message
+from shared.modules import Message, Module, Pools, Transient
+from tests.servers import Startable
 
 HEADERS = (("Content-Type", "application/json"), ("X-Event", "push"), ("X-Event", "again"))
 
@@ -14,3 +21,29 @@ def make_message(body: bytes, message_id: str = "m-1", channel: str = "orders") 
         path="/webhook/stripe", query_string="a=1&b=%20", headers=HEADERS, body=body,
     )  # fmt: skip
     return Message.of(message_id, 1, envelope)
+
+
+async def ride_out_an_outage(
+    server: Startable, start: Callable[[str, Pools], Awaitable[Module[Any]]], pools: Pools
+) -> None:
+    """Deliver before, during and after the server is down, through a module started before
+    the outage (table ``outage``) and one started during it (``outage_late``): during, both
+    fail as Transient; after, both deliver without being recreated."""
+    outage = await start("outage", pools)
+    await outage.deliver(make_message(b"{}", "before"))
+    server.stop()
+    late_pools = Pools()
+    try:
+        with pytest.raises(Transient):
+            await outage.deliver(make_message(b"{}", "during"))
+        # A module configured while the server is down starts anyway.
+        late = await start("outage_late", late_pools)
+        with pytest.raises(Transient):
+            await late.deliver(make_message(b"{}", "late-during"))
+    finally:
+        server.start()
+    try:
+        await outage.deliver(make_message(b"{}", "after"))
+        await late.deliver(make_message(b"{}", "late-after"))
+    finally:
+        await late_pools.aclose()

@@ -18,10 +18,10 @@ import pytest
 from pydantic import ValidationError
 
 from shared.config.connections import ConnectionEntry
-from shared.modules.base import Permanent, Pools, Transient
+from shared.modules.base import Permanent, Pools
 from shared.modules.dbtable import SqlTableConfig
 from shared.modules.postgresql import PostgreSQLModule
-from tests.modules.dbcases import make_message
+from tests.modules.dbcases import make_message, ride_out_an_outage
 from tests.servers import free_port, running, stop, wait_until
 
 # Debian's server binaries, the newest installed major version (bookworm: 15).
@@ -271,21 +271,9 @@ def test_bad_module_config_is_refused(config: dict[str, Any], problem: str) -> N
 
 
 async def test_server_down_is_transient_and_recovery_needs_no_restart(server, pools) -> None:
-    outage = await started(server, pools, table="outage")
-    await outage.deliver(make_message(b"{}", "before"))
-    server.stop()
-    try:
-        with pytest.raises(Transient):
-            await outage.deliver(make_message(b"{}", "during"))
-        # A module configured while the server is down starts anyway.
-        late = await started(server, Pools(), table="outage_late")
-        with pytest.raises(Transient):
-            await late.deliver(make_message(b"{}", "late-during"))
-    finally:
-        server.start()
-    await outage.deliver(make_message(b"{}", "after"))
-    await late.deliver(make_message(b"{}", "late-after"))
-    await late.pools.aclose()
+    await ride_out_an_outage(
+        server, lambda table, shared: started(server, shared, table=table), pools
+    )
     found = await rows(server, "SELECT message_id FROM outage ORDER BY message_id")
     assert [r["message_id"] for r in found] == ["after", "before"]
     assert len(await rows(server, "SELECT 1 FROM outage_late")) == 1
