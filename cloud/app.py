@@ -14,23 +14,23 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cloud import masking
-from cloud.admin import admin_routes
-from cloud.buffers import Buffer, open_buffer
-from cloud.config import CloudConfig, config_from_environment
-from cloud.dashboard import dashboard
-from cloud.direct import DirectDelivery
-from cloud.ingest import PREFIX, IngestEndpoint
-from cloud.metrics import MetricsRoute
-from cloud.openapi import DOCS_PAGE, openapi_document
-from cloud.provisioning import provision
-from cloud.pullroutes import PullRoutes
-from cloud.reloader import ConfigReloader, Reloaded
-from cloud.security.guard import build_guards
-from cloud.security.inbound import Services
-from cloud.smee import SmeeRoute
-from cloud.stream import StreamEndpoint
-from shared.exceptions import StorageError
+from webhook_connect.cloud import masking
+from webhook_connect.cloud.admin import admin_routes
+from webhook_connect.cloud.buffers import Buffer, open_buffer
+from webhook_connect.cloud.config import CloudConfig, config_from_environment
+from webhook_connect.cloud.dashboard import dashboard
+from webhook_connect.cloud.direct import DirectDelivery
+from webhook_connect.cloud.ingest import PREFIX, IngestEndpoint
+from webhook_connect.cloud.metrics import MetricsRoute
+from webhook_connect.cloud.openapi import DOCS_PAGE, openapi_document
+from webhook_connect.cloud.provisioning import provision
+from webhook_connect.cloud.pullroutes import PullRoutes
+from webhook_connect.cloud.reloader import ConfigReloader, Reloaded
+from webhook_connect.cloud.security.guard import build_guards
+from webhook_connect.cloud.security.inbound import Services
+from webhook_connect.cloud.smee import SmeeRoute
+from webhook_connect.cloud.stream import StreamEndpoint
+from webhook_connect.shared.exceptions import StorageError
 
 logger = logging.getLogger("webhook_connect.cloud")
 

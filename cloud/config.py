@@ -10,10 +10,10 @@ from pathlib import Path
 
 import orjson
 
-from cloud.buffers import ChannelSpec
-from cloud.security.guard import OFFLINE, build_guards
-from shared.config import Webhook, load_connections, load_webhooks
-from shared.exceptions import ConfigError
+from webhook_connect.cloud.buffers import ChannelSpec
+from webhook_connect.cloud.security.guard import OFFLINE, build_guards
+from webhook_connect.shared.config import Webhook, load_connections, load_webhooks
+from webhook_connect.shared.exceptions import ConfigError
 
 DEFAULT_STORAGE = "sqlite:///webhook-connect.db"
 STORAGE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")

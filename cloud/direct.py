@@ -15,12 +15,12 @@ import os
 import uuid
 from collections.abc import Mapping
 
-from cloud.buffers import Buffer, Delivery
-from shared.config import Webhook
-from shared.config.delivery import DeliveryPlan
-from shared.exceptions import StorageError
-from shared.modules import Message
-from shared.modules.pipeline import Dispatcher
+from webhook_connect.cloud.buffers import Buffer, Delivery
+from webhook_connect.shared.config import Webhook
+from webhook_connect.shared.config.delivery import DeliveryPlan
+from webhook_connect.shared.exceptions import StorageError
+from webhook_connect.shared.modules import Message
+from webhook_connect.shared.modules.pipeline import Dispatcher
 
 logger = logging.getLogger("webhook_connect.direct")
 

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 from starlette.types import Receive, Scope, Send
 
-from cloud import logs, metrics
-from cloud.buffers import Buffer
-from cloud.responses import send_error, send_json
-from cloud.security.guard import Guard
-from cloud.security.inbound import InboundRequest, Rejected
-from cloud.security.network import client_address
-from shared.envelope import Envelope
-from shared.exceptions import ChannelFull, StorageError
+from webhook_connect.cloud import logs, metrics
+from webhook_connect.cloud.buffers import Buffer
+from webhook_connect.cloud.responses import send_error, send_json
+from webhook_connect.cloud.security.guard import Guard
+from webhook_connect.cloud.security.inbound import InboundRequest, Rejected
+from webhook_connect.cloud.security.network import client_address
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.exceptions import ChannelFull, StorageError
 
 PREFIX = "/webhook/"
 RETRY_FULL = [(b"retry-after", b"5")]

@@ -2,7 +2,7 @@
 
 Every line goes through one stderr handler on the root logger (uvicorn's loggers propagate to
 it), configured in every uvicorn worker by :func:`logging_config`. Secrets are masked by the
-:class:`~cloud.masking.SecretMasker` filter on that handler, which runs before the formatter:
+:class:`~.masking.SecretMasker` filter on that handler, which runs before the formatter:
 it rewrites the record's message, exception text and event fields, and :class:`JsonFormatter`
 only serialises what the filter left. Headers and bodies are never logged.
 
@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from shared.frames import WireMessage
+from webhook_connect.shared.frames import WireMessage
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TRACE = 5  # uvicorn's level below DEBUG
@@ -50,7 +50,9 @@ def logging_config(log_format: str, log_level: str) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for uvicorn to apply in every worker process."""
     level = TRACE if log_level == "trace" else log_level.upper()
     formatter: dict[str, Any] = (
-        {"()": "cloud.logs.JsonFormatter"} if log_format == "json" else {"format": TEXT_FORMAT}
+        {"()": "webhook_connect.cloud.logs.JsonFormatter"}
+        if log_format == "json"
+        else {"format": TEXT_FORMAT}
     )
     propagate = {"handlers": [], "propagate": True}
     return {

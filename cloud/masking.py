@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from shared.config import Webhook
+from webhook_connect.shared.config import Webhook
 
 MASK = "***"
 SECRET_HEADERS = (

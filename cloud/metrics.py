@@ -47,8 +47,8 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cloud.buffers import Buffer, ConnectionRecord
-from cloud.buffers.base import COUNTERS, ChannelStats
+from webhook_connect.cloud.buffers import Buffer, ConnectionRecord
+from webhook_connect.cloud.buffers.base import COUNTERS, ChannelStats
 
 logger = logging.getLogger("webhook_connect.metrics")
 

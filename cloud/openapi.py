@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cloud.security.guard import Guard
+from webhook_connect.cloud.security.guard import Guard
 
 OPENAPI_VERSION = "3.1.0"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from cloud.buffers import Buffer, TokenRecord
-from cloud.config import CloudConfig
-from cloud.tokens import CONFIG_LABEL_PREFIX, hash_token
-from shared.config import Webhook
+from webhook_connect.cloud.buffers import Buffer, TokenRecord
+from webhook_connect.cloud.config import CloudConfig
+from webhook_connect.cloud.tokens import CONFIG_LABEL_PREFIX, hash_token
+from webhook_connect.shared.config import Webhook
 
 
 async def provision(buffer: Buffer, config: CloudConfig) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from cloud.buffers import Buffer
-from cloud.sessions import (
+from webhook_connect.cloud.buffers import Buffer
+from webhook_connect.cloud.sessions import (
     CLOSE_AUTH,
     CLOSE_REMOVED,
     Connection,
@@ -18,9 +18,9 @@ from cloud.sessions import (
     unavailable,
     wire_messages,
 )
-from cloud.tokens import token_in_force
-from shared.exceptions import StorageError
-from shared.frames import WireMessage
+from webhook_connect.cloud.tokens import token_in_force
+from webhook_connect.shared.exceptions import StorageError
+from webhook_connect.shared.frames import WireMessage
 
 TOUCH_INTERVAL = 5.0
 IDLE_WAIT = 1.0

@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from cloud import logs, metrics
-from cloud.buffers import Buffer
-from cloud.pull import Puller
-from cloud.sessions import (
+from webhook_connect.cloud import logs, metrics
+from webhook_connect.cloud.buffers import Buffer
+from webhook_connect.cloud.pull import Puller
+from webhook_connect.cloud.sessions import (
     NATIVE_HEADER,
     Connection,
     Refusal,
@@ -27,8 +27,8 @@ from cloud.sessions import (
     request_token,
     unavailable,
 )
-from shared.exceptions import StorageError
-from shared.frames import (
+from webhook_connect.shared.exceptions import StorageError
+from webhook_connect.shared.frames import (
     MAX_ACK_IDS,
     NATIVE_SUBPROTOCOL,
     WireMessage,

@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud.config import CloudConfig
-from cloud.security.guard import Guard, build_guards
-from cloud.security.inbound import Services
-from shared.config import load_connections, load_webhooks
-from shared.exceptions import ConfigError, StorageError
+from webhook_connect.cloud.config import CloudConfig
+from webhook_connect.cloud.security.guard import Guard, build_guards
+from webhook_connect.cloud.security.inbound import Services
+from webhook_connect.shared.config import load_connections, load_webhooks
+from webhook_connect.shared.exceptions import ConfigError, StorageError
 
 logger = logging.getLogger("webhook_connect.cloud")
 

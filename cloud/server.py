@@ -8,8 +8,8 @@ import tempfile
 
 import uvicorn
 
-from cloud.config import CONFIG_ENV, CloudConfig
-from cloud.logs import logging_config, resolve_format
+from webhook_connect.cloud.config import CONFIG_ENV, CloudConfig
+from webhook_connect.cloud.logs import logging_config, resolve_format
 
 # prometheus_client's multiprocess mode (cloud/metrics.py): where every worker keeps its values.
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -31,7 +31,7 @@ def run(config: CloudConfig) -> None:
 def serve(config: CloudConfig) -> None:
     """uvicorn with the cloud's settings, in the foreground."""
     uvicorn.run(
-        "cloud.app:app_from_environment",
+        "webhook_connect.cloud.app:app_from_environment",
         factory=True,
         host=config.host,
         port=config.port,

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from starlette.datastructures import QueryParams
 from starlette.requests import HTTPConnection
 
-from cloud.buffers import Buffer, ChannelSpec, ConnectionRecord, Delivery
-from cloud.buffers.base import DEFAULT_GROUP
-from cloud.tokens import authenticate_connector, bearer_token, hash_token
-from shared.exceptions import StorageError
-from shared.frames import WireMessage
+from webhook_connect.cloud.buffers import Buffer, ChannelSpec, ConnectionRecord, Delivery
+from webhook_connect.cloud.buffers.base import DEFAULT_GROUP
+from webhook_connect.cloud.tokens import authenticate_connector, bearer_token, hash_token
+from webhook_connect.shared.exceptions import StorageError
+from webhook_connect.shared.frames import WireMessage
 
 logger = logging.getLogger("webhook_connect.sessions")
 

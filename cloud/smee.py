@@ -21,12 +21,12 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from cloud.buffers import Buffer
-from cloud.pull import Puller
-from cloud.pullroutes import refused, sse_event
-from cloud.sessions import Connection, Refusal, close_connection, open_connection
-from shared.exceptions import StorageError
-from shared.frames import WireMessage
+from webhook_connect.cloud.buffers import Buffer
+from webhook_connect.cloud.pull import Puller
+from webhook_connect.cloud.pullroutes import refused, sse_event
+from webhook_connect.cloud.sessions import Connection, Refusal, close_connection, open_connection
+from webhook_connect.shared.exceptions import StorageError
+from webhook_connect.shared.frames import WireMessage
 
 WINDOW = 1000
 ACK_LAG = 1.0

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from cloud import logs, metrics
-from cloud.buffers import Buffer, Delivery
-from cloud.sessions import (
+from webhook_connect.cloud import logs, metrics
+from webhook_connect.cloud.buffers import Buffer, Delivery
+from webhook_connect.cloud.sessions import (
     CLOSE_AUTH,
     CLOSE_BAD_REQUEST,
     CLOSE_REMOVED,
@@ -29,9 +29,9 @@ from cloud.sessions import (
     close_connection,
     open_connection,
 )
-from cloud.tokens import token_in_force
-from shared.exceptions import StorageError
-from shared.frames import (
+from webhook_connect.cloud.tokens import token_in_force
+from webhook_connect.shared.exceptions import StorageError
+from webhook_connect.shared.frames import (
     NATIVE_SUBPROTOCOL,
     AckFrame,
     FrameError,

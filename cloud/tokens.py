@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import secrets
 
-from cloud.buffers import Buffer, TokenRecord
+from webhook_connect.cloud.buffers import Buffer, TokenRecord
 
 TOKEN_PREFIX = "wct_"
 CONFIG_LABEL_PREFIX = "webhooks.json:"

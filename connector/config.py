@@ -10,11 +10,11 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
-from shared.config.connections import load_connections
-from shared.config.delivery import DeliveryPlan, load_plans
-from shared.config.loading import load_json_file, validate_model
-from shared.config.webhooks import CHANNEL_NAME_PATTERN
-from shared.exceptions import ConfigError
+from webhook_connect.shared.config.connections import load_connections
+from webhook_connect.shared.config.delivery import DeliveryPlan, load_plans
+from webhook_connect.shared.config.loading import load_json_file, validate_model
+from webhook_connect.shared.config.webhooks import CHANNEL_NAME_PATTERN
+from webhook_connect.shared.exceptions import ConfigError
 
 Protocol = Literal["websocket", "sse", "long_poll"]
 # Command-line flags and environment variables that may override a key of the file.

@@ -19,10 +19,16 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from connector.config import ConnectorSettings, Target
-from connector.httpclient import HttpClient, HttpClientError, InvalidRequest
-from shared.frames import WireMessage
-from shared.policy import HOP_BY_HOP, Outcome, classify_status, parse_retry_after, retry_delay
+from webhook_connect.connector.config import ConnectorSettings, Target
+from webhook_connect.connector.httpclient import HttpClient, HttpClientError, InvalidRequest
+from webhook_connect.shared.frames import WireMessage
+from webhook_connect.shared.policy import (
+    HOP_BY_HOP,
+    Outcome,
+    classify_status,
+    parse_retry_after,
+    retry_delay,
+)
 
 RELAY_PREFIX = "x-webhook-connect-"
 

@@ -26,7 +26,7 @@ from typing import cast
 
 import httptools
 
-from shared.exceptions import WebhookConnectError
+from webhook_connect.shared.exceptions import WebhookConnectError
 
 MAX_CONNECTIONS_PER_HOST = 64
 MAX_RESPONSE_BODY = 1024 * 1024

@@ -11,13 +11,13 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from connector.config import ConnectorSettings
-from connector.dedup import DeliveredLog
-from connector.delivery import Deliverer, HttpDeliverer
-from connector.httpclient import HttpClient
-from connector.runner import Runner
-from connector.transports import open_transport
-from shared.config.delivery import DeliveryPlan
+from webhook_connect.connector.config import ConnectorSettings
+from webhook_connect.connector.dedup import DeliveredLog
+from webhook_connect.connector.delivery import Deliverer, HttpDeliverer
+from webhook_connect.connector.httpclient import HttpClient
+from webhook_connect.connector.runner import Runner
+from webhook_connect.connector.transports import open_transport
+from webhook_connect.shared.config.delivery import DeliveryPlan
 
 
 def state_path(settings: ConnectorSettings) -> Path:
@@ -49,7 +49,7 @@ async def serve(settings: ConnectorSettings, plans: Mapping[str, DeliveryPlan] |
     delivered = DeliveredLog(state_path(settings), settings.dedup_capacity)
     deliverer: Deliverer = HttpDeliverer(settings, client)
     if plans is not None:
-        from connector.modules import ModuleDeliverer
+        from webhook_connect.connector.modules import ModuleDeliverer
 
         deliverer = ModuleDeliverer(plans)
     try:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from connector.delivery import DeliveryResult
-from shared.config.delivery import DeliveryPlan
-from shared.frames import WireMessage
-from shared.modules import Message
-from shared.modules.pipeline import Dispatcher
-from shared.policy import Outcome
+from webhook_connect.connector.delivery import DeliveryResult
+from webhook_connect.shared.config.delivery import DeliveryPlan
+from webhook_connect.shared.frames import WireMessage
+from webhook_connect.shared.modules import Message
+from webhook_connect.shared.modules.pipeline import Dispatcher
+from webhook_connect.shared.policy import Outcome
 
 
 class ModuleDeliverer:

@@ -14,13 +14,13 @@ import random
 import sys
 from collections.abc import Callable
 
-from connector.config import ConnectorSettings
-from connector.dedup import DeliveredLog
-from connector.delivery import Deliverer, DeliveryResult
-from connector.printer import LinePrinter
-from connector.transports import Disconnected, Refused, Transport
-from shared.frames import WireMessage
-from shared.policy import Backoff, Outcome
+from webhook_connect.connector.config import ConnectorSettings
+from webhook_connect.connector.dedup import DeliveredLog
+from webhook_connect.connector.delivery import Deliverer, DeliveryResult
+from webhook_connect.connector.printer import LinePrinter
+from webhook_connect.connector.transports import Disconnected, Refused, Transport
+from webhook_connect.shared.frames import WireMessage
+from webhook_connect.shared.policy import Backoff, Outcome
 
 logger = logging.getLogger("webhook_connect.connector")
 

@@ -1,1 +1,1 @@
-"""Code used by both the cloud and the connector: config models, messages, the CLI."""
+"""Code used by both the cloud and the connector: config models, frames, output modules."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from shared.admintext import (
+from webhook_connect.shared.admintext import (
     CHANNEL_COLUMNS,
     CONNECTION_COLUMNS,
     DEAD_LETTER_COLUMNS,
@@ -28,10 +28,10 @@ from shared.admintext import (
     listing,
     new_token_lines,
 )
-from shared.exceptions import AdminClientError
+from webhook_connect.shared.exceptions import AdminClientError
 
 if TYPE_CHECKING:
-    from shared.adminclient import AdminClient
+    from webhook_connect.shared.adminclient import AdminClient
 
 CLOUD_URL_ENV = "WEBHOOK_CONNECT_CLOUD_URL"
 ADMIN_TOKEN_ENV = "WEBHOOK_CONNECT_ADMIN_TOKEN"
@@ -129,7 +129,7 @@ def connect() -> Admin:
     if not token:
         raise click.UsageError(f"no admin token: pass --admin-token or set {ADMIN_TOKEN_ENV}", ctx)
     try:  # httpx comes with the cloud and connector extras; --help must work without it.
-        from shared.adminclient import AdminClient
+        from webhook_connect.shared.adminclient import AdminClient
     except ImportError as exc:
         click.echo(f"webhook-connect: pip install 'webhook-connect[connector]' ({exc})", err=True)
         sys.exit(2)

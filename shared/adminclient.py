@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import httpx
 
-from shared.exceptions import AdminApiError, CloudUnreachable
+from webhook_connect.shared.exceptions import AdminApiError, CloudUnreachable
 
 DEFAULT_TIMEOUT = 30.0
 USER_AGENT = "webhook-connect-admin"

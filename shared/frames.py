@@ -22,7 +22,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.envelope import Envelope
+from webhook_connect.shared.envelope import Envelope
 
 NATIVE_SUBPROTOCOL = "webhook-connect.v1"
 MAX_ACK_IDS = 1000

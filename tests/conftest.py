@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from cloud.buffers import Buffer, open_buffer
 from tests.servers import Cloud, RedisServer, Sink, running
+from webhook_connect.cloud.buffers import Buffer, open_buffer
 
 
 @pytest.fixture(scope="session")

@@ -109,7 +109,7 @@ class Cloud:
 
     def start(self) -> None:
         args = [
-            sys.executable, "-m", "shared.cli", "cloud", "--host", "127.0.0.1",
+            sys.executable, "-m", "webhook_connect", "cloud", "--host", "127.0.0.1",
             "--port", str(self.port), "--webhooks", str(self.webhooks),
             "--storage", self.storage, *self.extra,
         ]  # fmt: skip
@@ -169,7 +169,7 @@ class Sink:
 
     def start(self) -> None:
         args = [
-            sys.executable, "-m", "shared.cli", "sink", "--port", str(self.port),
+            sys.executable, "-m", "webhook_connect", "sink", "--port", str(self.port),
             "--status", str(self.status), "--jsonl", str(self.records_path), "--quiet",
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -218,7 +218,7 @@ class ConnectorProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *extra: str) -> None:
-        args = [sys.executable, "-m", "shared.cli", "connector", "--config", str(self.config)]
+        args = [sys.executable, "-m", "webhook_connect", "connector", "--config", str(self.config)]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(

@@ -348,7 +348,7 @@ def test_history_is_replayed_from_a_point_in_time(admin_cloud: Cloud) -> None:
 
     iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 60))
     cli = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "channels", "replay", "dev", "--since", iso,
+        [sys.executable, "-m", "webhook_connect", "channels", "replay", "dev", "--since", iso,
          "--group", "audit", "--cloud-url", admin_cloud.url, "--admin-token", ADMIN],
         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.admintext import body_lines, format_value, iso_utc, key_values, table
 from tests.servers import REPO, Cloud, free_port, running
+from webhook_connect.shared.admintext import body_lines, format_value, iso_utc, key_values, table
 
 ADMIN_TOKEN = "admin-cli-admin-token-0123"
 DEV_TOKEN = "admin-cli-dev-token-0123"
@@ -58,7 +58,7 @@ def run_cli(
     if admin_token is not None:
         env["WEBHOOK_CONNECT_ADMIN_TOKEN"] = admin_token
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "webhook_connect", *args],
         env=env,
         input=answer,
         capture_output=True,

@@ -18,10 +18,10 @@ from oauthlib.oauth1 import (
 )
 from oauthlib.oauth1.rfc5849 import signature as oauthlib_signature
 
-from cloud.security import digest, oauth1
-from cloud.security.inbound import Check, InboundRequest, Rejected, Services
-from shared.config.inbound import DigestAuthConfig, OAuth1Config
 from tests.servers import Cloud
+from webhook_connect.cloud.security import digest, oauth1
+from webhook_connect.cloud.security.inbound import Check, InboundRequest, Rejected, Services
+from webhook_connect.shared.config.inbound import DigestAuthConfig, OAuth1Config
 
 TOKEN = "test-token-0123456789"
 USER, PASSWORD = "hook-sender", "correct horse battery staple"

@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from cloud.security import jwt as jwt_check
-from cloud.security import oauth2, recaptcha
-from cloud.security.inbound import Check, InboundRequest, Rejected, Services
-from shared.config.inbound import JwtConfig, OAuth2Config, RecaptchaConfig
 from tests.servers import Cloud, free_port, wait_until
+from webhook_connect.cloud.security import jwt as jwt_check
+from webhook_connect.cloud.security import oauth2, recaptcha
+from webhook_connect.cloud.security.inbound import Check, InboundRequest, Rejected, Services
+from webhook_connect.shared.config.inbound import JwtConfig, OAuth2Config, RecaptchaConfig
 
 NOW = 1_700_000_000
 CLIENT = "203.0.113.7"
@@ -393,7 +393,7 @@ def test_jwt_unusable_key_fails_at_build(secret: str, algorithm: str, problem: s
 async def test_jwt_short_hmac_secret_is_logged_once_not_warned_per_request(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="cloud.security.jwt"):
+    with caplog.at_level(logging.WARNING, logger="webhook_connect.cloud.security.jwt"):
         check = jwt_check_for("tiny-k3y")
     assert "weak" in caplog.text and "tiny-k3y" not in caplog.text
     with warnings.catch_warnings():

@@ -9,10 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from cloud.buffers import Buffer, ChannelSpec, ConnectionRecord, TokenRecord, open_buffer
-from shared.envelope import Envelope
-from shared.exceptions import ChannelFull, StorageUnavailable, UnknownChannel
 from tests.servers import free_port
+from webhook_connect.cloud.buffers import (
+    Buffer,
+    ChannelSpec,
+    ConnectionRecord,
+    TokenRecord,
+    open_buffer,
+)
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.exceptions import ChannelFull, StorageUnavailable, UnknownChannel
 
 EVERY_BYTE = bytes(range(256))
 

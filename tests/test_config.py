@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from cloud.config import build_cloud_config
-from shared.config import load_connections, load_webhooks
-from shared.config.substitution import substitute
-from shared.exceptions import ConfigError
-from shared.modules.registry import MODULES
 from tests.servers import REPO
+from webhook_connect.cloud.config import build_cloud_config
+from webhook_connect.shared.config import load_connections, load_webhooks
+from webhook_connect.shared.config.substitution import substitute
+from webhook_connect.shared.exceptions import ConfigError
+from webhook_connect.shared.modules.registry import MODULES
 
 GOOD = {
     "github": {
@@ -187,7 +187,7 @@ def test_connections_are_loaded_and_referenced(tmp_path: Path) -> None:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "webhook_connect", *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -276,7 +276,7 @@ def test_a_bad_connector_config_exits_2_naming_the_key(
 
 
 def test_connector_flags_and_environment_override_the_file(tmp_path: Path) -> None:
-    from connector.config import load_connector_settings
+    from webhook_connect.connector.config import load_connector_settings
 
     path = write(tmp_path, CONNECTOR, "connector.json")
     settings = load_connector_settings(path, {"channel": "other", "token": None}, environ={})
@@ -290,7 +290,7 @@ def test_connector_flags_and_environment_override_the_file(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("name", ["webhooks.json", "webhooks-secure.json"])
 def test_the_example_webhooks_load_and_compile(name: str) -> None:
-    from cloud.security.guard import OFFLINE, build_guards
+    from webhook_connect.cloud.security.guard import OFFLINE, build_guards
 
     path = Path(__file__).resolve().parents[1] / "examples" / name
     webhooks = load_webhooks(path, environ={})
@@ -321,7 +321,7 @@ def test_a_bad_module_file_of_the_connector_exits_2_naming_it(tmp_path: Path) ->
 
 
 def test_the_secrets_of_connections_the_cloud_delivers_with_are_masked(tmp_path: Path) -> None:
-    from cloud.masking import configured_secrets
+    from webhook_connect.cloud.masking import configured_secrets
 
     pg = {"type": "postgresql", "host": "db", "user": "app", "password": "pg-password-123"}
     connections = load_connections(write(tmp_path, {"pg": pg}, "connections.json"), {})
@@ -332,7 +332,7 @@ def test_the_secrets_of_connections_the_cloud_delivers_with_are_masked(tmp_path:
 
 
 def test_the_module_mode_example_is_valid() -> None:
-    from connector.config import load_connector_settings, load_delivery_plans
+    from webhook_connect.connector.config import load_connector_settings, load_delivery_plans
 
     path = REPO / "examples" / "modules" / "connector.json"
     settings = load_connector_settings(path, {})

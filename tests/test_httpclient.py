@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from connector.httpclient import (
+from tests.servers import free_port
+from webhook_connect.connector.httpclient import (
     ConnectError,
     HttpClient,
     InvalidRequest,
@@ -27,8 +28,7 @@ from connector.httpclient import (
     encode_head,
     split_url,
 )
-from connector.sink import serve_sink
-from tests.servers import free_port
+from webhook_connect.connector.sink import serve_sink
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 

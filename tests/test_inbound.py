@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cloud.masking import SecretMasker
-from cloud.security.network import client_address, parse_networks
 from tests.servers import Cloud, running, wait_until
+from webhook_connect.cloud.masking import SecretMasker
+from webhook_connect.cloud.security.network import client_address, parse_networks
 
 TOKEN = "inbound-connector-token"
 RELAY = {"channel": "dev", "channel_token": TOKEN}

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cloud.buffers import Delivery, open_buffer
 from tests.servers import Cloud, RedisServer
+from webhook_connect.cloud.buffers import Delivery, open_buffer
 
 TOKEN = "test-token-0123456789"
 WEBHOOKS = {

@@ -14,9 +14,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from cloud.logs import resolve_format
-from cloud.metrics import SentTimes
 from tests.servers import REPO, Cloud, running, wait_until
+from webhook_connect.cloud.logs import resolve_format
+from webhook_connect.cloud.metrics import SentTimes
 
 TOKEN = "test-token-0123456789"
 SECRET = "x-secret-token"

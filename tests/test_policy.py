@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from connector.config import Target
-from connector.dedup import DeliveredLog
-from connector.delivery import build_request
-from shared.envelope import Envelope
-from shared.frames import (
+from webhook_connect.connector.config import Target
+from webhook_connect.connector.dedup import DeliveredLog
+from webhook_connect.connector.delivery import build_request
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.frames import (
     FrameError,
     WireMessage,
     decode_native_batch,
@@ -19,7 +19,13 @@ from shared.frames import (
     parse_client_frame,
     seed_message,
 )
-from shared.policy import Backoff, Outcome, classify_status, parse_retry_after, retry_delay
+from webhook_connect.shared.policy import (
+    Backoff,
+    Outcome,
+    classify_status,
+    parse_retry_after,
+    retry_delay,
+)
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,9 @@ import standardwebhooks
 import stripe
 import svix.webhooks
 
-from cloud.security import providers
-from cloud.security.inbound import Check, InboundRequest, Rejected, Services
 from tests.servers import REPO, Cloud
+from webhook_connect.cloud.security import providers
+from webhook_connect.cloud.security.inbound import Check, InboundRequest, Rejected, Services
 
 TOKEN = "providers-token-0123456789"
 SIGN_GITHUB = REPO / "tests" / "smee" / "sign-github.mjs"

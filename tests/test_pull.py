@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from cloud.buffers import open_buffer
 from tests.servers import Cloud
+from webhook_connect.cloud.buffers import open_buffer
 
 TOKEN = "pull-token-0123456789"
 OTHER_TOKEN = "pull-other-0123456789"

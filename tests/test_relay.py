@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cloud.buffers import DeadLetter, open_buffer
 from tests.servers import Cloud, ConnectorProcess, Sink, wait_until
+from webhook_connect.cloud.buffers import DeadLetter, open_buffer
 
 TOKEN = "relay-token-0123456789"
 SECRET = b"github-webhook-secret"

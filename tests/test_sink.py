@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from connector.sink import (
+from tests.servers import REPO, free_port, stop, wait_until
+from webhook_connect.connector.sink import (
     MAX_BODY,
     MAX_HEAD,
     Received,
@@ -31,7 +32,6 @@ from connector.sink import (
     preview,
     serve_sink,
 )
-from tests.servers import REPO, free_port, stop, wait_until
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -54,7 +54,7 @@ def sink_process(tmp_path: Path) -> Iterator[SinkProcess]:
     port = free_port()
     jsonl, stdout = tmp_path / "requests.jsonl", tmp_path / "stdout.txt"
     code = (
-        "from connector.sink import run_sink; "
+        "from webhook_connect.connector.sink import run_sink; "
         f"run_sink('127.0.0.1', {port}, jsonl_path={str(jsonl)!r})"
     )
     with stdout.open("wb") as out:

@@ -12,9 +12,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from cloud.buffers import open_buffer
-from shared.frames import NATIVE_SUBPROTOCOL, decode_native_batch
 from tests.servers import Cloud
+from webhook_connect.cloud.buffers import open_buffer
+from webhook_connect.shared.frames import NATIVE_SUBPROTOCOL, decode_native_batch
 
 TOKEN = "stream-token-0123456789"
 OTHER_TOKEN = "other-token-0123456789"

@@ -103,10 +103,10 @@ def start_redis(directory: Path, prefix: list[str]) -> tuple[subprocess.Popen[by
 def start_cloud(
     storage: str, webhooks: Path, log_path: Path, prefix: list[str]
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``python -m shared.cli cloud`` and wait until /health answers 200."""
+    """Start ``python -m webhook_connect cloud`` and wait until /health answers 200."""
     port = free_port()
     args = [
-        *prefix, sys.executable, "-m", "shared.cli", "cloud", "--host", HOST,
+        *prefix, sys.executable, "-m", "webhook_connect", "cloud", "--host", HOST,
         "--port", str(port), "--webhooks", str(webhooks), "--storage", storage,
         "--log-level", "warning",
     ]  # fmt: skip

@@ -162,7 +162,7 @@ def drain(name: str, messages: int, concurrency: int) -> dict[str, Any]:
             log = (workdir / "connector.log").open("ab")
             env = {**os.environ, "PYTHONPATH": str(REPO)}
             connector = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "connector", "--config",
+                [sys.executable, "-m", "webhook_connect", "connector", "--config",
                  str(workdir / "connector.json")],
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip

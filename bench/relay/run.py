@@ -243,7 +243,7 @@ class Rig:
         log = (self.workdir / "connector.log").open("ab")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.connector = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "connector", "--config", str(config)],
+            [sys.executable, "-m", "webhook_connect", "connector", "--config", str(config)],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 20

@@ -10,12 +10,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cloud.admin.channels import ChannelRoutes
-from cloud.admin.common import AdminError, guarded
-from cloud.admin.deadletters import DeadLetterRoutes
-from cloud.buffers import Buffer
-from cloud.reloader import ConfigReloader
-from shared.exceptions import ConfigError
+from webhook_connect.cloud.admin.channels import ChannelRoutes
+from webhook_connect.cloud.admin.common import AdminError, guarded
+from webhook_connect.cloud.admin.deadletters import DeadLetterRoutes
+from webhook_connect.cloud.buffers import Buffer
+from webhook_connect.cloud.reloader import ConfigReloader
+from webhook_connect.shared.exceptions import ConfigError
 
 PREFIX = "/admin/channels"
 

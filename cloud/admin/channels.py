@@ -16,7 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from cloud.admin.common import (
+from webhook_connect.cloud.admin.common import (
     AdminError,
     ChannelLimits,
     HistoryReplay,
@@ -31,9 +31,9 @@ from cloud.admin.common import (
     token_json,
     validated,
 )
-from cloud.buffers import Buffer, ChannelSpec, TokenRecord
-from cloud.buffers.base import EVENTS_KEPT, ChannelStats
-from cloud.tokens import hash_token, new_token
+from webhook_connect.cloud.buffers import Buffer, ChannelSpec, TokenRecord
+from webhook_connect.cloud.buffers.base import EVENTS_KEPT, ChannelStats
+from webhook_connect.cloud.tokens import hash_token, new_token
 
 
 class ChannelRoutes:

@@ -24,10 +24,16 @@ from pydantic import (
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from cloud.buffers import Buffer, ChannelSpec, ConnectionRecord, DeadLetter, TokenRecord
-from cloud.tokens import bearer_token
-from shared.config.webhooks import CHANNEL_NAME_PATTERN
-from shared.exceptions import StorageError
+from webhook_connect.cloud.buffers import (
+    Buffer,
+    ChannelSpec,
+    ConnectionRecord,
+    DeadLetter,
+    TokenRecord,
+)
+from webhook_connect.cloud.tokens import bearer_token
+from webhook_connect.shared.config.webhooks import CHANNEL_NAME_PATTERN
+from webhook_connect.shared.exceptions import StorageError
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 # Names in paths: also the channels of webhooks the cloud delivers itself ("_direct.<id>"),

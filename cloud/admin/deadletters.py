@@ -9,7 +9,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from cloud.admin.common import (
+from webhook_connect.cloud.admin.common import (
     AdminError,
     Selection,
     dead_letter_json,
@@ -18,7 +18,7 @@ from cloud.admin.common import (
     query_limit,
     validated,
 )
-from cloud.buffers import Buffer, DeadLetter
+from webhook_connect.cloud.buffers import Buffer, DeadLetter
 
 MAX_LISTED = 1000
 # Replay and purge resolve message ids among at most this many dead letters of a channel.

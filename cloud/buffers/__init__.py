@@ -1,8 +1,8 @@
-"""Storage backends behind one :class:`~cloud.buffers.base.Buffer` protocol, chosen by URL."""
+"""Storage backends behind one :class:`~.base.Buffer` protocol, chosen by URL."""
 
 from __future__ import annotations
 
-from cloud.buffers.base import (
+from webhook_connect.cloud.buffers.base import (
     Buffer,
     ChannelEvent,
     ChannelSpec,
@@ -19,11 +19,11 @@ SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
 def open_buffer(url: str) -> Buffer:
     """Return the backend for ``url``; nothing is connected until first use."""
     if url.startswith("sqlite:///"):
-        from cloud.buffers.sqlite import SQLiteBuffer
+        from webhook_connect.cloud.buffers.sqlite import SQLiteBuffer
 
         return SQLiteBuffer(url)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from cloud.buffers.redis import RedisBuffer
+        from webhook_connect.cloud.buffers.redis import RedisBuffer
 
         return RedisBuffer(url)
     raise ValueError(

@@ -7,8 +7,8 @@ each of them to it):
   cloud replica sees the same ones. The ``default`` group exists from provisioning on, so
   messages sent before any connector connects wait for it. Another group starts at the first
   message appended after it joined.
-* ``append`` refuses with :class:`~shared.exceptions.ChannelFull` at ``max_queue_size`` retained
-  messages and returns the message id only once the message is durable.
+* ``append`` refuses with :class:`~webhook_connect.shared.exceptions.ChannelFull` at
+  ``max_queue_size`` retained messages and returns the message id only once the message is durable.
 * ``read`` hands a consumer of a group messages nobody else in that group holds, marks them in
   flight and counts the attempt. Each group gets every message.
 * ``ack`` removes a message from the group. ``nack(retry=True)`` makes it deliverable again
@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from shared.envelope import Envelope
+from webhook_connect.shared.envelope import Envelope
 
 DEFAULT_GROUP = "default"
 
@@ -190,7 +190,7 @@ class Buffer(Protocol):
     async def aclose(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise :class:`~shared.exceptions.StorageUnavailable` unless the backend answers."""
+        """Raise :class:`~webhook_connect.shared.exceptions.StorageUnavailable` if it fails."""
 
     async def provision(self, spec: ChannelSpec) -> None:
         """Create the channel, or update its limits; existing messages are kept."""

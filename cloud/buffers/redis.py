@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cloud.buffers.base import (
+from webhook_connect.cloud.buffers.base import (
     CONNECTION_STALE_SECONDS,
     COUNTERS,
     DEFAULT_GROUP,
@@ -42,10 +42,15 @@ from cloud.buffers.base import (
     TokenRecord,
     decode_attempts,
 )
-from cloud.buffers.resp import ReplyError, RespClient
-from cloud.notifier import Notifier
-from shared.envelope import Envelope
-from shared.exceptions import ChannelFull, StorageError, StorageUnavailable, UnknownChannel
+from webhook_connect.cloud.buffers.resp import ReplyError, RespClient
+from webhook_connect.cloud.notifier import Notifier
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.exceptions import (
+    ChannelFull,
+    StorageError,
+    StorageUnavailable,
+    UnknownChannel,
+)
 
 logger = logging.getLogger("webhook_connect.redis")
 
@@ -78,7 +83,9 @@ def channel_keys(channel: str) -> list[str]:
 
 
 def _load_scripts() -> dict[str, str]:
-    text = resources.files("cloud.buffers").joinpath("redis_scripts.lua").read_text()
+    text = (
+        resources.files("webhook_connect.cloud.buffers").joinpath("redis_scripts.lua").read_text()
+    )
     prelude, *sections = text.split("\n-- script: ")
     scripts = {}
     for section in sections:

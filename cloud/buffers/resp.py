@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 
-from shared.exceptions import StorageUnavailable
+from webhook_connect.shared.exceptions import StorageUnavailable
 
 CONNECT_TIMEOUT = 5.0
 REPLY_TIMEOUT = 10.0

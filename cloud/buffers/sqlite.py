@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from cloud.buffers.base import (
+from webhook_connect.cloud.buffers.base import (
     ACK_TIMEOUT,
     CONNECTION_CLOSED,
     CONNECTION_STALE_SECONDS,
@@ -37,10 +37,15 @@ from cloud.buffers.base import (
     decode_attempts,
     encode_attempts,
 )
-from cloud.notifier import Notifier
-from shared.coalescer import Coalescer
-from shared.envelope import Envelope
-from shared.exceptions import ChannelFull, StorageError, StorageUnavailable, UnknownChannel
+from webhook_connect.cloud.notifier import Notifier
+from webhook_connect.shared.coalescer import Coalescer
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.exceptions import (
+    ChannelFull,
+    StorageError,
+    StorageUnavailable,
+    UnknownChannel,
+)
 
 T = TypeVar("T")
 

@@ -18,9 +18,15 @@ import os
 import re
 import struct
 
-from cloud.security.authparams import parse_parameters
-from cloud.security.inbound import Check, InboundRequest, Rejected, Services, unauthorized
-from shared.config.inbound import DigestAuthConfig
+from webhook_connect.cloud.security.authparams import parse_parameters
+from webhook_connect.cloud.security.inbound import (
+    Check,
+    InboundRequest,
+    Rejected,
+    Services,
+    unauthorized,
+)
+from webhook_connect.shared.config.inbound import DigestAuthConfig
 
 HASHES = {"MD5": "md5", "MD5-SESS": "md5", "SHA-256": "sha256", "SHA-256-SESS": "sha256"}
 # Replicas' clocks differ a little; a nonce issued "in the future" by less than this is fine.

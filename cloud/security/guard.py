@@ -14,26 +14,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cloud.security.idempotency import DeliveryKey, build_delivery_key
-from cloud.security.inbound import Check, Services
-from cloud.security.network import Network, parse_networks
-from cloud.security.payload import PayloadRules
-from shared.config import Webhook, WebhookEntry
-from shared.config.inbound import RateLimitConfig, secret_list
-from shared.exceptions import ConfigError
+from webhook_connect.cloud.security.idempotency import DeliveryKey, build_delivery_key
+from webhook_connect.cloud.security.inbound import Check, Services
+from webhook_connect.cloud.security.network import Network, parse_networks
+from webhook_connect.cloud.security.payload import PayloadRules
+from webhook_connect.shared.config import Webhook, WebhookEntry
+from webhook_connect.shared.config.inbound import RateLimitConfig, secret_list
+from webhook_connect.shared.exceptions import ConfigError
 
 # Key of webhooks.json → "module:function" building its check from (config, services).
 METHODS = {
-    "authorization": "cloud.security.keys:build_authorization",
-    "basic_auth": "cloud.security.keys:build_basic",
-    "header_auth": "cloud.security.keys:build_header",
-    "query_auth": "cloud.security.keys:build_query",
-    "hmac": "cloud.security.signatures:build_hmac",
-    "jwt": "cloud.security.jwt:build",
-    "oauth2": "cloud.security.oauth2:build",
-    "digest_auth": "cloud.security.digest:build",
-    "oauth1": "cloud.security.oauth1:build",
-    "recaptcha": "cloud.security.recaptcha:build",
+    "authorization": "webhook_connect.cloud.security.keys:build_authorization",
+    "basic_auth": "webhook_connect.cloud.security.keys:build_basic",
+    "header_auth": "webhook_connect.cloud.security.keys:build_header",
+    "query_auth": "webhook_connect.cloud.security.keys:build_query",
+    "hmac": "webhook_connect.cloud.security.signatures:build_hmac",
+    "jwt": "webhook_connect.cloud.security.jwt:build",
+    "oauth2": "webhook_connect.cloud.security.oauth2:build",
+    "digest_auth": "webhook_connect.cloud.security.digest:build",
+    "oauth1": "webhook_connect.cloud.security.oauth1:build",
+    "recaptcha": "webhook_connect.cloud.security.recaptcha:build",
 }
 # What OpenAPI and logs call each method.
 SCHEMES = {
@@ -97,7 +97,7 @@ def build_guard(webhook: Webhook, services: Services) -> Guard:
             raise ValueError(f"{key}: {exc}") from exc
         schemes.append(key)
     if entry.provider is not None:
-        from cloud.security import providers
+        from webhook_connect.cloud.security import providers
 
         assert entry.hmac is not None  # the config model insists
         secrets = secret_list(entry.hmac.secret)
@@ -110,7 +110,7 @@ def build_guard(webhook: Webhook, services: Services) -> Guard:
         schemes.append(f"provider:{entry.provider}")
     ip_check = None
     if entry.ip_whitelist is not None:
-        from cloud.security.network import build_ip_whitelist
+        from webhook_connect.cloud.security.network import build_ip_whitelist
 
         ip_check = build_ip_whitelist(entry.ip_whitelist, services)
         schemes.insert(0, "ip_whitelist")

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cloud.security.inbound import InboundRequest
-from shared.config import WebhookEntry
+from webhook_connect.cloud.security.inbound import InboundRequest
+from webhook_connect.shared.config import WebhookEntry
 
 DEFAULT_WINDOW_SECONDS = 86400.0
 MAX_KEY_LENGTH = 512
@@ -48,7 +48,7 @@ def build_delivery_key(entry: WebhookEntry) -> tuple[DeliveryKey | None, float]:
 
         return configured, config.window_seconds
     if entry.provider is not None:
-        from cloud.security import providers
+        from webhook_connect.cloud.security import providers
 
         provider = entry.provider
 

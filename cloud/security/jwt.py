@@ -36,8 +36,8 @@ from cryptography.x509 import load_pem_x509_certificate
 from jwt.algorithms import AllowedPublicKeys
 from jwt.types import Options
 
-from cloud.security.inbound import Check, InboundRequest, Services, unauthorized
-from shared.config.inbound import JwtConfig
+from webhook_connect.cloud.security.inbound import Check, InboundRequest, Services, unauthorized
+from webhook_connect.shared.config.inbound import JwtConfig
 
 logger = logging.getLogger(__name__)
 

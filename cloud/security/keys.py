@@ -10,8 +10,8 @@ import base64
 import binascii
 import hmac
 
-from cloud.security.inbound import Check, InboundRequest, Services, unauthorized
-from shared.config.inbound import BasicAuthConfig, HeaderAuthConfig, QueryAuthConfig
+from webhook_connect.cloud.security.inbound import Check, InboundRequest, Services, unauthorized
+from webhook_connect.shared.config.inbound import BasicAuthConfig, HeaderAuthConfig, QueryAuthConfig
 
 
 def same(given: str, expected: str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-from cloud.security.inbound import Check, InboundRequest, Services, forbidden
+from webhook_connect.cloud.security.inbound import Check, InboundRequest, Services, forbidden
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -14,9 +14,9 @@ import hashlib
 import hmac
 import urllib.parse
 
-from cloud.security.authparams import parse_parameters
-from cloud.security.inbound import Check, InboundRequest, Services, unauthorized
-from shared.config.inbound import OAuth1Config
+from webhook_connect.cloud.security.authparams import parse_parameters
+from webhook_connect.cloud.security.inbound import Check, InboundRequest, Services, unauthorized
+from webhook_connect.shared.config.inbound import OAuth1Config
 
 CHALLENGE = 'OAuth realm="webhook"'
 HMAC_HASHES = {"HMAC-SHA1": "sha1", "HMAC-SHA256": "sha256"}

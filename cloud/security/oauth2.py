@@ -17,8 +17,14 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from cloud.security.inbound import Check, InboundRequest, RawHeaders, Rejected, Services
-from cloud.security.jwt import (
+from webhook_connect.cloud.security.inbound import (
+    Check,
+    InboundRequest,
+    RawHeaders,
+    Rejected,
+    Services,
+)
+from webhook_connect.cloud.security.jwt import (
     TokenError,
     VerificationKey,
     challenge,
@@ -27,8 +33,8 @@ from cloud.security.jwt import (
     decode_bearer_jwt,
     load_key,
 )
-from cloud.security.outbound import post_form
-from shared.config.inbound import OAuth2Config
+from webhook_connect.cloud.security.outbound import post_form
+from webhook_connect.shared.config.inbound import OAuth2Config
 
 CACHE_SECONDS = 30.0
 CACHE_ENTRIES = 1024

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from cloud.security.inbound import Rejected
+from webhook_connect.cloud.security.inbound import Rejected
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from jsonschema.exceptions import best_match
 from jsonschema.validators import validator_for
 from referencing import Registry
 
-from cloud.security.inbound import Rejected
+from webhook_connect.cloud.security.inbound import Rejected
 
 
 class PayloadRules:

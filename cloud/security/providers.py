@@ -24,8 +24,8 @@ import hmac
 import re
 from dataclasses import dataclass
 
-from cloud.security.inbound import Check, InboundRequest, Services, unauthorized
-from cloud.security.signatures import matches_any
+from webhook_connect.cloud.security.inbound import Check, InboundRequest, Services, unauthorized
+from webhook_connect.cloud.security.signatures import matches_any
 
 PROVIDERS = ("github", "stripe", "slack", "shopify", "standard_webhooks")
 TIMESTAMP = re.compile(r"[0-9]{1,12}")

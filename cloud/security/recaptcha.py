@@ -14,9 +14,9 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from cloud.security.inbound import Check, InboundRequest, Services, unauthorized
-from cloud.security.outbound import post_form
-from shared.config.inbound import RecaptchaConfig
+from webhook_connect.cloud.security.inbound import Check, InboundRequest, Services, unauthorized
+from webhook_connect.cloud.security.outbound import post_form
+from webhook_connect.shared.config.inbound import RecaptchaConfig
 
 # Where browsers and client libraries put the token, after the configured field.
 BODY_FIELDS = ("recaptcha_token", "recaptcha", "g-recaptcha-response")

@@ -11,8 +11,8 @@ import binascii
 import hashlib
 import hmac
 
-from cloud.security.inbound import Check, InboundRequest, Services, unauthorized
-from shared.config.inbound import HmacConfig, secret_list
+from webhook_connect.cloud.security.inbound import Check, InboundRequest, Services, unauthorized
+from webhook_connect.shared.config.inbound import HmacConfig, secret_list
 
 DIGESTS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
 

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from connector.config import ConnectorSettings
-from connector.transports.base import Disconnected, Refused, Transport
+from webhook_connect.connector.config import ConnectorSettings
+from webhook_connect.connector.transports.base import Disconnected, Refused, Transport
 
 
 def open_transport(settings: ConnectorSettings) -> Transport:
     """A fresh, unconnected transport of the configured kind."""
     if settings.protocol == "sse":
-        from connector.transports.sse import SseTransport
+        from webhook_connect.connector.transports.sse import SseTransport
 
         return SseTransport(settings)
     if settings.protocol == "long_poll":
-        from connector.transports.longpoll import LongPollTransport
+        from webhook_connect.connector.transports.longpoll import LongPollTransport
 
         return LongPollTransport(settings)
-    from connector.transports.websocket import WebSocketTransport
+    from webhook_connect.connector.transports.websocket import WebSocketTransport
 
     return WebSocketTransport(settings)
 

@@ -6,9 +6,9 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from connector.config import ConnectorSettings
-from shared.exceptions import WebhookConnectError
-from shared.frames import WireMessage
+from webhook_connect.connector.config import ConnectorSettings
+from webhook_connect.shared.exceptions import WebhookConnectError
+from webhook_connect.shared.frames import WireMessage
 
 
 class TransportError(WebhookConnectError):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import orjson
 
-from connector.config import ConnectorSettings
-from connector.httpclient import HttpClient, HttpClientError, Response
-from connector.transports.base import Disconnected, Refused, tls_context
-from shared.frames import NATIVE_SUBPROTOCOL
+from webhook_connect.connector.config import ConnectorSettings
+from webhook_connect.connector.httpclient import HttpClient, HttpClientError, Response
+from webhook_connect.connector.transports.base import Disconnected, Refused, tls_context
+from webhook_connect.shared.frames import NATIVE_SUBPROTOCOL
 
 ACK_TIMEOUT = 10.0
 REFUSING_STATUSES = (401, 403)

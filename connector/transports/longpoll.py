@@ -7,11 +7,11 @@ from urllib.parse import quote
 
 import orjson
 
-from connector.config import ConnectorSettings
-from connector.httpclient import HttpClientError
-from connector.transports.base import Disconnected
-from connector.transports.http import HttpSide, ack_all, check_refused, nack_one
-from shared.frames import FrameError, WireMessage, decode_native_json
+from webhook_connect.connector.config import ConnectorSettings
+from webhook_connect.connector.httpclient import HttpClientError
+from webhook_connect.connector.transports.base import Disconnected
+from webhook_connect.connector.transports.http import HttpSide, ack_all, check_refused, nack_one
+from webhook_connect.shared.frames import FrameError, WireMessage, decode_native_json
 
 POLL_SECONDS = 25
 POLL_BATCH = 100

@@ -16,10 +16,10 @@ from urllib.parse import quote, urlsplit
 import httptools
 import orjson
 
-from connector.config import ConnectorSettings
-from connector.transports.base import Disconnected, Refused, tls_context
-from connector.transports.http import REFUSING_STATUSES, HttpSide, ack_all, nack_one
-from shared.frames import FrameError, WireMessage, decode_native_json
+from webhook_connect.connector.config import ConnectorSettings
+from webhook_connect.connector.transports.base import Disconnected, Refused, tls_context
+from webhook_connect.connector.transports.http import REFUSING_STATUSES, HttpSide, ack_all, nack_one
+from webhook_connect.shared.frames import FrameError, WireMessage, decode_native_json
 
 SILENCE_LIMIT = 20.0  # the cloud sends a heartbeat every 5 s: this long without one is a dead link
 CONNECT_TIMEOUT = 10.0

@@ -11,9 +11,9 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from connector.config import ConnectorSettings
-from connector.transports.base import Disconnected, Refused, tls_context
-from shared.frames import (
+from webhook_connect.connector.config import ConnectorSettings
+from webhook_connect.connector.transports.base import Disconnected, Refused, tls_context
+from webhook_connect.shared.frames import (
     NATIVE_SUBPROTOCOL,
     FrameError,
     WireMessage,

@@ -1,8 +1,13 @@
 """Configuration files in the Core Webhook Module's formats, validated at the edge."""
 
-from shared.config.connections import ConnectionEntry, load_connections
-from shared.config.loading import load_json_file
-from shared.config.webhooks import Webhook, WebhookConnectSettings, WebhookEntry, load_webhooks
+from webhook_connect.shared.config.connections import ConnectionEntry, load_connections
+from webhook_connect.shared.config.loading import load_json_file
+from webhook_connect.shared.config.webhooks import (
+    Webhook,
+    WebhookConnectSettings,
+    WebhookEntry,
+    load_webhooks,
+)
 
 __all__ = [
     "ConnectionEntry",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.config.loading import load_json_file, validate_model
-from shared.exceptions import ConfigError
+from webhook_connect.shared.config.loading import load_json_file, validate_model
+from webhook_connect.shared.exceptions import ConfigError
 
 
 class ConnectionEntry(BaseModel):

@@ -26,11 +26,11 @@ from pydantic import (
     model_validator,
 )
 
-from shared.config.connections import ConnectionEntry
-from shared.config.loading import config_error_from, load_json_file
-from shared.exceptions import ConfigError
-from shared.modules.base import Pools
-from shared.modules.registry import MissingDriver, UnknownModule, module_class
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.config.loading import config_error_from, load_json_file
+from webhook_connect.shared.exceptions import ConfigError
+from webhook_connect.shared.modules.base import Pools
+from webhook_connect.shared.modules.registry import MissingDriver, UnknownModule, module_class
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from shared.config.substitution import join_path, substitute
-from shared.exceptions import ConfigError
+from webhook_connect.shared.config.substitution import join_path, substitute
+from webhook_connect.shared.exceptions import ConfigError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 

@@ -9,11 +9,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from shared.config.connections import ConnectionEntry
-from shared.config.delivery import RELAY_MODULE, DeliveryPlan, build_plan
-from shared.config.inbound import InboundSecurity, RateLimitConfig
-from shared.config.loading import load_json_file, validate_model
-from shared.exceptions import ConfigError
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.config.delivery import RELAY_MODULE, DeliveryPlan, build_plan
+from webhook_connect.shared.config.inbound import InboundSecurity, RateLimitConfig
+from webhook_connect.shared.config.loading import load_json_file, validate_model
+from webhook_connect.shared.exceptions import ConfigError
 
 CHANNEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 WEBHOOK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

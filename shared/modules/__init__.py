@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.modules.base import (
+from webhook_connect.shared.modules.base import (
     DeliveryError,
     Message,
     Module,
@@ -11,7 +11,12 @@ from shared.modules.base import (
     Pools,
     Transient,
 )
-from shared.modules.registry import MODULES, MissingDriver, UnknownModule, module_class
+from webhook_connect.shared.modules.registry import (
+    MODULES,
+    MissingDriver,
+    UnknownModule,
+    module_class,
+)
 
 __all__ = [
     "MODULES",

@@ -15,10 +15,10 @@ from typing import ClassVar, Literal
 import orjson
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from shared.config.connections import ConnectionEntry
-from shared.modules import attributes
-from shared.modules.base import Message, Module, Permanent, Pools, Transient
-from shared.modules.stomp import StompClient, StompError
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules import attributes
+from webhook_connect.shared.modules.base import Message, Module, Permanent, Pools, Transient
+from webhook_connect.shared.modules.stomp import StompClient, StompError
 
 logger = logging.getLogger("webhook_connect.modules.activemq")
 

@@ -15,7 +15,7 @@ from typing import cast
 
 import aiormq
 
-from shared.modules import attributes
+from webhook_connect.shared.modules import attributes
 
 SHORTSTR_MAX = 255
 # Each property's bit in the content header's property flags (AMQP 0-9-1, 4.2.6.1).

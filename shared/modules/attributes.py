@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from shared.modules.base import Message, Permanent
+from webhook_connect.shared.modules.base import Message, Permanent
 
 MESSAGE_ID = "message-id"
 WEBHOOK_ID = "webhook-id"

@@ -16,8 +16,8 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from shared.config.loading import config_error_from
-from shared.modules.base import DeliveryError, Permanent, Transient
+from webhook_connect.shared.config.loading import config_error_from
+from webhook_connect.shared.modules.base import DeliveryError, Permanent, Transient
 
 # Error codes after which the same request may succeed later. Beside throttling and server
 # faults, these are problems an operator fixes without touching the message (a missing bucket or

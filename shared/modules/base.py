@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from shared.envelope import Envelope
+from webhook_connect.shared.envelope import Envelope
 
-if TYPE_CHECKING:  # at run time shared.config imports this module (a cycle otherwise)
-    from shared.config.connections import ConnectionEntry
+if (
+    TYPE_CHECKING
+):  # at run time webhook_connect.shared.config imports this module (a cycle otherwise)
+    from webhook_connect.shared.config.connections import ConnectionEntry
 
 logger = logging.getLogger("webhook_connect.modules")
 

@@ -9,7 +9,7 @@ pairs already stored are looked up and skipped, so a redelivery adds no row, and
 raced to insert (on merge, or at once with ``FINAL``). A table an earlier version made is
 ordered by ``message_id`` alone and kept as it is: the look-up still compares pairs, but its
 merges collapse rows of two channels that share an id, so recreate it (see
-:mod:`shared.modules.dbtable`).
+:mod:`webhook_connect.shared.modules.dbtable`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Literal
 import httpx
 from pydantic import Field
 
-from shared.modules.base import DeliveryError, Permanent, Transient
-from shared.modules.dbtable import Column, TableConfig
-from shared.modules.dbwriter import RowT, ServerSettings, TableModule
+from webhook_connect.shared.modules.base import DeliveryError, Permanent, Transient
+from webhook_connect.shared.modules.dbtable import Column, TableConfig
+from webhook_connect.shared.modules.dbwriter import RowT, ServerSettings, TableModule
 
 TYPES = {"string": "String", "text": "String", "json": "String", "bytes": "String"}
 # Server error codes for data or a table the server will never accept as they are: parse

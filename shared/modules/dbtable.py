@@ -35,7 +35,7 @@ from typing import Any, Literal, Self
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.modules.base import Message, Permanent
+from webhook_connect.shared.modules.base import Message, Permanent
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]{0,62}"
 # A column or index name: what every SQL dialect accepts unquoted (63 bytes is PostgreSQL's cap).

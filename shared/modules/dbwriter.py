@@ -1,6 +1,6 @@
 """How the database modules write: rows coalesced into batches, one retry after a lost link.
 
-Concurrent ``deliver`` calls are coalesced (:class:`~shared.coalescer.Coalescer`) into one
+Concurrent ``deliver`` calls are coalesced (:class:`~..coalescer.Coalescer`) into one
 multi-row write: many webhooks share one round trip and one commit. A batch the server rejects
 is written again row by row, so only the bad row fails. Writes are upserts on the row's key, so
 a retry or a redelivery never duplicates: that is what makes retrying once after a connection
@@ -16,10 +16,15 @@ from typing import Any, ClassVar, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from shared.coalescer import Coalescer
-from shared.config.connections import ConnectionEntry
-from shared.modules.base import DeliveryError, Message, Module, Permanent, Pools
-from shared.modules.dbtable import TableConfig, fitted_columns, row_values, table_columns
+from webhook_connect.shared.coalescer import Coalescer
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules.base import DeliveryError, Message, Module, Permanent, Pools
+from webhook_connect.shared.modules.dbtable import (
+    TableConfig,
+    fitted_columns,
+    row_values,
+    table_columns,
+)
 
 logger = logging.getLogger("webhook_connect.modules")
 

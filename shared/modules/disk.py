@@ -19,7 +19,7 @@ from typing import ClassVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.modules.base import Message, Module, Permanent, Transient
+from webhook_connect.shared.modules.base import Message, Module, Permanent, Transient
 
 PLACEHOLDERS = frozenset({"webhook_id", "message_id", "channel", "timestamp", "date", "uuid"})
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -18,7 +18,7 @@ import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
-from shared.modules.base import Transient
+from webhook_connect.shared.modules.base import Transient
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 # Google accepts assertions valid for at most an hour.

@@ -19,13 +19,24 @@ import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.coalescer import Coalescer
-from shared.config.connections import ConnectionEntry
-from shared.config.loading import config_error_from
-from shared.exceptions import ConfigError
-from shared.modules import attributes
-from shared.modules.base import DeliveryError, Message, Module, Permanent, Pools, Transient
-from shared.modules.gcp_auth import ServiceAccount, TokenSource, load_service_account
+from webhook_connect.shared.coalescer import Coalescer
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.config.loading import config_error_from
+from webhook_connect.shared.exceptions import ConfigError
+from webhook_connect.shared.modules import attributes
+from webhook_connect.shared.modules.base import (
+    DeliveryError,
+    Message,
+    Module,
+    Permanent,
+    Pools,
+    Transient,
+)
+from webhook_connect.shared.modules.gcp_auth import (
+    ServiceAccount,
+    TokenSource,
+    load_service_account,
+)
 
 DEFAULT_ENDPOINT = "https://pubsub.googleapis.com"
 SCOPE = "https://www.googleapis.com/auth/pubsub"

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
-from shared.modules.base import Message, Module, Permanent, Transient
-from shared.policy import HOP_BY_HOP, Outcome, classify_status
+from webhook_connect.shared.modules.base import Message, Module, Permanent, Transient
+from webhook_connect.shared.policy import HOP_BY_HOP, Outcome, classify_status
 
 RESOLVED_FOR = 30.0  # seconds a host's addresses are trusted before they are checked again
 

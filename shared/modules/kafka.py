@@ -26,8 +26,15 @@ from aiokafka import errors as kafka_errors
 from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shared.config.connections import ConnectionEntry
-from shared.modules.base import DeliveryError, Message, Module, Permanent, Pools, Transient
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules.base import (
+    DeliveryError,
+    Message,
+    Module,
+    Permanent,
+    Pools,
+    Transient,
+)
 
 logger = logging.getLogger("webhook_connect.modules.kafka")
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import orjson
 from pydantic import BaseModel, ConfigDict, PositiveInt
 
-from shared.modules.base import Message, Module
+from webhook_connect.shared.modules.base import Message, Module
 
 REDACTED = "[REDACTED]"
 SENSITIVE = frozenset(

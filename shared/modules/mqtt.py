@@ -26,10 +26,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from shared.config.connections import ConnectionEntry
-from shared.modules import attributes
-from shared.modules.attributes import json_envelope
-from shared.modules.base import Message, Module, Permanent, Pools, Transient
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules import attributes
+from webhook_connect.shared.modules.attributes import json_envelope
+from webhook_connect.shared.modules.base import Message, Module, Permanent, Pools, Transient
 
 logger = logging.getLogger("webhook_connect.modules.mqtt")
 

@@ -1,6 +1,6 @@
 """MySQL and MariaDB output: one row per webhook, upserted by key, many rows per statement.
 
-Concurrent deliveries are coalesced (see :mod:`shared.modules.dbwriter`) into one multi-row
+Concurrent deliveries are coalesced (see :mod:`.dbwriter`) into one multi-row
 ``INSERT ... ON DUPLICATE KEY UPDATE`` (the driver splits it at about 1 MB) and one commit. The
 session runs in strict mode, so a value that does not fit its column is an error, never a
 silent truncation.
@@ -8,7 +8,7 @@ silent truncation.
 The key is ``PRIMARY KEY (channel, message_id)``, two ``VARCHAR(255)`` in utf8mb4: 2,040 bytes,
 within InnoDB's 3,072-byte index limit (DYNAMIC rows, the default since MySQL 5.7 and MariaDB
 10.2). A table an earlier version made keeps its ``message_id`` key and is written as it is
-(see :mod:`shared.modules.dbtable`).
+(see :mod:`webhook_connect.shared.modules.dbtable`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import Any
 
 import aiomysql  # type: ignore[import-untyped]
 
-from shared.config.connections import ConnectionEntry
-from shared.modules.base import DeliveryError, Permanent, Pools, Transient
-from shared.modules.dbtable import Column, SqlTableConfig
-from shared.modules.dbwriter import RowT, ServerSettings, TableModule
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules.base import DeliveryError, Permanent, Pools, Transient
+from webhook_connect.shared.modules.dbtable import Column, SqlTableConfig
+from webhook_connect.shared.modules.dbwriter import RowT, ServerSettings, TableModule
 
 SQL_TYPES = {
     "string": "VARCHAR(255)", "text": "LONGTEXT", "integer": "BIGINT", "float": "DOUBLE",

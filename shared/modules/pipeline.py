@@ -17,11 +17,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.config.delivery import DeliveryPlan, Step
-from shared.modules.base import DeliveryError, Message, Module, Permanent, Pools, Transient
-from shared.modules.registry import module_class
-from shared.modules.transform import transform_message
-from shared.policy import retry_delay
+from webhook_connect.shared.config.delivery import DeliveryPlan, Step
+from webhook_connect.shared.modules.base import (
+    DeliveryError,
+    Message,
+    Module,
+    Permanent,
+    Pools,
+    Transient,
+)
+from webhook_connect.shared.modules.registry import module_class
+from webhook_connect.shared.modules.transform import transform_message
+from webhook_connect.shared.policy import retry_delay
 
 logger = logging.getLogger("webhook_connect.modules")
 

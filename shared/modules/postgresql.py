@@ -1,12 +1,12 @@
 """PostgreSQL output: one row per webhook, upserted by key, many rows per transaction.
 
-Concurrent deliveries are coalesced (see :mod:`shared.modules.dbwriter`) into one transaction,
+Concurrent deliveries are coalesced (see :mod:`.dbwriter`) into one transaction,
 so many webhooks share one commit (one fsync) and one pipelined ``executemany`` round trip:
 that is what makes thousands of rows a second reachable through one connection. Every write is
 an ``INSERT ... ON CONFLICT`` on the key, so a retried batch or a redelivery never duplicates.
 The key is ``PRIMARY KEY (channel, message_id)`` (or the ``upsert_key`` body field); a table an
 earlier version made keeps its ``PRIMARY KEY (message_id)``, which is read from the catalog and
-used as the conflict target, so inserts go on as before (see :mod:`shared.modules.dbtable`).
+used as the conflict target, so inserts go on as before (see :mod:`.dbtable`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Literal
 import asyncpg  # type: ignore[import-untyped]
 from pydantic import AliasChoices, Field
 
-from shared.config.connections import ConnectionEntry
-from shared.modules.base import DeliveryError, Permanent, Pools, Transient
-from shared.modules.dbtable import Column, SqlTableConfig
-from shared.modules.dbwriter import RowT, ServerSettings, TableModule
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules.base import DeliveryError, Permanent, Pools, Transient
+from webhook_connect.shared.modules.dbtable import Column, SqlTableConfig
+from webhook_connect.shared.modules.dbwriter import RowT, ServerSettings, TableModule
 
 SQL_TYPES = {
     "string": "TEXT", "text": "TEXT", "integer": "BIGINT", "float": "DOUBLE PRECISION",

@@ -24,10 +24,10 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.config.connections import ConnectionEntry
-from shared.modules import attributes
-from shared.modules.amqp import SHORTSTR_MAX, PublishedProperties
-from shared.modules.base import Message, Module, Permanent, Pools, Transient
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules import attributes
+from webhook_connect.shared.modules.amqp import SHORTSTR_MAX, PublishedProperties
+from webhook_connect.shared.modules.base import Message, Module, Permanent, Pools, Transient
 
 logger = logging.getLogger("webhook_connect.modules.rabbitmq")
 

@@ -34,10 +34,10 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from shared.coalescer import Coalescer
-from shared.config.connections import ConnectionEntry
-from shared.modules import attributes
-from shared.modules.base import (
+from webhook_connect.shared.coalescer import Coalescer
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules import attributes
+from webhook_connect.shared.modules.base import (
     ConfigT,
     DeliveryError,
     Message,

@@ -9,28 +9,28 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from shared.modules.base import Module
+from webhook_connect.shared.modules.base import Module
 
 # name -> ("python.module:Class", the extra that installs its driver, or None if none needed)
 MODULES: dict[str, tuple[str, str | None]] = {
-    "log": ("shared.modules.log:LogModule", None),
-    "save_to_disk": ("shared.modules.disk:SaveToDiskModule", None),
-    "http_webhook": ("shared.modules.http:HttpWebhookModule", "http"),
-    "rabbitmq": ("shared.modules.rabbitmq:RabbitMQModule", "rabbitmq"),
-    "redis_rq": ("shared.modules.redis:RedisRQModule", "redis"),
-    "redis_publish": ("shared.modules.redis:RedisPublishModule", "redis"),
-    "postgresql": ("shared.modules.postgresql:PostgreSQLModule", "postgresql"),
-    "mysql": ("shared.modules.mysql:MySQLModule", "mysql"),
-    "mariadb": ("shared.modules.mysql:MySQLModule", "mysql"),
-    "clickhouse": ("shared.modules.clickhouse:ClickHouseModule", "clickhouse"),
-    "kafka": ("shared.modules.kafka:KafkaModule", "kafka"),
-    "s3": ("shared.modules.s3:S3Module", "aws"),
-    "aws_sqs": ("shared.modules.sqs:SQSModule", "aws"),
-    "mqtt": ("shared.modules.mqtt:MQTTModule", "mqtt"),
-    "websocket": ("shared.modules.websocket:WebSocketModule", "websocket"),
-    "zeromq": ("shared.modules.zeromq:ZeroMQModule", "zeromq"),
-    "activemq": ("shared.modules.activemq:ActiveMQModule", None),
-    "gcp_pubsub": ("shared.modules.gcp_pubsub:PubSubModule", "gcp"),
+    "log": ("webhook_connect.shared.modules.log:LogModule", None),
+    "save_to_disk": ("webhook_connect.shared.modules.disk:SaveToDiskModule", None),
+    "http_webhook": ("webhook_connect.shared.modules.http:HttpWebhookModule", "http"),
+    "rabbitmq": ("webhook_connect.shared.modules.rabbitmq:RabbitMQModule", "rabbitmq"),
+    "redis_rq": ("webhook_connect.shared.modules.redis:RedisRQModule", "redis"),
+    "redis_publish": ("webhook_connect.shared.modules.redis:RedisPublishModule", "redis"),
+    "postgresql": ("webhook_connect.shared.modules.postgresql:PostgreSQLModule", "postgresql"),
+    "mysql": ("webhook_connect.shared.modules.mysql:MySQLModule", "mysql"),
+    "mariadb": ("webhook_connect.shared.modules.mysql:MySQLModule", "mysql"),
+    "clickhouse": ("webhook_connect.shared.modules.clickhouse:ClickHouseModule", "clickhouse"),
+    "kafka": ("webhook_connect.shared.modules.kafka:KafkaModule", "kafka"),
+    "s3": ("webhook_connect.shared.modules.s3:S3Module", "aws"),
+    "aws_sqs": ("webhook_connect.shared.modules.sqs:SQSModule", "aws"),
+    "mqtt": ("webhook_connect.shared.modules.mqtt:MQTTModule", "mqtt"),
+    "websocket": ("webhook_connect.shared.modules.websocket:WebSocketModule", "websocket"),
+    "zeromq": ("webhook_connect.shared.modules.zeromq:ZeroMQModule", "zeromq"),
+    "activemq": ("webhook_connect.shared.modules.activemq:ActiveMQModule", None),
+    "gcp_pubsub": ("webhook_connect.shared.modules.gcp_pubsub:PubSubModule", "gcp"),
 }
 
 

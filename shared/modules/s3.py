@@ -19,9 +19,9 @@ from urllib.parse import quote
 from aiobotocore.session import get_session
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.config.connections import ConnectionEntry
-from shared.modules import attributes
-from shared.modules.aws import (
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules import attributes
+from webhook_connect.shared.modules.aws import (
     AWS_ERRORS,
     aws_settings,
     client_arguments,
@@ -29,7 +29,7 @@ from shared.modules.aws import (
     delivery_error,
     pool_key,
 )
-from shared.modules.base import Message, Module, Permanent, Pools
+from webhook_connect.shared.modules.base import Message, Module, Permanent, Pools
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client

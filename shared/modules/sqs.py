@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from aiobotocore.session import get_session
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.coalescer import Coalescer
-from shared.config.connections import ConnectionEntry
-from shared.modules import attributes
-from shared.modules.aws import (
+from webhook_connect.shared.coalescer import Coalescer
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules import attributes
+from webhook_connect.shared.modules.aws import (
     AWS_ERRORS,
     aws_settings,
     client_arguments,
@@ -29,7 +29,14 @@ from shared.modules.aws import (
     is_transient,
     pool_key,
 )
-from shared.modules.base import DeliveryError, Message, Module, Permanent, Pools, Transient
+from webhook_connect.shared.modules.base import (
+    DeliveryError,
+    Message,
+    Module,
+    Permanent,
+    Pools,
+    Transient,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient

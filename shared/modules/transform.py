@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from shared.config.delivery import TransformConfig
-from shared.modules.base import Message, Permanent
+from webhook_connect.shared.config.delivery import TransformConfig
+from webhook_connect.shared.modules.base import Message, Permanent
 
 MISSING = object()
 

@@ -23,10 +23,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.protocol import State
 from websockets.typing import Data
 
-from shared.config.connections import ConnectionEntry
-from shared.modules.attributes import json_envelope
-from shared.modules.base import Message, Module, Permanent, Pools, Transient
-from shared.policy import Outcome, classify_status
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules.attributes import json_envelope
+from webhook_connect.shared.modules.base import Message, Module, Permanent, Pools, Transient
+from webhook_connect.shared.policy import Outcome, classify_status
 
 logger = logging.getLogger("webhook_connect.modules.websocket")
 

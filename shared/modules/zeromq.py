@@ -25,8 +25,8 @@ import zmq
 import zmq.asyncio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.config.connections import ConnectionEntry
-from shared.modules.base import Message, Module, Pools, Transient
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules.base import Message, Module, Pools, Transient
 
 logger = logging.getLogger("webhook_connect.modules.zeromq")
 

@@ -21,9 +21,9 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from shared.envelope import Envelope
-from shared.modules.base import Message
 from tests.servers import REPO, free_port, stop, wait_until
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.modules.base import Message
 
 # 2026-08-28T14:05:33.123456Z, so date-based keys are predictable.
 RECEIVED_AT = 1787925933.123456

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shared.modules import Pools
+from webhook_connect.shared.modules import Pools
 
 
 @pytest.fixture

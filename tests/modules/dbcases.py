@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from shared.envelope import Envelope
-from shared.modules import Message, Module, Pools, Transient
 from tests.servers import Startable
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.modules import Message, Module, Pools, Transient
 
 HEADERS = (("Content-Type", "application/json"), ("X-Event", "push"), ("X-Event", "again"))
 

@@ -15,11 +15,11 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from shared.config.connections import ConnectionEntry
-from shared.modules.base import Permanent, Pools
-from shared.modules.clickhouse import ClickHouseConfig, ClickHouseModule
 from tests.modules.dbcases import make_message, ride_out_an_outage
 from tests.servers import free_port, running, stop, wait_until
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules.base import Permanent, Pools
+from webhook_connect.shared.modules.clickhouse import ClickHouseConfig, ClickHouseModule
 
 BINARY_BODY = b"\xff\xfe\x00raw\r\n\t\\N\\\x80 bytes\x00'"
 CONFIG = """<?xml version="1.0"?>

@@ -14,12 +14,6 @@ import jwt
 import pytest
 from pydantic import ValidationError
 
-from shared.config.connections import ConnectionEntry
-from shared.exceptions import ConfigError
-from shared.modules.base import Permanent, Pools, Transient
-from shared.modules.gcp_auth import REFRESH_MARGIN, AccessToken, ServiceAccount, assertion
-from shared.modules.gcp_pubsub import MAX_MESSAGES, PubSubConfig, PubSubModule, requests
-from shared.modules.registry import module_class
 from tests.modules.cloud_peers import (
     BINARY_BODY,
     JSON_BODY,
@@ -29,6 +23,22 @@ from tests.modules.cloud_peers import (
     new_private_key,
 )
 from tests.servers import running
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.exceptions import ConfigError
+from webhook_connect.shared.modules.base import Permanent, Pools, Transient
+from webhook_connect.shared.modules.gcp_auth import (
+    REFRESH_MARGIN,
+    AccessToken,
+    ServiceAccount,
+    assertion,
+)
+from webhook_connect.shared.modules.gcp_pubsub import (
+    MAX_MESSAGES,
+    PubSubConfig,
+    PubSubModule,
+    requests,
+)
+from webhook_connect.shared.modules.registry import module_class
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from pydantic import ValidationError
 
-from shared.config.connections import ConnectionEntry
-from shared.envelope import Envelope
-from shared.modules import Message, Permanent, Pools, Transient, module_class
-from shared.modules.kafka import KafkaConfig, KafkaModule
 from tests.servers import free_port, stop, wait_until
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.modules import Message, Permanent, Pools, Transient, module_class
+from webhook_connect.shared.modules.kafka import KafkaConfig, KafkaModule
 
 BINARY_BODY = b"\x00\xff\xfe\x80 not utf-8 \xc3\x28 \r\n"
 TIMEOUT = 2.0  # the module's bound on one delivery, kept small so "down" tests stay fast

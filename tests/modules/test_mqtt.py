@@ -17,11 +17,11 @@ import aiomqtt
 import pytest
 from pydantic import ValidationError
 
-from shared.config.connections import ConnectionEntry
-from shared.envelope import Envelope
-from shared.modules.base import Message, Permanent, Pools, Transient
-from shared.modules.mqtt import MQTTConfig, MQTTModule
 from tests.servers import free_port, running, stop, wait_until
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.modules.base import Message, Permanent, Pools, Transient
+from webhook_connect.shared.modules.mqtt import MQTTConfig, MQTTModule
 
 BINARY = b"\x00\xff\xfe binary \x80\x81\r\n\x00"
 JSON = b'{"event": "paid", "amount": 12.5, "name": "Zo\xc3\xab"}'

@@ -17,13 +17,13 @@ import pymysql
 import pytest
 from pydantic import ValidationError
 
-from shared.config.connections import ConnectionEntry
-from shared.modules.base import Permanent, Pools
-from shared.modules.dbtable import SqlTableConfig
-from shared.modules.mysql import MySQLModule
-from shared.modules.registry import module_class
 from tests.modules.dbcases import make_message, ride_out_an_outage
 from tests.servers import free_port, running, stop, wait_until
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules.base import Permanent, Pools
+from webhook_connect.shared.modules.dbtable import SqlTableConfig
+from webhook_connect.shared.modules.mysql import MySQLModule
+from webhook_connect.shared.modules.registry import module_class
 
 BINARY_BODY = b"\xff\xfe\x00raw\r\n\x80 bytes\x00'\\"
 # Test speed only: the data directory is throwaway, so bootstrap need not sync.

@@ -13,11 +13,11 @@ import orjson
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from shared.config.delivery import TransformConfig, build_plan
-from shared.envelope import Envelope
-from shared.modules import MODULES, Message, Module, Permanent, Transient
-from shared.modules.pipeline import Dispatcher
-from shared.modules.transform import transform
+from webhook_connect.shared.config.delivery import TransformConfig, build_plan
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.modules import MODULES, Message, Module, Permanent, Transient
+from webhook_connect.shared.modules.pipeline import Dispatcher
+from webhook_connect.shared.modules.transform import transform
 
 WRITES: list[tuple[str, bytes]] = []
 

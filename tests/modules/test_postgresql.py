@@ -17,12 +17,12 @@ import asyncpg
 import pytest
 from pydantic import ValidationError
 
-from shared.config.connections import ConnectionEntry
-from shared.modules.base import Permanent, Pools
-from shared.modules.dbtable import SqlTableConfig
-from shared.modules.postgresql import PostgreSQLModule
 from tests.modules.dbcases import make_message, ride_out_an_outage
 from tests.servers import free_port, running, stop, wait_until
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules.base import Permanent, Pools
+from webhook_connect.shared.modules.dbtable import SqlTableConfig
+from webhook_connect.shared.modules.postgresql import PostgreSQLModule
 
 # Debian's server binaries, the newest installed major version (bookworm: 15).
 BIN = max(

@@ -20,12 +20,12 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from shared.config.connections import ConnectionEntry
-from shared.envelope import Envelope
-from shared.modules.amqp import PublishedProperties
-from shared.modules.base import Message, Permanent, Pools, Transient
-from shared.modules.rabbitmq import RabbitMQConfig, RabbitMQModule, amqp_properties
 from tests.servers import free_port, stop, wait_until
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.modules.amqp import PublishedProperties
+from webhook_connect.shared.modules.base import Message, Permanent, Pools, Transient
+from webhook_connect.shared.modules.rabbitmq import RabbitMQConfig, RabbitMQModule, amqp_properties
 
 BINARY = b"\x00\xff\xfe binary \x80\x81\r\n\x00"
 JSON = b'{"event": "paid", "amount": 12.5, "name": "Zo\xc3\xab"}'

@@ -16,10 +16,11 @@ from pydantic import ValidationError
 from rq import Queue, SimpleWorker, get_current_job
 from rq.job import Job, JobStatus
 
-from shared.config.connections import ConnectionEntry
-from shared.envelope import Envelope
-from shared.modules.base import Message, Module, Permanent, Pools, Transient
-from shared.modules.redis import (
+from tests.servers import RedisServer, running
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.modules.base import Message, Module, Permanent, Pools, Transient
+from webhook_connect.shared.modules.redis import (
     PublishConfig,
     RedisPublishModule,
     RedisRQModule,
@@ -27,7 +28,6 @@ from shared.modules.redis import (
     RQConfig,
     job_id,
 )
-from tests.servers import RedisServer, running
 
 JSON_BODY = b'{"event": "push", "ref": "refs/heads/main", "n": 1}'
 BINARY_BODY = b"\x00\xff\xfe binary \x80\x81 not utf-8"

@@ -13,12 +13,12 @@ import boto3
 import pytest
 from pydantic import ValidationError
 
-from shared.config.connections import ConnectionEntry
-from shared.modules.base import Message, Permanent, Pools, Transient
-from shared.modules.registry import module_class
-from shared.modules.sqs import MAX_BATCH_BYTES, SQSConfig, SQSModule, batches
 from tests.modules.cloud_peers import BINARY_BODY, JSON_BODY, MotoServer, make_message
 from tests.servers import running
+from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.modules.base import Message, Permanent, Pools, Transient
+from webhook_connect.shared.modules.registry import module_class
+from webhook_connect.shared.modules.sqs import MAX_BATCH_BYTES, SQSConfig, SQSModule, batches
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from pydantic import ValidationError
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from shared.envelope import Envelope
-from shared.modules.base import Message, Permanent, Pools, Transient
-from shared.modules.websocket import WebSocketConfig, WebSocketModule
 from tests.servers import free_port
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.modules.base import Message, Permanent, Pools, Transient
+from webhook_connect.shared.modules.websocket import WebSocketConfig, WebSocketModule
 
 JSON_BODY = b'{"event": "push", "caf\xc3\xa9": [1, 2]}'
 BINARY_BODY = b"\x00\xff\xfe binary \x80\x81 not utf-8"

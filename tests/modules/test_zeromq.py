@@ -12,10 +12,10 @@ import zmq
 import zmq.asyncio
 from pydantic import ValidationError
 
-from shared.envelope import Envelope
-from shared.modules.base import Message, Pools, Transient
-from shared.modules.zeromq import ZeroMQConfig, ZeroMQModule
 from tests.servers import free_port
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.modules.base import Message, Pools, Transient
+from webhook_connect.shared.modules.zeromq import ZeroMQConfig, ZeroMQModule
 
 JSON_BODY = b'{"event": "push", "ref": "refs/heads/main"}'
 BINARY_BODY = b"\x00\xff\xfe binary \x80\x81 not utf-8"

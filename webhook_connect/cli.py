@@ -12,8 +12,8 @@ from typing import NoReturn
 
 import click
 
-from shared.admincli import channels, dlq
-from shared.exceptions import ConfigError
+from webhook_connect.shared.admincli import channels, dlq
+from webhook_connect.shared.exceptions import ConfigError
 
 ENV_PREFIX = "WEBHOOK_CONNECT_"
 
@@ -66,8 +66,8 @@ def main() -> None:
 def cloud(**options: object) -> None:
     """Receive webhooks and buffer them durably per channel."""
     try:
-        from cloud.config import build_cloud_config
-        from cloud.server import run
+        from webhook_connect.cloud.config import build_cloud_config
+        from webhook_connect.cloud.server import run
     except ImportError as exc:
         click.echo(
             f"webhook-connect: the cloud needs its extras: pip install 'webhook-connect[cloud]' "
@@ -105,8 +105,8 @@ def connector(config_path: str | None, **overrides: str | None) -> None:
     Flags (and their WEBHOOK_CONNECT_* variables) override connector.json only when given.
     """
     try:
-        from connector.config import load_connector_settings, load_delivery_plans
-        from connector.main import run
+        from webhook_connect.connector.config import load_connector_settings, load_delivery_plans
+        from webhook_connect.connector.main import run
     except ImportError as exc:
         click.echo(
             "webhook-connect: the connector needs its extras: "
@@ -131,7 +131,7 @@ def connector(config_path: str | None, **overrides: str | None) -> None:
 def sink(host: str, port: int, status: int, jsonl: str | None, quiet: bool) -> None:
     """A local target that prints every request it receives and answers STATUS."""
     try:
-        from connector.sink import run_sink
+        from webhook_connect.connector.sink import run_sink
     except ImportError as exc:
         click.echo(f"webhook-connect: pip install 'webhook-connect[connector]' ({exc})", err=True)
         sys.exit(2)
@@ -147,7 +147,3 @@ def sink(host: str, port: int, status: int, jsonl: str | None, quiet: bool) -> N
 
 main.add_command(channels)
 main.add_command(dlq)
-
-
-if __name__ == "__main__":
-    main()
