@@ -1,4 +1,4 @@
-"""``GET /metrics``: the cloud's figures in the Prometheus text format (PRODUCT.md §5).
+"""``GET /metrics``: the cloud's figures in the Prometheus text format.
 
 Each figure is read where it is true for the whole deployment, so every uvicorn worker of every
 replica answers a scrape correctly:

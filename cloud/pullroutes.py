@@ -1,4 +1,4 @@
-"""``GET .../sse``, ``GET .../poll`` and ``POST /connect/ack`` (PRODUCT.md §5)."""
+"""``GET .../sse``, ``GET .../poll`` and ``POST /connect/ack``."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def serve(config: CloudConfig) -> None:
         access_log=config.log_level in ("debug", "trace"),
         server_header=False,
         proxy_headers=False,
-        # Evict dead connectors within seconds (PRODUCT.md §5); connectors only send small
+        # Evict dead connectors within seconds; connectors only send small
         # frames (acks), so anything large is refused.
         ws_ping_interval=5.0,
         ws_ping_timeout=10.0,

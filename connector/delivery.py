@@ -2,7 +2,7 @@
 
 The request carries the original method (unless the target fixes one), the original raw query
 string, every original header except hop-by-hop ones, ``Host`` and ``Content-Length`` (which
-describe the new hop), and the exact body bytes (PRODUCT.md §2.3).
+describe the new hop), and the exact body bytes.
 """
 
 from __future__ import annotations
@@ -64,10 +64,15 @@ def build_request(message: WireMessage, target: Target, attempt: int) -> HttpReq
     url = target.url
     if envelope.query_string:
         url += ("&" if "?" in url else "?") + envelope.query_string
+    # A configured header replaces the sender's of the same name (any case): appended after
+    # it, the target would see both, and most servers read the sender's first.
+    configured = {name.lower() for name in target.headers}
     headers = [
         (name, value)
         for name, value in envelope.headers
-        if name.lower() not in HOP_BY_HOP and not name.lower().startswith(RELAY_PREFIX)
+        if name.lower() not in HOP_BY_HOP
+        and not name.lower().startswith(RELAY_PREFIX)
+        and name.lower() not in configured
     ]
     headers.extend(target.headers.items())
     headers += [

@@ -3,7 +3,7 @@
 The connector delivers thousands of requests per second; httpx spends more CPU per request than
 the rest of the connector together (its pool cost grows with its size). This client does only
 what delivery needs: keep-alive pools per origin, one request at a time per connection, headers
-and body sent exactly as given (PRODUCT.md §2.3), httptools to parse the answer.
+and body sent exactly as given, httptools to parse the answer.
 
 HttpClientError                 (a WebhookConnectError)
 ├── ConnectError    the connection could not be opened, or broke before a complete response;
@@ -123,7 +123,7 @@ def encode_head(
 ) -> bytes:
     """The request line and headers, exactly as given, plus ``Host`` and ``Content-Length``.
 
-    Byte-exact relay (PRODUCT.md §2.3): names keep their case and order; only a given
+    Byte-exact relay: names keep their case and order; only a given
     Content-Length or Transfer-Encoding is dropped, since the body is sent whole.
     """
     if method not in _METHODS and _TOKEN.fullmatch(method) is None:
@@ -224,7 +224,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(ProtocolError(f"invalid HTTP response: {exc}"))
         else:
             if not self.headers_done and self.waiter is not None:
-                # Bounded everything (PRODUCT.md §2.4): the parser buffers a header until it
+                # Bounded everything: the parser buffers a header until it
                 # ends, so an endless head must be cut here, by the bytes seen before its end.
                 self.head_size += nbytes
                 if self.head_size > MAX_RESPONSE_HEAD:

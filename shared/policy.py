@@ -29,7 +29,8 @@ class Outcome(enum.Enum):
 
 
 def classify_status(status: int) -> Outcome:
-    """PRODUCT.md §6: 2xx acks; 408/429/5xx retry; any other 4xx dead-letters."""
+    """The connector's retry rule (README, "The connector"): 2xx acks; 408/429/5xx retry;
+    any other 4xx dead-letters."""
     if 200 <= status < 300:
         return Outcome.DELIVERED
     if status in RETRYABLE_STATUSES or status >= 500:

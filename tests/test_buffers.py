@@ -1,4 +1,4 @@
-"""One conformance suite for every storage backend (PRODUCT.md §7, the Buffer semantics)."""
+"""One conformance suite for every storage backend (the Buffer semantics, cloud/buffers/base.py)."""
 
 from __future__ import annotations
 

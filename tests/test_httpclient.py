@@ -1,4 +1,4 @@
-"""The connector's HTTP client against real local servers (PRODUCT.md §2.3 byte-exact, §6).
+"""The connector's HTTP client against real local servers (byte-exact relay, retry rules).
 
 ``ScriptedServer`` is a small asyncio HTTP/1.1 server whose answers each test scripts: it
 records every request's raw bytes and counts the connections it accepted and saw closed.

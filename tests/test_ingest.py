@@ -1,4 +1,4 @@
-"""The ingest endpoint under real uvicorn, on both backends (PRODUCT.md §5 "Ingest")."""
+"""The ingest endpoint under real uvicorn, on both backends (README, "Ingest answers")."""
 
 from __future__ import annotations
 

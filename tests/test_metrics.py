@@ -1,4 +1,4 @@
-"""``GET /metrics`` and the JSON log lines, against the real cloud (PRODUCT.md §5 "Operations")."""
+"""``GET /metrics`` and the JSON log lines, against the real cloud (README, "Operations")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``webhook-connect sink``: what it prints, what it records, what it answers (PRODUCT.md §8).
+"""``webhook-connect sink``: what it prints, what it records, what it answers.
 
 The sink is the real peer of the end-to-end tests, so its record must be exact: the body
 round-trips through base64 byte for byte, and headers keep their case and order.

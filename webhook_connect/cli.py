@@ -1,4 +1,4 @@
-"""``webhook-connect``: one console command for every role (PRODUCT.md §8).
+"""``webhook-connect``: one console command for every role.
 
 Each subcommand imports its side lazily, so a laptop that only runs the connector needs none of
 the cloud's dependencies. The CLI parses, builds the config, calls ``run()`` and maps failure to
