@@ -51,7 +51,8 @@ class CloudApp:
         source = config.webhooks_path or "webhooks.json"
         self.ingest = IngestEndpoint(build_guards(config.webhooks, services, source), self.buffer)
         self.reloader = ConfigReloader(config, services, self._apply)
-        self.masker = masking.SecretMasker(masking.configured_secrets(config.webhooks))
+        self.masker = masking.SecretMasker()
+        self.masker.configure(config.webhooks)
         self.direct = DirectDelivery(self.buffer)
         self._tasks: list[asyncio.Task[None]] = []
         pull = PullRoutes(self.buffer)
@@ -103,7 +104,7 @@ class CloudApp:
     async def _apply(self, reloaded: Reloaded) -> None:
         """Take a reloaded ``webhooks.json`` into use: channels and tokens first, then ingest."""
         await provision(self.buffer, reloaded.config)
-        self.masker.set_secrets(masking.configured_secrets(reloaded.config.webhooks))
+        self.masker.configure(reloaded.config.webhooks)
         self.config = reloaded.config
         self.ingest.guards = reloaded.guards
         await self.direct.apply(reloaded.config.webhooks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -49,7 +50,9 @@ def _header_pattern(names: Iterable[str]) -> re.Pattern[str]:
 
 
 HEADER_VALUES = _header_pattern(SECRET_HEADERS)
-QUERY_VALUES = re.compile(rf"(?i)([?&;\s](?:{'|'.join(SECRET_PARAMETERS)})=)([^&\s\"']+)")
+# Any ``name=value`` pair of a query string (or of free text); the name is judged after
+# percent-decoding and lower-casing (``API%5FKey=`` is ``api_key=`` to the server that reads it).
+QUERY_PAIRS = re.compile(r"([?&;\s])([^=&;\s\"'?#]+)=([^&\s\"']+)")
 
 
 def configured_secrets(webhooks: Mapping[str, Webhook]) -> list[str]:
@@ -61,6 +64,25 @@ def configured_secrets(webhooks: Mapping[str, Webhook]) -> list[str]:
             if step.connection is not None:  # the connections.json entries in use
                 _collect(step.connection.model_dump(), found, False, CONNECTION_SECRET_KEYS)
     return sorted((item for item in found if len(item) >= MIN_LITERAL), key=len, reverse=True)
+
+
+def configured_names(webhooks: Mapping[str, Webhook]) -> tuple[set[str], set[str]]:
+    """The credential query parameters and headers the configuration names, lower-cased:
+    ``query_auth.parameter_name`` (``?code=``), ``header_auth.header_name``, the ``hmac``
+    header and a reCAPTCHA token header."""
+    parameters: set[str] = set()
+    headers: set[str] = set()
+    for webhook in webhooks.values():
+        entry = webhook.entry
+        if entry.query_auth is not None:
+            parameters.add(entry.query_auth.parameter_name.lower())
+        if entry.header_auth is not None:
+            headers.add(entry.header_auth.header_name.lower())
+        if entry.hmac is not None and entry.provider is None:
+            headers.add(entry.hmac.header.lower())
+        if entry.recaptcha is not None and entry.recaptcha.token_source == "header":
+            headers.add(entry.recaptcha.token_field.lower())
+    return parameters, headers
 
 
 def _collect(
@@ -82,23 +104,51 @@ def _collect(
 class SecretMasker(logging.Filter):
     """A handler filter that masks credentials in the final text of every record."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        secrets: Iterable[str] = (),
+        parameters: Iterable[str] = (),
+        headers: Iterable[str] = (),
+    ) -> None:
         super().__init__()
-        self.set_secrets(secrets)
+        self.set_secrets(secrets, parameters, headers)
 
-    def set_secrets(self, secrets: Iterable[str]) -> None:
-        """Replace the literal secrets (after a configuration reload)."""
+    def configure(self, webhooks: Mapping[str, Webhook]) -> None:
+        """Mask what ``webhooks`` holds and names (at start-up and after a reload)."""
+        self.set_secrets(configured_secrets(webhooks), *configured_names(webhooks))
+
+    def set_secrets(
+        self,
+        secrets: Iterable[str],
+        parameters: Iterable[str] = (),
+        headers: Iterable[str] = (),
+    ) -> None:
+        """Replace the literal secrets and the configured credential parameter and header
+        names, which are masked beside the fixed lists."""
         items = sorted({item for item in secrets if len(item) >= MIN_LITERAL}, key=len)
+        # Case-insensitive: a key compared without case (``case_sensitive: false``) is still
+        # the key in capitals, and a near miss of a secret is worth hiding too.
         self._literals = (
-            re.compile("|".join(re.escape(item) for item in reversed(items))) if (items) else None
+            re.compile("|".join(re.escape(item) for item in reversed(items)), re.IGNORECASE)
+            if items
+            else None
         )
+        self._parameters = frozenset(SECRET_PARAMETERS) | {name.lower() for name in parameters}
+        extra = {name.lower() for name in headers} - set(SECRET_HEADERS)
+        self._headers = _header_pattern({*SECRET_HEADERS, *extra}) if extra else HEADER_VALUES
 
     def mask(self, text: str) -> str:
         """``text`` with every credential replaced by ``***``."""
         if self._literals is not None:
             text = self._literals.sub(MASK, text)
-        text = HEADER_VALUES.sub(rf"\g<1>{MASK}", text)
-        return QUERY_VALUES.sub(rf"\g<1>{MASK}", text)
+        text = self._headers.sub(rf"\g<1>{MASK}", text)
+        return QUERY_PAIRS.sub(self._mask_pair, text)
+
+    def _mask_pair(self, match: re.Match[str]) -> str:
+        name = match.group(2)
+        if urllib.parse.unquote_plus(name).lower() not in self._parameters:
+            return match.group(0)
+        return f"{match.group(1)}{name}={MASK}"
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

@@ -98,5 +98,10 @@ class ConfigReloader:
                 logger.error("webhooks.json not reloaded, the running one stays: %s", exc)
             except StorageError as exc:
                 logger.warning("webhooks.json reload postponed, storage failed: %s", exc)
+            except Exception:
+                # Whatever a file can provoke, the watcher must outlive it: ended, it would
+                # silently ignore every later edit, valid ones included.
+                self._seen = current
+                logger.exception("webhooks.json not reloaded, the running one stays")
             else:
                 logger.info("webhooks.json reloaded: %d webhook(s)", len(reloaded.config.webhooks))

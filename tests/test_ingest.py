@@ -31,7 +31,7 @@ WEBHOOKS = {
     "tiny": {
         "module": "webhook_connect",
         "data_type": "blob",
-        "module-config": {"channel": "tiny", "channel_token": TOKEN, "max_queue_size": 3},
+        "module-config": {"channel": "tiny", "channel_token": TOKEN + "-tiny", "max_queue_size": 3},
     },
 }
 

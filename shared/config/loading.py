@@ -14,6 +14,9 @@ from webhook_connect.shared.config.substitution import join_path, substitute
 from webhook_connect.shared.exceptions import ConfigError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+# No configuration needs more (a json_schema inside an entry included); deeper trees would
+# exhaust the recursion of the walks that follow parsing.
+MAX_DEPTH = 100
 
 
 def load_json_file(path: str | Path, environ: Mapping[str, str] | None = None) -> Any:
@@ -30,7 +33,30 @@ def load_json_file(path: str | Path, environ: Mapping[str, str] | None = None) -
     except json.JSONDecodeError as exc:
         reason = f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         raise ConfigError(source, "", reason) from exc
+    except RecursionError:
+        # The parser recurses per level: a file of 100,000 nested arrays would otherwise end
+        # start-up with a traceback, and the reload watcher for good.
+        raise ConfigError(source, "", f"nested deeper than {MAX_DEPTH} levels") from None
+    if nesting_depth(tree) > MAX_DEPTH:
+        # Shallower than the parser's limit but deep enough to exhaust the recursion of what
+        # walks the tree next (substitution, validation).
+        raise ConfigError(source, "", f"nested deeper than {MAX_DEPTH} levels")
     return substitute(tree, os.environ if environ is None else environ, source)
+
+
+def nesting_depth(tree: Any) -> int:
+    """How deeply objects and arrays nest (a scalar is 0), without recursing."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            depth += 1
+            stack.extend(
+                (item, depth) for item in (node.values() if isinstance(node, dict) else node)
+            )
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def validate_model(model: type[ModelT], data: Any, source: str, path: str) -> ModelT:

@@ -111,6 +111,7 @@ def load_webhooks(
             webhook_id=webhook_id, entry=entry, relay=direct_channel(webhook_id, plan), plan=plan
         )
     _check_channels_agree(webhooks, source)
+    _check_tokens_unique(webhooks, source)
     return webhooks
 
 
@@ -160,3 +161,21 @@ def _check_channels_agree(webhooks: Mapping[str, Webhook], source: str) -> None:
                     f"channel {webhook.relay.channel!r} already has {key}={theirs[key]!r} "
                     f"from webhook {first.webhook_id!r}",
                 )
+
+
+def _check_tokens_unique(webhooks: Mapping[str, Webhook], source: str) -> None:
+    """A connector token names its channel: shared by two channels, one of them would never
+    be reached (the token finds the other)."""
+    owners: dict[str, Webhook] = {}
+    for webhook in webhooks.values():
+        if webhook.is_direct:
+            continue
+        first = owners.setdefault(webhook.relay.channel_token, webhook)
+        if first.relay.channel != webhook.relay.channel:
+            raise ConfigError(
+                source,
+                f"{webhook.webhook_id}.module-config.channel_token",
+                f"channel {webhook.relay.channel!r} has the same channel_token as channel "
+                f"{first.relay.channel!r} (webhook {first.webhook_id!r}); each channel needs "
+                "its own",
+            )

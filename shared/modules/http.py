@@ -79,10 +79,12 @@ class HttpWebhookModule(Module[HttpWebhookConfig]):
         allowed = None if config.allowed_headers is None else {
             h.lower() for h in config.allowed_headers
         }  # fmt: skip
+        # A configured header replaces the sender's of the same name (any case), not joins it.
+        configured = {name.lower() for name in config.headers}
         out: list[tuple[str, str]] = []
         for name, value in message.headers:
             key = name.lower()
-            if key in HOP_BY_HOP:
+            if key in HOP_BY_HOP or key in configured:
                 continue
             # The content type describes the bytes, so it travels even when headers do not.
             wanted = config.forward_headers and (allowed is None or key in allowed)
