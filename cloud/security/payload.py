@@ -7,6 +7,7 @@ than ``max_depth`` opening brackets cannot nest deeper, and no string is longer 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -42,10 +43,7 @@ class PayloadRules:
             return None
         if not body:
             raise Rejected(400, "invalid_json", "the body is empty; this webhook expects JSON")
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise Rejected(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        document = parse_json(body)
         if body.count(b"{") + body.count(b"[") > self.max_depth:
             depth = json_depth(document)
             if depth > self.max_depth:
@@ -64,6 +62,38 @@ class PayloadRules:
                 where = "/".join(str(part) for part in error.absolute_path) or "(root)"
                 raise Rejected(422, "schema_violation", f"{where}: {error.message}")
         return document
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as a document, or :class:`Rejected` 400 ``invalid_json``.
+
+    orjson is fast but refuses some valid JSON: a number beyond a double (``1e400``) or a lone
+    surrogate escape. The body is stored as received and only its structure is validated, so
+    what orjson refuses is judged again by the standard library, strictly: UTF-8 only, and
+    none of its extensions (``NaN``, ``Infinity``).
+    """
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        first = exc
+    try:
+        return json.loads(
+            body.decode("utf-8"), parse_constant=_refuse_constant, parse_int=_parse_int
+        )
+    except RecursionError:
+        raise Rejected(400, "payload_too_deep", "JSON nests too deeply to parse") from None
+    except ValueError:  # not UTF-8, or not JSON
+        raise Rejected(400, "invalid_json", f"the body is not valid JSON: {first}") from None
+
+
+def _parse_int(text: str) -> int | float:
+    # Python converts at most 4,300 digits to an int (a ValueError beyond): only the structure
+    # is validated, so a longer integer is kept as a float (infinite) rather than refused.
+    return int(text) if len(text) <= 4000 else float(text)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def json_depth(document: Any) -> int:
