@@ -29,7 +29,7 @@ class Outcome(enum.Enum):
 
 
 def classify_status(status: int) -> Outcome:
-    """The connector's retry rule (README, "The connector"): 2xx acks; 408/429/5xx retry;
+    """The connector's retry rule (docs/CONFIGURATION.md): 2xx acks; 408/429/5xx retry;
     any other 4xx dead-letters."""
     if 200 <= status < 300:
         return Outcome.DELIVERED

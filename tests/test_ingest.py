@@ -1,4 +1,4 @@
-"""The ingest endpoint under real uvicorn, on both backends (README, "Ingest answers")."""
+"""The ingest endpoint under real uvicorn, on both backends (docs/CONFIGURATION.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``GET /metrics`` and the JSON log lines, against the real cloud (README, "Operations")."""
+"""``GET /metrics`` and the JSON log lines, against the real cloud (docs/OPERATIONS.md)."""
 
 from __future__ import annotations
 
