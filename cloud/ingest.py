@@ -3,7 +3,7 @@
 Raw ASGI on purpose: this is the hot path, and the body must be streamed so that an oversized
 upload is refused as soon as it crosses the limit instead of being buffered whole.
 
-Order of the checks (README, "Ingest answers"): unknown webhook 404, method 405,
+Order of the checks (docs/CONFIGURATION.md): unknown webhook 404, method 405,
 header limits 431, sender address 403, rate limits 429, body size 413, authentication 401,
 body rules 400/422, then storage (503 when full or down). A retried delivery that was stored
 already is answered 202 with the original message id.
@@ -112,7 +112,9 @@ class IngestEndpoint:
             now=time.time(),
         )
         if guard.trusted_proxies:
-            request.client = client_address(peer, request.headers, guard.trusted_proxies)
+            request.client = client_address(
+                peer, headers, guard.trusted_proxies, guard.client_ip_header
+            )
         return request
 
     async def _admit(self, guard: Guard, request: InboundRequest, receive: Receive) -> None:

@@ -56,6 +56,9 @@ WEBHOOKS = {
     "local_only": relay(ip_whitelist=["127.0.0.0/8", "::1"]),
     "lan_only": relay(ip_whitelist=["10.1.0.0/16"]),
     "lan_via_proxy": relay(ip_whitelist=["10.1.0.0/16"], trusted_proxies=["127.0.0.1"]),
+    "lan_via_real_ip": relay(
+        ip_whitelist=["10.1.0.0/16"], trusted_proxies=["127.0.0.1"], client_ip_header="x-real-ip"
+    ),
     "schema": relay(
         json_schema={
             "type": "object",
@@ -100,7 +103,10 @@ def post(cloud: Cloud, webhook: str, body: bytes = BODY, **kwargs: object) -> ht
         # Spoofing through X-Forwarded-For from a peer that is not a trusted proxy.
         ("lan_only", {"X-Forwarded-For": "10.1.2.3"}, {}, 403),
         ("lan_via_proxy", {"X-Forwarded-For": "10.1.2.3"}, {}, 202),
-        ("lan_via_proxy", {"X-Real-IP": "10.1.2.3"}, {}, 202),
+        # Only the webhook's client_ip_header (X-Forwarded-For by default) names the client.
+        ("lan_via_proxy", {"X-Real-IP": "10.1.2.3"}, {}, 403),
+        ("lan_via_real_ip", {"X-Real-IP": "10.1.2.3"}, {}, 202),
+        ("lan_via_real_ip", {"X-Forwarded-For": "10.1.2.3"}, {}, 403),
         # The proxy appends the real peer: a forged left part does not count.
         ("lan_via_proxy", {"X-Forwarded-For": "10.1.2.3, 192.0.2.7"}, {}, 403),
         ("lan_via_proxy", {}, {}, 403),
@@ -430,11 +436,13 @@ def test_masker_covers_the_usual_shapes() -> None:
 
 def test_client_address_believes_only_trusted_proxies() -> None:
     trusted = parse_networks(["10.0.0.0/8"])
-    assert client_address("203.0.113.5", {"x-forwarded-for": "1.2.3.4"}, trusted) == "203.0.113.5"
-    assert client_address("10.0.0.2", {"x-forwarded-for": "1.2.3.4"}, trusted) == "1.2.3.4"
-    chain = {"x-forwarded-for": "6.6.6.6, 1.2.3.4, 10.0.0.9"}
+    xff = b"x-forwarded-for"
+    assert client_address("203.0.113.5", [(xff, b"1.2.3.4")], trusted) == "203.0.113.5"
+    assert client_address("10.0.0.2", [(xff, b"1.2.3.4")], trusted) == "1.2.3.4"
+    chain = [(xff, b"6.6.6.6, 1.2.3.4, 10.0.0.9")]
     assert client_address("10.0.0.2", chain, trusted) == "1.2.3.4"
-    assert client_address("10.0.0.2", {"x-forwarded-for": "junk"}, trusted) == "10.0.0.2"
-    assert client_address("10.0.0.2", {}, trusted) == "10.0.0.2"
-    assert client_address("::ffff:10.0.0.2", {"x-real-ip": "1.2.3.4"}, trusted) == "1.2.3.4"
-    assert client_address("10.0.0.2", {"x-forwarded-for": "1.2.3.4"}, ()) == "10.0.0.2"
+    assert client_address("10.0.0.2", [(xff, b"junk")], trusted) == "10.0.0.2"
+    assert client_address("10.0.0.2", [], trusted) == "10.0.0.2"
+    real_ip = [(b"x-real-ip", b"1.2.3.4")]
+    assert client_address("::ffff:10.0.0.2", real_ip, trusted, "x-real-ip") == "1.2.3.4"
+    assert client_address("10.0.0.2", [(xff, b"1.2.3.4")], ()) == "10.0.0.2"

@@ -16,7 +16,7 @@ from typing import Any
 
 from webhook_connect.cloud.security.idempotency import DeliveryKey, build_delivery_key
 from webhook_connect.cloud.security.inbound import Check, Services
-from webhook_connect.cloud.security.network import Network, parse_networks
+from webhook_connect.cloud.security.network import ClientIpHeader, Network, parse_networks
 from webhook_connect.cloud.security.payload import PayloadRules
 from webhook_connect.shared.config import Webhook, WebhookEntry
 from webhook_connect.shared.config.inbound import RateLimitConfig, secret_list
@@ -69,6 +69,7 @@ class Guard:
     payload: PayloadRules
     delivery_key: DeliveryKey | None
     idempotency_window: float
+    client_ip_header: ClientIpHeader = "x-forwarded-for"
 
     @property
     def entry(self) -> WebhookEntry:
@@ -132,6 +133,7 @@ def build_guard(webhook: Webhook, services: Services) -> Guard:
         ),
         delivery_key=delivery_key,
         idempotency_window=window,
+        client_ip_header=entry.client_ip_header,
     )
 
 

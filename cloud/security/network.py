@@ -3,17 +3,27 @@
 ``X-Forwarded-For`` is a list each proxy appends to, so only its right end is trustworthy: walk
 it from the right while the hop is one of our ``trusted_proxies``; the first other address is
 the client. From an untrusted peer the header is ignored, so a sender cannot spoof its address.
+
+A header sent on several lines is one list, the lines joined in order (RFC 9110 §5.3): a proxy
+such as HAProxy adds its own ``X-Forwarded-For`` line after the sender's, so reading only the
+first line would believe the sender. Exactly one header is believed, the webhook's
+``client_ip_header`` (the one its proxy sets); the other is ignored, because a proxy that sets
+only ``X-Real-IP`` passes a forged ``X-Forwarded-For`` through untouched.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 from webhook_connect.cloud.security.inbound import Check, InboundRequest, Services, forbidden
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+RawHeaders = Sequence[tuple[bytes, bytes]]
+ClientIpHeader = Literal["x-forwarded-for", "x-real-ip"]
+CLIENT_IP_HEADERS: tuple[ClientIpHeader, ...] = ("x-forwarded-for", "x-real-ip")
 
 
 def parse_networks(values: Iterable[str]) -> tuple[Network, ...]:
@@ -41,22 +51,37 @@ def contains(networks: Sequence[Network], address: Address | None) -> bool:
     return address is not None and any(address in network for network in networks)
 
 
-def client_address(peer: str, headers: dict[str, str], trusted_proxies: Sequence[Network]) -> str:
-    """The address a request came from, believing forwarded headers only from trusted peers."""
+def header_list(raw_headers: RawHeaders, name: str) -> list[str]:
+    """The elements of header ``name`` over all its lines, in order, empty elements dropped
+    (RFC 9110 §5.3 and §5.6.1: repeated lines are one comma-separated list)."""
+    wanted = name.lower().encode("latin-1")
+    elements: list[str] = []
+    for key, value in raw_headers:
+        if key.lower() == wanted:
+            elements += (e.strip() for e in value.decode("latin-1").split(","))
+    return [element for element in elements if element]
+
+
+def client_address(
+    peer: str,
+    raw_headers: RawHeaders,
+    trusted_proxies: Sequence[Network],
+    header: ClientIpHeader = "x-forwarded-for",
+) -> str:
+    """The address a request came from: ``peer``, unless ``peer`` is a trusted proxy, then the
+    right-most address of ``header`` (all its lines) that is not a trusted proxy itself."""
     if not trusted_proxies or not contains(trusted_proxies, parse_address(peer)):
         return peer
-    forwarded = headers.get("x-forwarded-for")
-    if forwarded:
-        hops = [hop.strip() for hop in forwarded.split(",")]
-        for hop in reversed(hops):
-            address = parse_address(hop)
-            if address is None:
-                return peer  # garbage in the chain: trust nothing beyond the peer
-            if not contains(trusted_proxies, address):
-                return str(address)
-        return str(parse_address(hops[0]))
-    real_ip = parse_address(headers.get("x-real-ip", ""))
-    return str(real_ip) if real_ip is not None else peer
+    hops = header_list(raw_headers, header)
+    for hop in reversed(hops):
+        address = parse_address(hop)
+        if address is None:
+            return peer  # garbage in the chain: trust nothing beyond the peer
+        if not contains(trusted_proxies, address):
+            return str(address)
+    # Every hop is one of ours (or there is none): the far end of the chain is the client.
+    first = parse_address(hops[0]) if hops else None
+    return peer if first is None else str(first)
 
 
 def build_ip_whitelist(allowed: list[str], services: Services) -> Check:

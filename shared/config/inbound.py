@@ -249,6 +249,8 @@ class InboundSecurity(BaseModel):
     hmac: HmacConfig | None = None
     ip_whitelist: list[str] | None = None
     trusted_proxies: list[str] = Field(default_factory=list)
+    # Which header names the client when the peer is a trusted proxy; the other is ignored.
+    client_ip_header: Literal["x-forwarded-for", "x-real-ip"] = "x-forwarded-for"
     query_auth: QueryAuthConfig | None = None
     header_auth: HeaderAuthConfig | None = None
     oauth2: OAuth2Config | None = None
@@ -269,6 +271,12 @@ class InboundSecurity(BaseModel):
         lambda value: None if value is None else _check_ip_networks(value)
     )
     _check_trusted_proxies = field_validator("trusted_proxies")(_check_ip_networks)
+
+    @field_validator("client_ip_header", mode="before")
+    @classmethod
+    def _header_in_any_case(cls, value: Any) -> Any:
+        # Header names are case-insensitive: "X-Real-IP" means the same header.
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("json_schema")
     @classmethod
