@@ -42,12 +42,21 @@ class StorageUnavailable(StorageError):
 
 
 class ChannelFull(StorageError):
-    """The channel holds ``max_queue_size`` messages; the sender should retry later."""
+    """The channel holds ``max_queue_size`` messages; the sender should retry later.
 
-    def __init__(self, channel: str, limit: int) -> None:
+    ``group`` is the consumer group with the largest backlog (``backlog`` messages it has not
+    acked), named so the operator sees at once which one holds the channel full.
+    """
+
+    def __init__(self, channel: str, limit: int, group: str = "", backlog: int = 0) -> None:
         self.channel = channel
         self.limit = limit
-        super().__init__(f"channel {channel!r} is full ({limit} messages)")
+        self.group = group
+        self.backlog = backlog
+        text = f"channel {channel!r} is full ({limit} messages)"
+        if group:
+            text += f"; group {group!r} holds the backlog ({backlog} messages not acked)"
+        super().__init__(text)
 
 
 class UnknownChannel(StorageError):

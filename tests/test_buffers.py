@@ -570,3 +570,120 @@ async def test_a_sqlite_file_from_before_the_attempt_log_is_upgraded(tmp_path: P
         assert [a.status_code for a in letter.delivery_attempts] == [422]
     finally:
         await buffer.aclose()
+
+
+async def test_groups_are_listed_with_their_backlog(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders"))
+    await buffer.join("orders", "analytics")
+    assert await buffer.has_group("orders", "analytics")
+    assert not await buffer.has_group("orders", "typo")
+    assert not await buffer.has_group("nowhere", "default")
+    ids = [await buffer.append(envelope(str(i).encode())) for i in range(3)]
+    taken = await buffer.read("orders", "default", "c1", 2)
+    assert await buffer.ack("orders", "default", taken[0].message_id)
+    await buffer.add_connection(ConnectionRecord("conn-a", "orders", "analytics"), limit=10)
+    groups = {g.name: g for g in await buffer.list_groups("orders")}
+    assert list(groups) == ["analytics", "default"]
+    assert (groups["default"].backlog, groups["default"].in_flight) == (2, 1)
+    assert (groups["analytics"].backlog, groups["analytics"].in_flight) == (3, 0)
+    assert (groups["default"].connections, groups["analytics"].connections) == (0, 1)
+    assert groups["analytics"].last_seen > time.time() - 30
+    oldest = groups["analytics"].oldest_age_seconds
+    assert oldest is not None and 0 <= oldest < 30
+    for message_id in ids:
+        await buffer.read("orders", "analytics", "conn-a", 10)
+        await buffer.ack("orders", "analytics", message_id)
+    analytics = {g.name: g for g in await buffer.list_groups("orders")}["analytics"]
+    assert (analytics.backlog, analytics.oldest_age_seconds) == (0, None)
+    assert await buffer.list_groups("nowhere") == []
+
+
+async def test_a_full_channel_names_the_group_holding_it_and_dropping_it_frees_it(
+    buffer: Buffer,
+) -> None:
+    await buffer.provision(ChannelSpec("orders", max_queue_size=3))
+    await buffer.join("orders", "stray")
+    await buffer.add_connection(ConnectionRecord("conn-s", "orders", "stray"), limit=10)
+    for _ in range(3):
+        await buffer.append(envelope())
+    for delivery in await buffer.read("orders", "default", "c1", 10):
+        assert await buffer.ack("orders", "default", delivery.message_id, "c1")
+    with pytest.raises(ChannelFull) as refused:
+        await buffer.append(envelope())
+    assert (refused.value.group, refused.value.backlog) == ("stray", 3)
+    assert "'stray'" in str(refused.value)
+    assert await buffer.drop_group("orders", "stray") == 1, "its connection is removed"
+    assert not await buffer.touch_connection("orders", "conn-s")
+    assert not await buffer.has_group("orders", "stray")
+    assert await buffer.read("orders", "stray", "conn-s", 10) == []
+    assert not await buffer.has_group("orders", "stray"), "reading must not bring it back"
+    fresh = await buffer.append(envelope(b"fresh"))
+    [delivery] = await buffer.read("orders", "default", "c1", 10)
+    assert delivery.message_id == fresh
+    assert [g.name for g in await buffer.list_groups("orders")] == ["default"]
+    assert await buffer.drop_group("orders", "stray") is None
+    assert await buffer.drop_group("nowhere", "stray") is None
+
+
+async def test_dropping_the_default_group_brings_it_back_empty(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders", max_queue_size=2))
+    for _ in range(2):
+        await buffer.append(envelope())
+    await buffer.read("orders", "default", "c1", 1)
+    assert await buffer.drop_group("orders", "default") == 0
+    assert await buffer.has_group("orders", "default")
+    assert await buffer.read("orders", "default", "c1", 10) == []
+    assert (await buffer.stats("orders")).depth == 0
+    later = await buffer.append(envelope(b"later"))
+    [delivery] = await buffer.read("orders", "default", "c1", 10)
+    assert delivery.message_id == later
+
+
+async def test_groups_without_a_connection_are_dropped_when_idle(buffer: Buffer) -> None:
+    await buffer.provision(ChannelSpec("orders", group_idle_seconds=1))
+    await buffer.provision(ChannelSpec("fixed", group_idle_seconds=1, dynamic_groups=False))
+    await buffer.provision(ChannelSpec("forever", group_idle_seconds=0))
+    for channel in ("orders", "fixed", "forever"):
+        await buffer.join(channel, "stray")
+    await buffer.join("orders", "busy")
+    await buffer.join("orders", "left")
+    await buffer.add_connection(ConnectionRecord("conn-b", "orders", "busy"), limit=10)
+    await buffer.add_connection(ConnectionRecord("conn-l", "orders", "left"), limit=10)
+    await buffer.append(envelope())
+    assert await buffer.drop_idle_groups("orders") == []
+    await asyncio.sleep(0.7)
+    # A connection leaving is the group's last sign of life: its idle time starts then.
+    await buffer.release("orders", "left", "conn-l")
+    await buffer.remove_connection("orders", "conn-l")
+    await asyncio.sleep(0.5)
+    assert await buffer.drop_idle_groups("orders") == ["stray"]
+    assert await buffer.drop_idle_groups("fixed") == [], "only on channels with dynamic groups"
+    assert await buffer.drop_idle_groups("forever") == [], "0: never"
+    assert await buffer.drop_idle_groups("nowhere") == []
+    await asyncio.sleep(0.7)
+    assert await buffer.drop_idle_groups("orders") == ["left"]
+    names = [g.name for g in await buffer.list_groups("orders")]
+    assert names == ["busy", "default"], "a connected group and the default one stay"
+    [delivery] = await buffer.read("orders", "default", "c1", 10)
+    assert await buffer.ack("orders", "default", delivery.message_id)
+    await buffer.read("orders", "busy", "conn-b", 10)
+    assert await buffer.ack("orders", "busy", delivery.message_id)
+    assert (await buffer.stats("orders")).depth == 0
+
+
+async def test_a_sqlite_file_from_before_group_times_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            "CREATE TABLE groups (channel TEXT NOT NULL, name TEXT NOT NULL,"
+            " cursor INTEGER NOT NULL, PRIMARY KEY (channel, name));"
+            "INSERT INTO groups VALUES ('orders', 'old', 0);"
+        )
+    buffer = open_buffer(f"sqlite:///{path}")
+    try:
+        await buffer.provision(ChannelSpec("orders", group_idle_seconds=1))
+        # A group whose last sign of life is unknown starts its idle time now.
+        assert await buffer.drop_idle_groups("orders") == []
+        assert [g.name for g in await buffer.list_groups("orders")] == ["default", "old"]
+    finally:
+        await buffer.aclose()

@@ -19,6 +19,14 @@ each of them to it):
   closed) is logged with the message, and a dead letter carries that log.
 * A message older than ``ttl_seconds`` is expired (counted), never delivered. A message is
   removed from storage only when every group has acked, expired or dead-lettered it.
+* Groups have a lifecycle. ``read`` never creates a group (``join`` does), so a group the
+  operator dropped stays dropped while its last connections close. ``drop_group`` forgets a
+  group with its backlog and removes its connections (their heartbeats then close them); the
+  ``default`` group is recreated at once, empty, because messages always wait for it. On a
+  channel with ``dynamic_groups``, any other group with no connection for
+  ``group_idle_seconds`` is dropped by ``drop_idle_groups``: any connector may create such a
+  group (``?group=typo``, a smee-client tried once), and one nobody reads would otherwise keep
+  every message until its TTL and fill the channel.
 """
 
 from __future__ import annotations
@@ -47,6 +55,12 @@ class ChannelSpec:
     retry_delay_seconds: float = 5.0
     # How long a copy of every message is kept for history replay (0: no history).
     history_seconds: int = 0
+    # A group other than "default" with no connection this long is dropped with its backlog
+    # (0: never). Only on channels with dynamic_groups: elsewhere the operator made each group.
+    group_idle_seconds: int = 3600
+    # Whether a connection may create a group by naming it; if not, only existing groups
+    # (the default one, those the operator added) can be joined.
+    dynamic_groups: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +190,18 @@ class ConnectionRecord:
     delivered: int = 0  # messages it acked, filled in when connections are listed
 
 
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """A consumer group and what it holds back."""
+
+    name: str
+    backlog: int  # messages the group has not acked yet: unread, in flight or waiting to retry
+    in_flight: int  # of those, held by a connection or waiting for a retry
+    oldest_age_seconds: float | None  # age of its oldest message not acked, None if none
+    connections: int  # live connections of the group
+    last_seen: float  # when a connection of the group was last alive (or it was created)
+
+
 # A connection not heard of for this long is gone (its replica died): it no longer counts.
 CONNECTION_STALE_SECONDS = 30.0
 
@@ -233,7 +259,23 @@ class Buffer(Protocol):
         """Make sure ``group`` exists on ``channel`` (new groups start at the next message)."""
 
     async def read(self, channel: str, group: str, consumer: str, count: int) -> list[Delivery]:
-        """Take up to ``count`` deliverable messages for ``consumer`` of ``group``."""
+        """Take up to ``count`` deliverable messages for ``consumer`` of ``group``; nothing if
+        the group does not exist (it was dropped: ``join`` first)."""
+
+    async def has_group(self, channel: str, group: str) -> bool:
+        """Whether ``group`` exists on ``channel``."""
+
+    async def list_groups(self, channel: str) -> list[GroupInfo]:
+        """Every group of ``channel`` with its backlog, sorted by name."""
+
+    async def drop_group(self, channel: str, group: str) -> int | None:
+        """Forget ``group`` and its backlog and remove its connections; the ``default`` group
+        is recreated at once, empty. Returns how many connections were removed, None if there
+        was no such group."""
+
+    async def drop_idle_groups(self, channel: str) -> list[str]:
+        """Drop the groups other than ``default`` with no connection for the channel's
+        ``group_idle_seconds`` (only with ``dynamic_groups``); returns their names."""
 
     async def ack(self, channel: str, group: str, message_id: str, consumer: str = "") -> bool:
         """Remove a message from ``group``; False if it was not in flight (for ``consumer``)."""

@@ -39,6 +39,7 @@ from webhook_connect.cloud.buffers.base import (
     ConnectionRecord,
     DeadLetter,
     Delivery,
+    GroupInfo,
     TokenRecord,
     decode_attempts,
 )
@@ -60,11 +61,12 @@ CHANNELS_KEY = "wc:channels"
 TOKENS_KEY = "wc:tokens"
 SCRIPT_NAMES = (
     "append", "read", "ack", "nack", "release", "housekeep", "depth", "connect", "touch", "hit",
+    "groups", "dropgroup", "idlegroups",
 )  # fmt: skip
 NOTIFY_CHANNEL = "wc:changed"
 # Per-connection delivered counts live in the stats hash under this prefix.
 BY_CONNECTION = b"by:"
-CHANNEL_KEYS = 8  # what channel_keys() returns; a script's own extra keys come after
+CHANNEL_KEYS = 9  # what channel_keys() returns; a script's own extra keys come after
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -78,7 +80,7 @@ def channel_keys(channel: str) -> list[str]:
     tag = "{" + channel + "}"
     return [
         f"wc:{tag}:s", f"wc:{tag}:cfg", f"wc:{tag}:stats", f"wc:{tag}:dlq", f"wc:{tag}:conns",
-        f"wc:{tag}:events", f"wc:{tag}:history", f"wc:{tag}:attempts",
+        f"wc:{tag}:events", f"wc:{tag}:history", f"wc:{tag}:attempts", f"wc:{tag}:groups",
     ]  # fmt: skip
 
 
@@ -330,14 +332,75 @@ class RedisBuffer:
                 raise StorageError(str(exc)) from exc
         except UNAVAILABLE as exc:
             raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        await self._redis.hset(channel_keys(channel)[8], group, int(time.time() * 1000))
+
+    async def has_group(self, channel: str, group: str) -> bool:
+        try:
+            groups: Any = await self._redis.xinfo_groups(channel_keys(channel)[0])
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return False
+            raise StorageError(str(exc)) from exc
+        return any(_text(g["name"]) == group for g in groups)
+
+    async def list_groups(self, channel: str) -> list[GroupInfo]:
+        try:
+            rows = await self._call("groups", channel)
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return []
+            raise _storage_error(exc, channel) from exc
+        now = time.time()
+        live: dict[str, list[float]] = {}
+        for record in await self.list_connections(channel):
+            live.setdefault(record.group, []).append(record.seen_at)
+        infos = []
+        for name, backlog, held, oldest, seen in rows:
+            name = name.decode()
+            mine = live.get(name, [])
+            oldest_age = None
+            if oldest:
+                oldest_age = max(0.0, now - int(oldest.decode().split("-")[0]) / 1000)
+            infos.append(
+                GroupInfo(
+                    name=name,
+                    backlog=int(backlog),
+                    in_flight=int(held),
+                    oldest_age_seconds=oldest_age,
+                    connections=len(mine),
+                    last_seen=max([int(seen) / 1000 if seen else 0.0, *mine]),
+                )
+            )
+        return sorted(infos, key=lambda info: info.name)
+
+    async def drop_group(self, channel: str, group: str) -> int | None:
+        try:
+            removed = int(await self._call("dropgroup", channel, group, DEFAULT_GROUP))
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return None
+            raise _storage_error(exc, channel) from exc
+        return None if removed < 0 else removed
+
+    async def drop_idle_groups(self, channel: str) -> list[str]:
+        spec = await self.get_channel(channel)
+        if spec is None or not spec.dynamic_groups or spec.group_idle_seconds <= 0:
+            return []
+        idle_ms = spec.group_idle_seconds * 1000
+        try:
+            dropped = await self._call("idlegroups", channel, idle_ms, DEFAULT_GROUP)
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return []
+            raise _storage_error(exc, channel) from exc
+        return [name.decode() for name in dropped]
 
     async def read(self, channel: str, group: str, consumer: str, count: int) -> list[Delivery]:
         try:
             rows = await self._call("read", channel, group, consumer, count)
         except ResponseError as exc:
-            if "NOGROUP" in str(exc):
-                await self.join(channel, group)
-                return await self.read(channel, group, consumer, count)
+            if "NOGROUP" in str(exc):  # dropped (or never joined): reading must not bring it back
+                return []
             raise _storage_error(exc, channel) from exc
         return [
             Delivery(row[0].decode(), int(row[1]), Envelope.decode(row[2], row[3])) for row in rows
@@ -482,7 +545,7 @@ class RedisBuffer:
     async def replay_history(
         self, channel: str, group: str, since: float, limit: int = 10000
     ) -> int:
-        stream, _, stats, _, _, _, history, _ = channel_keys(channel)
+        stream, _, stats, _, _, _, history, *_ = channel_keys(channel)
         spec = await self.get_channel(channel)
         if spec is None:
             raise UnknownChannel(channel)
@@ -565,6 +628,10 @@ class RedisBuffer:
         )
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _ignore_result(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved: a lost notification only delays a remote reader
@@ -573,8 +640,12 @@ def _ignore_result(task: asyncio.Future[Any]) -> None:
 def _storage_error(exc: ResponseError, channel: str) -> StorageError:
     text = str(exc)
     if text.startswith("FULL"):
-        limit = text.split()[1] if " " in text else "0"
-        return ChannelFull(channel, int(limit))
+        # "FULL <limit> <group> <backlog>": the group with the largest backlog.
+        parts = text.split()
+        limit = int(parts[1]) if len(parts) > 1 else 0
+        if len(parts) > 3:
+            return ChannelFull(channel, limit, parts[2], int(parts[3]))
+        return ChannelFull(channel, limit)
     if text.startswith("NOCHANNEL") or "no such key" in text.lower():
         return UnknownChannel(channel)
     return StorageError(text)

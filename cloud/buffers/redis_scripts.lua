@@ -1,10 +1,12 @@
 -- Webhook Connect: the Redis Streams buffer's server-side logic.
 -- Every script receives KEYS = {stream, config, stats, dead letters, connections, events,
--- history, attempts} of one channel, then its own extra keys (KEYS[9] ...); they share a hash
+-- history, attempts, groups} of one channel, then its own extra keys (KEYS[10] ...); they share a hash
 -- tag, so they live in one Redis Cluster slot. Each script is this prelude followed by one
 -- `-- script: NAME` section (see cloud/buffers/redis.py).
 local S, CFG, STATS, DLQ, CONNS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local EVENTS, HISTORY, ATTEMPTS = KEYS[6], KEYS[7], KEYS[8]
+-- GROUPS: group name -> when a connection of it was last alive (ms), for idle groups.
+local GROUPS = KEYS[9]
 local RETRY_CONSUMER = '__retry__'
 local EVENTS_KEPT = 200  -- cloud.buffers.base.EVENTS_KEPT
 local ATTEMPTS_KEPT = 50  -- cloud.buffers.base.ATTEMPTS_KEPT
@@ -95,6 +97,33 @@ local function dead_letter(group, id, fields, attempts, reason, now)
   event('dead_lettered', id)
 end
 
+-- Messages the group has not acked: in flight (or waiting to retry) plus unread. Redis knows
+-- the unread count (lag) unless the group was moved (XGROUP SETID, on expiry): then count.
+local function backlog(g)
+  local lag = g['lag']
+  if type(lag) ~= 'number' then
+    lag = 0
+    local from = '(' .. g['last-delivered-id']
+    while true do
+      local batch = redis.call('XRANGE', S, from, '+', 'COUNT', 1000)
+      lag = lag + #batch
+      if #batch < 1000 then break end
+      from = '(' .. batch[#batch][1]
+    end
+  end
+  return tonumber(g['pending']) + lag
+end
+
+-- Connection records that name a group: {group = true}.
+local function connected_groups()
+  local out = {}
+  for _, raw in ipairs(redis.call('HVALS', CONNS)) do
+    local ok, record = pcall(cjson.decode, raw)
+    if ok and type(record.group) == 'string' then out[record.group] = true end
+  end
+  return out
+end
+
 local function config()
   local c = redis.call('HMGET', CFG, 'max_queue_size', 'ttl_ms', 'ack_timeout_ms',
     'max_attempts', 'retry_delay_ms', 'history_ms')
@@ -108,9 +137,10 @@ end
 
 -- script: append
 -- ARGV: meta, body[, window ms]. Returns the id, or an error reply 'FULL' / 'NOCHANNEL'.
--- With KEYS[9] (an idempotency key) and a window: returns {id, 1} when it stored the message,
--- {original id, 0} when KEYS[9] names one stored within the window.
-local once = KEYS[9]
+-- With KEYS[10] (an idempotency key) and a window: returns {id, 1} when it stored the message,
+-- {original id, 0} when KEYS[10] names one stored within the window.
+-- 'FULL <limit> <group> <backlog>' names the group with the largest backlog.
+local once = KEYS[10]
 if once then
   local seen = redis.call('GET', once)
   if seen then return {seen, 0} end
@@ -119,7 +149,14 @@ local cfg = config()
 if not cfg then return redis.error_reply('NOCHANNEL') end
 if redis.call('XLEN', S) >= cfg.max_queue_size then
   trim()
-  if redis.call('XLEN', S) >= cfg.max_queue_size then return redis.error_reply('FULL ' .. cfg.max_queue_size) end
+  if redis.call('XLEN', S) >= cfg.max_queue_size then
+    local worst, most = '', -1
+    for _, g in ipairs(groups_of()) do
+      local n = backlog(g)
+      if n > most then worst, most = g['name'], n end
+    end
+    return redis.error_reply('FULL ' .. cfg.max_queue_size .. ' ' .. worst .. ' ' .. most)
+  end
 end
 local id = redis.call('XADD', S, '*', 'meta', ARGV[1], 'body', ARGV[2])
 redis.call('HINCRBY', STATS, 'accepted', 1)
@@ -238,6 +275,8 @@ while cfg do
   released = released + #p
 end
 pcall(redis.call, 'XGROUP', 'DELCONSUMER', S, group, consumer)
+-- A connection of the group was alive until now: its idle time starts here.
+redis.call('HSET', GROUPS, group, now_ms())
 return released
 
 -- script: housekeep
@@ -319,11 +358,75 @@ redis.call('HSET', CONNS, ARGV[1], cjson.encode(record))
 return 1
 
 -- script: hit
--- Fixed-window rate counter. KEYS[9]: the counter; ARGV: window ms.
+-- Fixed-window rate counter. KEYS[10]: the counter; ARGV: window ms.
 -- Returns {hits in this window, ms until it ends}.
 local window = tonumber(ARGV[1])
 local t = now_ms()
-local key = KEYS[9] .. ':' .. math.floor(t / window)
+local key = KEYS[10] .. ':' .. math.floor(t / window)
 local hits = redis.call('INCR', key)
 if hits == 1 then redis.call('PEXPIRE', key, window + 1000) end
 return {hits, window - t % window}
+
+-- script: groups
+-- Returns {{name, backlog, in flight, oldest id or false, last seen ms or false}, ...}.
+local out = {}
+for _, g in ipairs(groups_of()) do
+  local oldest = false
+  if tonumber(g['pending']) > 0 then oldest = redis.call('XPENDING', S, g['name'])[2] end
+  local unread = redis.call('XRANGE', S, '(' .. g['last-delivered-id'], '+', 'COUNT', 1)[1]
+  if unread and (not oldest or id_less(unread[1], oldest)) then oldest = unread[1] end
+  table.insert(out, {g['name'], backlog(g), tonumber(g['pending']), oldest,
+    redis.call('HGET', GROUPS, g['name']) or false})
+end
+return out
+
+-- script: dropgroup
+-- ARGV: group, the default group's name. Forgets the group with its backlog and removes its
+-- connection records (their heartbeats close them); the default group comes back at once,
+-- empty. Returns how many connections were removed, or -1 if there was no such group.
+local group = ARGV[1]
+local found = false
+for _, g in ipairs(groups_of()) do
+  if g['name'] == group then found = true end
+end
+if not found then return -1 end
+redis.call('XGROUP', 'DESTROY', S, group)
+redis.call('HDEL', GROUPS, group)
+local removed = 0
+local all = redis.call('HGETALL', CONNS)
+for i = 1, #all, 2 do
+  local ok, record = pcall(cjson.decode, all[i + 1])
+  if ok and record.group == group then
+    redis.call('HDEL', CONNS, all[i])
+    redis.call('HDEL', STATS, 'by:' .. all[i])
+    removed = removed + 1
+  end
+end
+if group == ARGV[2] then
+  redis.call('XGROUP', 'CREATE', S, group, '$')
+  redis.call('HSET', GROUPS, group, now_ms())
+end
+trim()
+return removed
+
+-- script: idlegroups
+-- ARGV: idle ms, the default group's name. Drops every other group without a connection
+-- record whose last sign of life is older than idle ms; returns their names.
+local now = now_ms()
+local connected = connected_groups()
+local dropped = {}
+for _, g in ipairs(groups_of()) do
+  local name = g['name']
+  if name ~= ARGV[2] and not connected[name] then
+    local seen = redis.call('HGET', GROUPS, name)
+    if not seen then
+      redis.call('HSET', GROUPS, name, now)  -- a group from before this was kept
+    elseif now - tonumber(seen) > tonumber(ARGV[1]) then
+      redis.call('XGROUP', 'DESTROY', S, name)
+      redis.call('HDEL', GROUPS, name)
+      table.insert(dropped, name)
+    end
+  end
+end
+if #dropped > 0 then trim() end
+return dropped

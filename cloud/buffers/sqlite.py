@@ -33,6 +33,7 @@ from webhook_connect.cloud.buffers.base import (
     DeadLetter,
     Delivery,
     DeliveryAttempt,
+    GroupInfo,
     TokenRecord,
     decode_attempts,
     encode_attempts,
@@ -59,7 +60,7 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_by_channel ON messages (channel, seq);
 CREATE TABLE IF NOT EXISTS groups (
     channel TEXT NOT NULL, name TEXT NOT NULL, cursor INTEGER NOT NULL,
-    PRIMARY KEY (channel, name));
+    seen_at REAL NOT NULL DEFAULT 0, PRIMARY KEY (channel, name));
 CREATE TABLE IF NOT EXISTS pending (
     channel TEXT NOT NULL, grp TEXT NOT NULL, seq INTEGER NOT NULL, consumer TEXT NOT NULL,
     attempts INTEGER NOT NULL, due_at REAL NOT NULL, delivered_at REAL NOT NULL DEFAULT 0,
@@ -97,6 +98,7 @@ ADDED_COLUMNS = (
     ("pending", "delivered_at", "REAL NOT NULL DEFAULT 0"),
     ("pending", "log", "BLOB"),
     ("dead_letters", "log", "BLOB"),
+    ("groups", "seen_at", "REAL NOT NULL DEFAULT 0"),
 )
 
 
@@ -179,7 +181,7 @@ class SQLiteBuffer:
                     "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
                     (spec.name, orjson.dumps(dataclasses.asdict(spec)).decode()),
                 )
-                _join(db, spec.name, DEFAULT_GROUP, from_start=True)
+                _join(db, spec.name, DEFAULT_GROUP, time.time(), from_start=True)
 
         await self._run(provision)
 
@@ -308,9 +310,25 @@ class SQLiteBuffer:
     async def join(self, channel: str, group: str) -> None:
         def join(db: sqlite3.Connection) -> None:
             with _transaction(db):
-                _join(db, channel, group, from_start=False)
+                _join(db, channel, group, time.time(), from_start=False)
 
         await self._run(join)
+
+    async def has_group(self, channel: str, group: str) -> bool:
+        def exists(db: sqlite3.Connection) -> bool:
+            sql = "SELECT 1 FROM groups WHERE channel = ? AND name = ?"
+            return db.execute(sql, (channel, group)).fetchone() is not None
+
+        return await self._run(exists)
+
+    async def list_groups(self, channel: str) -> list[GroupInfo]:
+        return await self._run(_list_groups, channel, time.time())
+
+    async def drop_group(self, channel: str, group: str) -> int | None:
+        return await self._run(_drop_group, channel, group, time.time())
+
+    async def drop_idle_groups(self, channel: str) -> list[str]:
+        return await self._run(_drop_idle_groups, channel, time.time())
 
     async def read(self, channel: str, group: str, consumer: str, count: int) -> list[Delivery]:
         return await self._run(_read, channel, group, consumer, count, time.time())
@@ -519,15 +537,128 @@ def _get_channel(db: sqlite3.Connection, name: str) -> ChannelSpec | None:
     return None if row is None else ChannelSpec(**orjson.loads(row[0]))
 
 
-def _join(db: sqlite3.Connection, channel: str, group: str, *, from_start: bool) -> None:
+def _join(
+    db: sqlite3.Connection, channel: str, group: str, now: float, *, from_start: bool
+) -> None:
     cursor = 0
     if not from_start:
         row = db.execute("SELECT MAX(seq) FROM messages").fetchone()
         cursor = row[0] or 0
     db.execute(
-        "INSERT OR IGNORE INTO groups (channel, name, cursor) VALUES (?, ?, ?)",
-        (channel, group, cursor),
+        "INSERT INTO groups (channel, name, cursor, seen_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (channel, name) DO UPDATE SET seen_at = excluded.seen_at",
+        (channel, group, cursor, now),
     )
+
+
+def _group_rows(db: sqlite3.Connection, channel: str) -> list[tuple[str, int, int, float | None]]:
+    """``(name, backlog, in flight, oldest received_at)`` of every group of ``channel``."""
+    rows = []
+    groups = db.execute(
+        "SELECT name, cursor FROM groups WHERE channel = ? ORDER BY name", (channel,)
+    ).fetchall()
+    for name, cursor in groups:
+        unread, unread_oldest = db.execute(
+            "SELECT COUNT(*), MIN(received_at) FROM messages WHERE channel = ? AND seq > ? "
+            "AND (only_group IS NULL OR only_group = ?)",
+            (channel, cursor, name),
+        ).fetchone()
+        held, held_oldest = db.execute(
+            "SELECT COUNT(*), MIN(m.received_at) FROM pending p JOIN messages m ON m.seq = p.seq "
+            "WHERE p.channel = ? AND p.grp = ?",
+            (channel, name),
+        ).fetchone()
+        oldest = min((t for t in (unread_oldest, held_oldest) if t is not None), default=None)
+        rows.append((name, unread + held, held, oldest))
+    return rows
+
+
+def _full(db: sqlite3.Connection, channel: str) -> ChannelFull:
+    """The refusal of a full channel, naming the group with the most messages not acked."""
+    spec = _get_channel(db, channel)
+    limit = spec.max_queue_size if spec else 0
+    rows = _group_rows(db, channel)
+    if not rows:
+        return ChannelFull(channel, limit)
+    name, backlog, _, _ = max(rows, key=lambda row: row[1])
+    return ChannelFull(channel, limit, name, backlog)
+
+
+def _group_connections(db: sqlite3.Connection, channel: str) -> list[tuple[str, str, float]]:
+    """``(connection id, group, seen_at)`` of every connection record of ``channel``."""
+    rows = db.execute(
+        "SELECT connection_id, record, seen_at FROM connections WHERE channel = ?", (channel,)
+    ).fetchall()
+    return [(cid, str(orjson.loads(record).get("group", "")), seen) for cid, record, seen in rows]
+
+
+def _list_groups(db: sqlite3.Connection, channel: str, now: float) -> list[GroupInfo]:
+    seen = dict(
+        db.execute("SELECT name, seen_at FROM groups WHERE channel = ?", (channel,)).fetchall()
+    )
+    live = [c for c in _group_connections(db, channel) if c[2] >= now - CONNECTION_STALE_SECONDS]
+    infos = []
+    for name, backlog, held, oldest in _group_rows(db, channel):
+        mine = [c[2] for c in live if c[1] == name]
+        infos.append(
+            GroupInfo(
+                name=name,
+                backlog=backlog,
+                in_flight=held,
+                oldest_age_seconds=None if oldest is None else max(0.0, now - oldest),
+                connections=len(mine),
+                last_seen=max([seen.get(name, 0.0), *mine]),
+            )
+        )
+    return infos
+
+
+def _forget_group(db: sqlite3.Connection, channel: str, group: str) -> None:
+    db.execute("DELETE FROM groups WHERE channel = ? AND name = ?", (channel, group))
+    db.execute("DELETE FROM pending WHERE channel = ? AND grp = ?", (channel, group))
+
+
+def _drop_group(db: sqlite3.Connection, channel: str, group: str, now: float) -> int | None:
+    with _transaction(db):
+        sql = "SELECT 1 FROM groups WHERE channel = ? AND name = ?"
+        if db.execute(sql, (channel, group)).fetchone() is None:
+            return None
+        _forget_group(db, channel, group)
+        removed = 0
+        for connection_id, of_group, _ in _group_connections(db, channel):
+            if of_group == group:
+                for table in ("connections", "delivered_by"):
+                    db.execute(
+                        f"DELETE FROM {table} WHERE channel = ? AND connection_id = ?",
+                        (channel, connection_id),
+                    )
+                removed += 1
+        if group == DEFAULT_GROUP:  # messages always wait for it: back at once, empty
+            _join(db, channel, group, now, from_start=False)
+        _trim(db, channel)
+        return removed
+
+
+def _drop_idle_groups(db: sqlite3.Connection, channel: str, now: float) -> list[str]:
+    with _transaction(db):
+        spec = _get_channel(db, channel)
+        if spec is None or not spec.dynamic_groups or spec.group_idle_seconds <= 0:
+            return []
+        # Groups from before last-seen times were kept start their idle time now.
+        db.execute(
+            "UPDATE groups SET seen_at = ? WHERE channel = ? AND seen_at = 0", (now, channel)
+        )
+        connected = {group for _, group, _ in _group_connections(db, channel)}
+        idle = db.execute(
+            "SELECT name FROM groups WHERE channel = ? AND name != ? AND seen_at < ?",
+            (channel, DEFAULT_GROUP, now - spec.group_idle_seconds),
+        ).fetchall()
+        dropped = [name for (name,) in idle if name not in connected]
+        for name in dropped:
+            _forget_group(db, channel, name)
+        if dropped:
+            _trim(db, channel)
+        return dropped
 
 
 def _count(db: sqlite3.Connection, channel: str, name: str, amount: int = 1) -> None:
@@ -550,6 +681,7 @@ def _append_many(
     history: dict[str, int] = {}
     room: dict[str, int] = {}
     accepted: dict[str, int] = {}
+    full: dict[str, ChannelFull] = {}
     with _transaction(db):
         for envelope, once, window in items:
             channel = envelope.channel
@@ -573,8 +705,8 @@ def _append_many(
                 results.append(UnknownChannel(channel))
                 continue
             if room[channel] == 0:
-                spec = _get_channel(db, channel)
-                results.append(ChannelFull(channel, spec.max_queue_size if spec else 0))
+                full[channel] = full.get(channel) or _full(db, channel)
+                results.append(full[channel])
                 continue
             row = db.execute(
                 "INSERT INTO messages (channel, received_at, meta, body) VALUES (?, ?, ?, ?)",
@@ -608,7 +740,11 @@ def _read(
         spec = _get_channel(db, channel)
         if spec is None:
             raise UnknownChannel(channel)
-        _join(db, channel, group, from_start=False)
+        joined = db.execute(
+            "SELECT cursor FROM groups WHERE channel = ? AND name = ?", (channel, group)
+        ).fetchone()
+        if joined is None:  # dropped (or never joined): reading must not bring it back
+            return []
         cutoff = now - spec.ttl_seconds
         due_at = now + spec.ack_timeout_seconds
         out: list[Delivery] = []
@@ -736,6 +872,10 @@ def _release(db: sqlite3.Connection, channel: str, group: str, consumer: str, no
                 "WHERE channel = ? AND grp = ? AND seq = ?",
                 (log, channel, group, seq),
             )
+        # A connection of the group was alive until now: its idle time starts here.
+        db.execute(
+            "UPDATE groups SET seen_at = ? WHERE channel = ? AND name = ?", (now, channel, group)
+        )
         return len(held)
 
 
@@ -751,7 +891,7 @@ def _replay_history(
         spec = _get_channel(db, channel)
         if spec is None:
             raise UnknownChannel(channel)
-        _join(db, channel, group, from_start=False)
+        _join(db, channel, group, now, from_start=False)
         since = max(since, now - spec.history_seconds)
         # A replay is a new message for that one group, as a dead-letter replay is.
         replayed = db.execute(
