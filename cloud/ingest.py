@@ -4,8 +4,11 @@ Raw ASGI on purpose: this is the hot path, and the body must be streamed so that
 upload is refused as soon as it crosses the limit instead of being buffered whole.
 
 Order of the checks (docs/CONFIGURATION.md): unknown webhook 404, method 405,
-header limits 431, sender address 403, rate limits 429, body size 413, authentication 401,
-body rules 400/422, then storage (503 when full or down). A retried delivery that was stored
+header limits 431, sender address 403, the source address's limits 429 (locked out after
+failed authentications, ``source_rate_limit``), body size 413, authentication 401, rate limits
+429, body rules 400/422, then storage (503 when full or down). ``rate_limit`` is counted after
+authentication on purpose: counted before, anyone who knows a webhook's URL could spend the
+real sender's quota and have its deliveries refused. A retried delivery that was stored
 already is answered 202 with the original message id.
 
 Every refusal is a :class:`Rejected` answered in one place, where it is counted by its error
@@ -24,8 +27,9 @@ from starlette.types import Receive, Scope, Send
 from webhook_connect.cloud import logs, metrics
 from webhook_connect.cloud.buffers import Buffer
 from webhook_connect.cloud.responses import send_error, send_json
-from webhook_connect.cloud.security.guard import Guard
+from webhook_connect.cloud.security.guard import Guard, RateLimit
 from webhook_connect.cloud.security.inbound import InboundRequest, Rejected
+from webhook_connect.cloud.security.lockout import Lockouts, source_key
 from webhook_connect.cloud.security.network import client_address
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.exceptions import ChannelFull, StorageError
@@ -55,6 +59,7 @@ class IngestEndpoint:
         self.guards = guards
         self._buffer = buffer
         self.is_ready = False
+        self._lockouts = Lockouts()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guard = self.guards.get(scope["path"][len(PREFIX) :])
@@ -121,8 +126,13 @@ class IngestEndpoint:
         """Run every check in order, reading the body when it is needed; raise Rejected."""
         if guard.ip_check is not None:
             await guard.ip_check(request)
-        for limit in guard.rate_limits:
-            await self._count(guard, limit.key, limit.max_requests, limit.window_seconds)
+        # Cheap refusals of one source, before the body is read or any signature computed.
+        source = source_key(request.client)
+        if guard.failed_auth_limit is not None:
+            self._refuse_locked_out(guard.failed_auth_limit, source)
+        if guard.source_rate_limit is not None:
+            limit = guard.source_rate_limit
+            await self._count(guard, limit, limit.key + source, "source_rate_limited")
         try:
             request.body = await read_body(receive, request.raw_headers, guard.entry.max_body_size)
         except BodyTooLarge as exc:
@@ -130,17 +140,45 @@ class IngestEndpoint:
             raise Rejected(413, "body_too_large", detail, CLOSE) from None
         except ValueError as exc:
             raise Rejected(400, "bad_request", str(exc), CLOSE) from None
-        for check in guard.checks:
-            await check(request)
+        try:
+            for check in guard.checks:
+                await check(request)
+        except Rejected as exc:
+            if guard.failed_auth_limit is not None and is_failure(exc, request):
+                await self._count_failure(guard, guard.failed_auth_limit, source)
+            raise
+        for limit in guard.rate_limits:
+            await self._count(guard, limit, limit.key)
         guard.payload.check(request.body)
 
-    async def _count(self, guard: Guard, key: str, limit: int, window: float) -> None:
+    async def _count(
+        self, guard: Guard, limit: RateLimit, key: str, error: str = "rate_limited"
+    ) -> None:
         channel = guard.webhook.relay.channel
-        wait = await self._buffer.hit_rate(channel, key, limit, window)
+        wait = await self._buffer.hit_rate(channel, key, limit.max_requests, limit.window_seconds)
         if wait > 0:
-            retry_after = str(max(1, math.ceil(wait))).encode()
-            detail = f"more than {limit} requests in {window:g} s"
-            raise Rejected(429, "rate_limited", detail, [(b"retry-after", retry_after)])
+            detail = f"more than {limit.max_requests} requests in {limit.window_seconds:g} s"
+            raise Rejected(429, error, detail, retry_after(wait))
+
+    def _refuse_locked_out(self, limit: RateLimit, source: str) -> None:
+        wait = self._lockouts.remaining(limit.key + source, time.monotonic())
+        if wait > 0:
+            raise locked_out(limit, wait)
+
+    async def _count_failure(self, guard: Guard, limit: RateLimit, source: str) -> None:
+        """Count a failed authentication of ``source``; past the limit, lock it out here for
+        the rest of the window and answer 429 instead of 401."""
+        channel, key = guard.webhook.relay.channel, limit.key + source
+        try:
+            wait = await self._buffer.hit_rate(
+                channel, key, limit.max_requests, limit.window_seconds
+            )
+        except StorageError:
+            return  # the 401 stands: storage trouble must not change the answer
+        if wait > 0:
+            now = time.monotonic()
+            self._lockouts.lock(key, now + wait, now)
+            raise locked_out(limit, wait)
 
     async def _store(self, guard: Guard, request: InboundRequest) -> tuple[str, bool]:
         """Store the message durably; its id, and False for a provider's retry of one stored."""
@@ -166,6 +204,31 @@ class IngestEndpoint:
         return await self._buffer.append_once(
             envelope, f"{webhook.webhook_id}:{delivery}", guard.idempotency_window
         )
+
+
+def is_failure(exc: Rejected, request: InboundRequest) -> bool:
+    """Whether a refusal counts as a failed authentication: a 401, except the challenges of
+    HTTP Digest's handshake (no credentials yet, or a stale nonce), which every honest Digest
+    sender receives."""
+    if exc.status != 401:
+        return False
+    challenge = next((v for k, v in exc.headers if k == b"www-authenticate"), b"")
+    if challenge[:6].lower() == b"digest":
+        return request.header("authorization") is not None and b"stale=true" not in challenge
+    return True
+
+
+def locked_out(limit: RateLimit, wait: float) -> Rejected:
+    """429 for a source past ``failed_auth_limit``, until its window ends."""
+    detail = (
+        f"more than {limit.max_requests} failed authentications from this address "
+        f"in {limit.window_seconds:g} s"
+    )
+    return Rejected(429, "too_many_auth_failures", detail, retry_after(wait))
+
+
+def retry_after(wait: float) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", str(max(1, math.ceil(wait))).encode())]
 
 
 def storage_refusal(exc: StorageError) -> Rejected:

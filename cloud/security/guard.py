@@ -1,9 +1,11 @@
 """The inbound checks of each webhook, compiled once from ``webhooks.json``.
 
 A :class:`Guard` holds, in the order ingest applies them: header limits, the sender's address
-(``ip_whitelist``, 403), rate limits (429), then — once the body is in — every configured
-authentication method (all must pass, 401), the body rules (400/422), and how to recognise a
-retried delivery. Methods are imported only when configured, so a webhook without JWT never
+(``ip_whitelist``, 403), the source address's own limits (429: ``failed_auth_limit``,
+``source_rate_limit``), then — once the body is in — every configured authentication method
+(all must pass, 401), the webhook's and channel's ``rate_limit`` (429, counting only requests
+that passed authentication), the body rules (400/422), and how to recognise a retried
+delivery. Methods are imported only when configured, so a webhook without JWT never
 loads PyJWT.
 """
 
@@ -47,7 +49,8 @@ SCHEMES = {
 
 @dataclass(frozen=True)
 class RateLimit:
-    """One counter: per webhook or per channel, shared by every replica through storage."""
+    """One counter: per webhook, per channel or (``key`` a prefix) per source address, shared
+    by every replica through storage."""
 
     key: str
     max_requests: int
@@ -69,6 +72,9 @@ class Guard:
     payload: PayloadRules
     delivery_key: DeliveryKey | None
     idempotency_window: float
+    # Per source address: every request, and failed authentications (None: not counted).
+    source_rate_limit: RateLimit | None = None
+    failed_auth_limit: RateLimit | None = None
     client_ip_header: ClientIpHeader = "x-forwarded-for"
 
     @property
@@ -133,6 +139,25 @@ def build_guard(webhook: Webhook, services: Services) -> Guard:
         ),
         delivery_key=delivery_key,
         idempotency_window=window,
+        source_rate_limit=(
+            None
+            if entry.source_rate_limit is None
+            else RateLimit(
+                f"source:{webhook.webhook_id}:",
+                entry.source_rate_limit.max_requests,
+                entry.source_rate_limit.window_seconds,
+            )
+        ),
+        # Without an authentication method nothing can fail, and nothing is counted.
+        failed_auth_limit=(
+            None
+            if entry.failed_auth_limit is None or not checks
+            else RateLimit(
+                f"auth-failures:{webhook.webhook_id}:",
+                entry.failed_auth_limit.max_failures,
+                entry.failed_auth_limit.window_seconds,
+            )
+        ),
         client_ip_header=entry.client_ip_header,
     )
 

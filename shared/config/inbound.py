@@ -185,6 +185,15 @@ class RateLimitConfig(Strict):
     window_seconds: PositiveFloat
 
 
+class FailedAuthLimitConfig(Strict):
+    """``failed_auth_limit``: past ``max_failures`` failed authentications from one source
+    address in a window, that address is answered 429 until the window ends, before any
+    signature is computed."""
+
+    max_failures: PositiveInt = 20
+    window_seconds: PositiveFloat = 60.0
+
+
 class IdempotencyConfig(Strict):
     """Which part of a request names the delivery, so that a retry is stored once."""
 
@@ -260,7 +269,12 @@ class InboundSecurity(BaseModel):
     provider: Literal["github", "stripe", "slack", "shopify", "standard_webhooks"] | None = None
     tolerance_seconds: PositiveInt = 300
     idempotency: IdempotencyConfig | None = None
+    # Counts only requests that passed authentication, so strangers cannot spend it.
     rate_limit: RateLimitConfig | None = None
+    # Every request from one source address (an IPv6 /64), counted before the body is read.
+    source_rate_limit: RateLimitConfig | None = None
+    # On by default; null turns it off.
+    failed_auth_limit: FailedAuthLimitConfig | None = Field(default_factory=FailedAuthLimitConfig)
     json_schema: dict[str, Any] | None = None
     max_json_depth: PositiveInt = 64
     max_string_length: PositiveInt = 1024 * 1024
