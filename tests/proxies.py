@@ -1,0 +1,295 @@
+"""Real reverse proxies for the tests: nginx, Caddy and HAProxy from the Debian packages.
+
+Each one is started from the committed configuration under ``deploy/`` with its ``__NAME__``
+placeholders replaced (the files say which), on a free loopback port, terminating TLS with a
+certificate of a test CA made here, and stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import ssl
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.servers import REPO, free_port, stop, wait_until
+
+DEPLOY = REPO / "deploy"
+PLACEHOLDER = re.compile(r"__[A-Z][A-Z0-9_]*__")
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A private CA and a server certificate it signed for 127.0.0.1 and localhost."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    pem_file: Path  # certificate and key in one file, as HAProxy wants them
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a client trusting only the test CA verifies the proxies with."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """Write a test CA and a server certificate (EC P-256, valid for a day) to ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "webhook-connect test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    certs = Certificates(
+        ca_file=directory / "ca.pem",
+        cert_file=directory / "server.pem",
+        key_file=directory / "server.key",
+        pem_file=directory / "server-with-key.pem",
+    )
+    certs.ca_file.write_bytes(ca.public_bytes(pem))
+    certs.cert_file.write_bytes(server.public_bytes(pem))
+    certs.key_file.write_bytes(key_pem)
+    certs.key_file.chmod(0o600)
+    certs.pem_file.write_bytes(server.public_bytes(pem) + key_pem)
+    certs.pem_file.chmod(0o600)
+    return certs
+
+
+def render(template: Path, values: Mapping[str, str]) -> str:
+    """``template`` with each ``__NAME__`` replaced by ``values[NAME]``; every placeholder of
+    the file must have a value, so a new one cannot slip through the tests unrendered."""
+    text = template.read_text()
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(0)[2:-2]
+        if name not in values:
+            raise KeyError(f"{template}: no test value for placeholder {match.group(0)}")
+        return values[name]
+
+    return PLACEHOLDER.sub(value, text)
+
+
+def require(binary: str) -> str:
+    if not Path(binary).exists():
+        raise RuntimeError(f"{binary} is not installed: run scripts/test (it installs it)")
+    return binary
+
+
+class Proxy:
+    """A reverse proxy process serving ``https://127.0.0.1:port`` in front of ``upstream``."""
+
+    name = "proxy"
+
+    def __init__(self, workdir: Path, certs: Certificates, upstream: str) -> None:
+        self.workdir = workdir
+        self.certs = certs
+        self.upstream = upstream  # host:port of the cloud
+        self.port = free_port()
+        self.log = workdir / f"{self.name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.last_error: Exception | None = None  # why it was not serving yet
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment; writes the rendered configuration."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args, env = self.command()
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                args, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_until(self._serving, timeout=20, what=f"{self.name} on port {self.port}")
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}: {self.last_error!r}; log: {self.output()}") from None
+
+    def _serving(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            self.last_error = RuntimeError(f"{self.name} exited")
+            return False
+        try:
+            response = httpx.get(
+                f"{self.url}/health", verify=self.certs.client_context(), timeout=2
+            )
+        except Exception as exc:  # not serving yet, or never will: kept for the report
+            self.last_error = exc
+            return False
+        self.last_error = RuntimeError(f"/health answered {response.status_code}")
+        return response.status_code == 200
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+
+
+class Nginx(Proxy):
+    """``deploy/nginx/webhook-connect.conf`` inside a minimal main configuration of the test's
+    own (pid, logs and temporary files in ``workdir``)."""
+
+    name = "nginx"
+    binary = "/usr/sbin/nginx"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        site = self.workdir / "webhook-connect.conf"
+        site.write_text(
+            render(
+                DEPLOY / "nginx" / "webhook-connect.conf",
+                {
+                    "LISTEN": f"127.0.0.1:{self.port}",
+                    "SERVER_NAME": "localhost",
+                    "TLS_CERT": str(self.certs.cert_file),
+                    "TLS_KEY": str(self.certs.key_file),
+                    "CLOUD": self.upstream,
+                },
+            )
+        )
+        temp = self.workdir / "temp"
+        temp.mkdir(exist_ok=True)
+        paths = "".join(
+            f"    {kind}_temp_path {temp / kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        main = self.workdir / "nginx.conf"
+        main.write_text(
+            f"pid {self.workdir / 'nginx.pid'};\n"
+            f"error_log {self.workdir / 'error.log'} warn;\n"
+            "worker_processes 1;\n"
+            "events { worker_connections 512; }\n"
+            "http {\n"
+            f"    access_log {self.workdir / 'access.log'};\n"
+            f"{paths}"
+            f"    include {site};\n"
+            "}\n"
+        )
+        args = [
+            require(self.binary), "-p", str(self.workdir), "-e", str(self.workdir / "error.log"),
+            "-c", str(main), "-g", "daemon off;",
+        ]  # fmt: skip
+        return args, dict(os.environ)
+
+    def output(self) -> str:
+        error_log = self.workdir / "error.log"
+        logged = error_log.read_text(errors="replace") if error_log.exists() else ""
+        return super().output() + logged
+
+
+class Caddy(Proxy):
+    """``deploy/caddy/Caddyfile``, with Caddy's data and config directories in ``workdir``."""
+
+    name = "caddy"
+    binary = "/usr/bin/caddy"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        caddyfile = self.workdir / "Caddyfile"
+        caddyfile.write_text(
+            render(
+                DEPLOY / "caddy" / "Caddyfile",
+                {
+                    "SITE": f"https://127.0.0.1:{self.port}",
+                    "TLS_CERT": str(self.certs.cert_file),
+                    "TLS_KEY": str(self.certs.key_file),
+                    "CLOUD": self.upstream,
+                },
+            )
+        )
+        home = self.workdir / "home"
+        home.mkdir(exist_ok=True)
+        env = {
+            **os.environ,
+            "HOME": str(home),
+            "XDG_DATA_HOME": str(home / "data"),
+            "XDG_CONFIG_HOME": str(home / "config"),
+        }
+        args = [require(self.binary), "run", "--config", str(caddyfile), "--adapter", "caddyfile"]
+        return args, env
+
+
+class HAProxy(Proxy):
+    """``deploy/haproxy/haproxy.cfg`` in the foreground (``-db``)."""
+
+    name = "haproxy"
+    binary = "/usr/sbin/haproxy"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        config = self.workdir / "haproxy.cfg"
+        config.write_text(
+            render(
+                DEPLOY / "haproxy" / "haproxy.cfg",
+                {
+                    "LISTEN": f"127.0.0.1:{self.port}",
+                    "TLS_PEM": str(self.certs.pem_file),
+                    "CLOUD": self.upstream,
+                },
+            )
+        )
+        return [require(self.binary), "-db", "-f", str(config)], dict(os.environ)
