@@ -11,8 +11,10 @@ import datetime
 import ipaddress
 import os
 import re
+import shutil
 import ssl
 import subprocess
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,10 +196,22 @@ class Proxy:
 
 class Nginx(Proxy):
     """``deploy/nginx/webhook-connect.conf`` inside a minimal main configuration of the test's
-    own (pid, logs and temporary files in ``workdir``)."""
+    own (pid and logs in ``workdir``), and ``webhook-connect-location.conf`` in a second server
+    on ``prefix_port``, serving the cloud under ``/hooks/``."""
 
     name = "nginx"
     binary = "/usr/sbin/nginx"
+    temp: Path | None = None
+    prefix = "hooks"
+
+    def __init__(self, workdir: Path, certs: Certificates, upstream: str) -> None:
+        super().__init__(workdir, certs, upstream)
+        self.prefix_port = free_port()
+
+    @property
+    def prefixed_url(self) -> str:
+        """The cloud under a path (``webhook-connect-location.conf``)."""
+        return f"https://127.0.0.1:{self.prefix_port}/{self.prefix}"
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         site = self.workdir / "webhook-connect.conf"
@@ -213,11 +227,29 @@ class Nginx(Proxy):
                 },
             )
         )
-        temp = self.workdir / "temp"
-        temp.mkdir(exist_ok=True)
+        # Temporary files are written by the worker, which runs as nobody and cannot enter a
+        # pytest directory (mode 0700): they go to a directory of their own, removed at stop.
+        self.temp = temp = Path(tempfile.mkdtemp(prefix="webhook-connect-nginx-"))
+        temp.chmod(0o755)
         paths = "".join(
             f"    {kind}_temp_path {temp / kind};\n"
             for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        location = self.workdir / "webhook-connect-location.conf"
+        location.write_text(
+            render(
+                DEPLOY / "nginx" / "webhook-connect-location.conf",
+                {"PREFIX": self.prefix, "CLOUD": self.upstream},
+            )
+        )
+        # A second site serving the cloud under a path, with the location file included.
+        prefixed = (
+            "    server {\n"
+            f"        listen 127.0.0.1:{self.prefix_port} ssl;\n"
+            f"        ssl_certificate {self.certs.cert_file};\n"
+            f"        ssl_certificate_key {self.certs.key_file};\n"
+            f"        include {location};\n"
+            "    }\n"
         )
         main = self.workdir / "nginx.conf"
         main.write_text(
@@ -229,6 +261,7 @@ class Nginx(Proxy):
             f"    access_log {self.workdir / 'access.log'};\n"
             f"{paths}"
             f"    include {site};\n"
+            f"{prefixed}"
             "}\n"
         )
         args = [
@@ -236,6 +269,12 @@ class Nginx(Proxy):
             "-c", str(main), "-g", "daemon off;",
         ]  # fmt: skip
         return args, dict(os.environ)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.temp is not None:
+            shutil.rmtree(self.temp, ignore_errors=True)
+            self.temp = None
 
     def output(self) -> str:
         error_log = self.workdir / "error.log"

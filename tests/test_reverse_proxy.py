@@ -66,7 +66,11 @@ WEBHOOKS: dict[str, object] = {
     **{f"forged-{p}": entry(f"forged-{p}", p, ip_whitelist=[FORGED]) for p in CLIENT_IP_HEADER},
     # Allows only the real sender: gets in, and stores the sender's address.
     **{f"sender-{p}": entry(f"sender-{p}", p, ip_whitelist=[SENDER]) for p in CLIENT_IP_HEADER},
+    **{f"prefix-{t}": entry(f"prefix-{t}", "nginx") for t in TRANSPORTS},
+    # The cloud's default max_body_size, which the proxies' limit matches.
+    **{f"size-{p}": entry(f"size-{p}", p) for p in CLIENT_IP_HEADER},
 }
+MAX_BODY = 1024 * 1024
 
 # What a forger sends: the address it claims, in either header, on one line or several.
 FORGERIES = {
@@ -215,6 +219,46 @@ def body_received(sink: Sink, body: bytes) -> dict[str, object] | None:
     return next((r for r in sink.records() if r["body_b64"] == encoded), None)
 
 
+def relay_through(
+    base_url: str, channel: str, transport: str, certs: Certificates, sink: Sink, workdir: Path
+) -> None:
+    """Two webhooks posted to ``base_url`` reach ``sink`` through a connector of ``channel``
+    that dials ``base_url`` over ``transport``, trusting the test CA: exact bytes and query."""
+    settings = {
+        "cloud_url": base_url,
+        "channel": channel,
+        "token": token(channel),
+        "protocol": transport,
+        "ca_file": str(certs.ca_file),
+        "connector_id": channel,
+        "state_dir": str(workdir / "state"),
+        "reconnect_delay_seconds": 0.2,
+        "max_reconnect_delay_seconds": 1,
+        "default_target": {"url": sink.url, "timeout_seconds": 5},
+    }
+    connector = ConnectorProcess(workdir, settings)
+    connector.start()
+    try:
+        with sender(certs) as client:
+            # The first waits in the channel until the connector is in; the second is sent
+            # while it is connected, so a proxy that buffered the stream would hold it back.
+            for n in (1, 2):
+                body = f"{channel} #{n}\r\n".encode() + bytes(range(256))
+                answer = client.post(f"{base_url}/webhook/{channel}?n={n}", content=body)
+                assert answer.status_code == 202, answer.text
+                try:
+                    wait_until(lambda body=body: body_received(sink, body), 30)  # type: ignore[misc]
+                except TimeoutError:
+                    raise AssertionError(f"message {n} lost: {connector.output()}") from None
+                record = body_received(sink, body)
+                assert record is not None
+                assert base64.b64decode(str(record["body_b64"])) == body
+                assert record["query"] == f"n={n}"
+        assert "connected to" in connector.output()
+    finally:
+        connector.stop(signal.SIGKILL)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("proxy_name", ["nginx", "caddy"])
 def test_a_webhook_reaches_the_sink_through_the_proxy(
@@ -227,40 +271,34 @@ def test_a_webhook_reaches_the_sink_through_the_proxy(
 ) -> None:
     proxy: Proxy = request.getfixturevalue(proxy_name)
     channel = f"relay-{proxy_name}-{transport}"
-    settings = {
-        "cloud_url": proxy.url,
-        "channel": channel,
-        "token": token(channel),
-        "protocol": transport,
-        "ca_file": str(certs.ca_file),
-        "connector_id": channel,
-        "state_dir": str(tmp_path / "state"),
-        "reconnect_delay_seconds": 0.2,
-        "max_reconnect_delay_seconds": 1,
-        "default_target": {"url": module_sink.url, "timeout_seconds": 5},
-    }
-    connector = ConnectorProcess(tmp_path, settings)
-    connector.start()
-    try:
-        with sender(certs) as client:
-            # The first waits in the channel until the connector is in; the second is sent
-            # while it is connected, so a proxy that buffered the stream would hold it back.
-            for n in (1, 2):
-                body = f"{channel} #{n}\r\n".encode() + bytes(range(256))
-                answer = client.post(f"{proxy.url}/webhook/{channel}?n={n}", content=body)
-                assert answer.status_code == 202, answer.text
-                wait_until(
-                    lambda body=body: body_received(module_sink, body),  # type: ignore[misc]
-                    timeout=30,
-                    what=f"message {n} at the sink; connector: {connector.output()}",
-                )
-                record = body_received(module_sink, body)
-                assert record is not None
-                assert base64.b64decode(str(record["body_b64"])) == body
-                assert record["query"] == f"n={n}"
-        assert "connected to" in connector.output()
-    finally:
-        connector.stop(signal.SIGKILL)
+    relay_through(proxy.url, channel, transport, certs, module_sink, tmp_path)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_cloud_under_a_path_prefix(
+    transport: str, nginx: Nginx, certs: Certificates, module_sink: Sink, tmp_path: Path
+) -> None:
+    # cloud_url https://host/hooks: every request of the connector keeps the /hooks prefix.
+    relay_through(
+        nginx.prefixed_url, f"prefix-{transport}", transport, certs, module_sink, tmp_path
+    )
+
+
+@pytest.mark.parametrize("proxy_name", ["nginx", "haproxy", "caddy"])
+def test_the_body_limit_agrees_with_the_cloud(
+    proxy_name: str, request: pytest.FixtureRequest, certs: Certificates
+) -> None:
+    proxy: Proxy = request.getfixturevalue(proxy_name)
+    url = f"{proxy.url}/webhook/size-{proxy_name}"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must hold while streaming
+        for _ in range(20):
+            yield b"c" * 65536
+
+    with sender(certs) as client:
+        assert client.post(url, content=b"a" * MAX_BODY).status_code == 202
+        assert client.post(url, content=b"b" * (MAX_BODY + 1)).status_code == 413
+        assert client.post(url, content=chunks()).status_code == 413
 
 
 @pytest.mark.parametrize("forgery", sorted(FORGERIES))

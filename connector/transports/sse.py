@@ -91,7 +91,11 @@ class SseTransport:
         self._stream: _StreamProtocol | None = None
         self._last_event_id = b""
         self._ready: collections.deque[Event] = collections.deque()
-        self._path = f"/connect/stream/{quote(settings.channel)}/sse?{self._side.query()}"
+        # The cloud may sit under a path of its proxy (cloud_url https://host/hooks): the
+        # stream's request line is written here, so the prefix must be too.
+        prefix = urlsplit(self._side.base).path.rstrip("/")
+        stream = f"/connect/stream/{quote(settings.channel)}/sse"
+        self._path = f"{prefix}{stream}?{self._side.query()}"
 
     @property
     def connection_id(self) -> str:
