@@ -298,7 +298,12 @@ def test_the_body_limit_agrees_with_the_cloud(
     with sender(certs) as client:
         assert client.post(url, content=b"a" * MAX_BODY).status_code == 202
         assert client.post(url, content=b"b" * (MAX_BODY + 1)).status_code == 413
-        assert client.post(url, content=chunks()).status_code == 413
+        try:
+            assert client.post(url, content=chunks()).status_code == 413
+        except httpx.RemoteProtocolError:
+            # HAProxy limits by Content-Length only: the cloud cuts the stream at its own
+            # limit, answers 413 and closes, and HAProxy may pass on only the close.
+            assert proxy_name == "haproxy"
 
 
 @pytest.mark.parametrize("forgery", sorted(FORGERIES))
@@ -345,3 +350,12 @@ def test_the_real_sender_address_is_stored(
             assert answer.status_code == 202, f"{forgery}: {answer.text}"
     clients = asyncio.run(stored_clients(module_cloud, f"sender-{proxy_name}", len(FORGERIES)))
     assert clients == [SENDER] * len(FORGERIES)
+
+
+def test_the_caddyfile_is_as_caddy_fmt_writes_it() -> None:
+    # Caddy warns at every start about a file it would format differently.
+    path = REPO / "deploy" / "caddy" / "Caddyfile"
+    result = subprocess.run(
+        [Caddy.binary, "fmt", str(path)], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert result.stdout == path.read_text()
