@@ -1,7 +1,7 @@
 """The cloud behind real reverse proxies, configured as ``deploy/`` and docs/DEPLOY.md say.
 
 nginx, Caddy and HAProxy (Debian packages) terminate TLS with a certificate of a test CA in
-front of one real cloud. Through nginx and Caddy, a webhook travels to the real connector over
+front of one real cloud. Through each, a webhook travels to the real connector over
 WebSocket, SSE and long-poll (HTTPS, the connector trusting the CA through ``ca_file``) and on
 to a real sink, byte for byte. Through nginx, Caddy and HAProxy, a sender's forged
 ``X-Forwarded-For`` / ``X-Real-IP`` never passes ``ip_whitelist``, and the address stored with a
@@ -59,7 +59,7 @@ def entry(channel: str, proxy: str, **keys: object) -> dict[str, object]:
 WEBHOOKS: dict[str, object] = {
     **{
         f"relay-{proxy}-{transport}": entry(f"relay-{proxy}-{transport}", proxy)
-        for proxy in ("nginx", "caddy")
+        for proxy in CLIENT_IP_HEADER
         for transport in TRANSPORTS
     },
     # Allows only the forged address: a request must never get in.
@@ -260,7 +260,7 @@ def relay_through(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("proxy_name", ["nginx", "caddy"])
+@pytest.mark.parametrize("proxy_name", ["nginx", "caddy", "haproxy"])
 def test_a_webhook_reaches_the_sink_through_the_proxy(
     proxy_name: str,
     transport: str,
