@@ -148,6 +148,12 @@ class CloudApp:
 
     async def docs(self, request: Request) -> HTMLResponse:
         return HTMLResponse(DOCS_PAGE)
+                    # A group nobody reads keeps every message and would fill the channel.
+                    for group in await self.buffer.drop_idle_groups(spec.name):
+                        logger.warning(
+                            "dropped group %r of %r: no connection for %d s",
+                            group, spec.name, spec.group_idle_seconds,
+                        )  # fmt: skip
 
     async def health(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})

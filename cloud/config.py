@@ -68,6 +68,8 @@ def build_cloud_config(
     host: str = "127.0.0.1",
     port: int = 8000,
     webhooks_path: str | None = None,
+                group_idle_seconds=relay.group_idle_seconds,
+                dynamic_groups=relay.dynamic_groups,
     connections_path: str | None = None,
     storage_url: str | None = None,
     admin_token: str | None = None,

@@ -34,6 +34,7 @@ CLOSE_AUTH = 4001
 CLOSE_REMOVED = 4002
 CLOSE_TOO_MANY = 4003
 CLOSE_BAD_REQUEST = 4400
+CLOSE_UNKNOWN_GROUP = 4404
 CLOSE_UNAVAILABLE = 4503
 
 
@@ -100,6 +101,7 @@ async def open_connection(
         raise unavailable(exc) from exc
     if auth is None or spec is None:
         raise UNAUTHORIZED
+    await _check_group(buffer, spec, group)
     window = spec.max_in_flight
     requested = params.get("max_in_flight", "")
     if requested.isdigit() and 0 < int(requested) < window:
@@ -129,6 +131,23 @@ async def open_connection(
         record.connection_id, connector_id, channel, group, transport,
     )  # fmt: skip
     return Connection(record, spec, window)
+
+
+async def _check_group(buffer: Buffer, spec: ChannelSpec, group: str) -> None:
+    """On a channel without ``dynamic_groups`` a connection joins only a group that exists
+    (the default one always does): a typo in a connector's group is refused, not a new group
+    that keeps every message. Asked after authentication, so strangers learn no group names."""
+    if spec.dynamic_groups or group == DEFAULT_GROUP:
+        return
+    try:
+        exists = await buffer.has_group(spec.name, group)
+    except StorageError as exc:
+        raise unavailable(exc) from exc
+    if not exists:
+        raise Refusal(
+            404, CLOSE_UNKNOWN_GROUP, "unknown_group",
+            f"unknown group {group!r}: not created on demand here",
+        )  # fmt: skip
 
 
 async def find_connection(

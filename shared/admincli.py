@@ -20,6 +20,7 @@ from webhook_connect.shared.admintext import (
     CHANNEL_COLUMNS,
     CONNECTION_COLUMNS,
     DEAD_LETTER_COLUMNS,
+    GROUP_COLUMNS,
     TOKEN_COLUMNS,
     Answer,
     channel_report,
@@ -88,10 +89,17 @@ def limit_options(command: CommandT) -> CommandT:
         ("--max-delivery-attempts", POSITIVE_INT, "Attempts before a dead letter (default 5)."),
         ("--retry-delay-seconds", click.FloatRange(min=0), "Delay after a nack (default 5)."),
         ("--history-seconds", click.IntRange(min=0), "Keep messages for replay (default 0)."),
-    ]
+        (
+            "--group-idle-seconds", click.IntRange(min=0),
+            "Drop a group (not default) with no connection this long; 0 never (default 3600).",
+        ),
+    ]  # fmt: skip
     for flag, kind, text in reversed(options):
         command = click.option(flag, type=kind, help=text)(command)
-    return command
+    return click.option(
+        "--dynamic-groups/--no-dynamic-groups", default=None,
+        help="Whether a connector may create a group by naming it (default yes).",
+    )(command)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -325,6 +333,53 @@ def dlq() -> None:
 
 
 @dlq.command("list")
+@channels.command()
+@click.argument("name")
+@admin_options
+def groups(name: str) -> None:
+    """List the consumer groups of channel NAME with their backlog (messages not acked)."""
+    admin = connect()
+    answer = admin.call("GET", "channels", name, "groups")
+    admin.show(answer, lambda a: listing(a["groups"], GROUP_COLUMNS, "no groups"))
+
+
+@channels.command("add-group")
+@click.argument("name")
+@click.argument("group")
+@admin_options
+def add_group(name: str, group: str) -> None:
+    """Create GROUP on channel NAME; it gets the messages from now on (the way to allow a
+    group on a channel with --no-dynamic-groups)."""
+    admin = connect()
+    answer = admin.call("POST", "channels", name, "groups", body={"group": group})
+    admin.show(answer, lambda a: [f"added group {group} to channel {name}"])
+
+
+@channels.command("drop-group")
+@click.argument("name")
+@click.argument("group")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@admin_options
+def drop_group(name: str, group: str, yes: bool) -> None:
+    """Drop GROUP of channel NAME: its backlog is let go and its connections are closed.
+    Dropping "default" empties it; it exists again at once."""
+    admin = connect()
+    if not yes:
+        click.confirm(
+            f"Drop group {group} of channel {name} with the messages it has not acked?",
+            abort=True,
+            err=True,
+        )
+    answer = admin.call("DELETE", "channels", name, "groups", group)
+    admin.show(
+        answer,
+        lambda a: [
+            f"dropped group {a['dropped']} of channel {name}: {a['backlog']} message(s) let go, "
+            f"{a['disconnected']} disconnected" + (" (recreated, empty)" if a["recreated"] else "")
+        ],
+    )
+
+
 @click.argument("channel")
 @click.option("--limit", type=POSITIVE_INT, default=100, show_default=True)
 @admin_options

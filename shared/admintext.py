@@ -16,7 +16,7 @@ Answer = dict[str, Any]
 # Fields the admin API (docs/ADMIN.md) sends as Unix seconds.
 TIME_FIELDS = frozenset(
     {"created_at", "expires_at", "connected_at", "seen_at", "dead_at", "received_at",
-     "grace_until", "time"}
+     "grace_until", "time", "last_seen"}
 )  # fmt: skip
 # A missing expiry means the token never expires, not that the value is unknown.
 NEVER_FIELDS = frozenset({"expires_at"})
@@ -32,6 +32,11 @@ TOKEN_COLUMNS = ("token_id", "label", "created_at", "expires_at")
 CONNECTION_COLUMNS = (
     "connection_id", "connector_id", "group", "transport", "address", "connected_at",
     "seen_at", "token_id", "in_flight",
+)  # fmt: skip
+# expires_at of a group: when it is dropped unless a connection comes ("never" for none).
+GROUP_COLUMNS = (
+    "name", "backlog", "in_flight", "oldest_age_seconds", "connections", "last_seen",
+    "expires_at",
 )  # fmt: skip
 DEAD_LETTER_COLUMNS = (
     "message_id", "group", "reason", "attempts", "dead_at", "webhook_id", "method", "size",

@@ -13,6 +13,7 @@ from starlette.routing import Route
 from webhook_connect.cloud.admin.channels import ChannelRoutes
 from webhook_connect.cloud.admin.common import AdminError, guarded
 from webhook_connect.cloud.admin.deadletters import DeadLetterRoutes
+from webhook_connect.cloud.admin.groups import GroupRoutes
 from webhook_connect.cloud.buffers import Buffer
 from webhook_connect.cloud.reloader import ConfigReloader
 from webhook_connect.shared.exceptions import ConfigError
@@ -24,6 +25,7 @@ def admin_routes(admin_token: str | None, buffer: Buffer, reloader: ConfigReload
     """Every ``/admin/...`` route, each behind the admin token."""
     channels = ChannelRoutes(buffer)
     letters = DeadLetterRoutes(buffer)
+    groups = GroupRoutes(buffer)
 
     async def reload(request: Request) -> Response:
         """``POST /admin/reload``: load ``webhooks.json`` again now."""
@@ -48,6 +50,9 @@ def admin_routes(admin_token: str | None, buffer: Buffer, reloader: ConfigReload
         (PREFIX + "/{channel}/tokens/{token_id}", channels.revoke, ["DELETE"]),
         (PREFIX + "/{channel}/connections", channels.connections, ["GET"]),
         (PREFIX + "/{channel}/connections/{connection_id}", channels.disconnect, ["DELETE"]),
+        (PREFIX + "/{channel}/groups", groups.index, ["GET"]),
+        (PREFIX + "/{channel}/groups", groups.add, ["POST"]),
+        (PREFIX + "/{channel}/groups/{group}", groups.drop, ["DELETE"]),
         (PREFIX + "/{channel}/dead-letters", letters.index, ["GET"]),
         (PREFIX + "/{channel}/dead-letters", letters.purge, ["DELETE"]),
         (PREFIX + "/{channel}/dead-letters/replay", letters.replay, ["POST"]),

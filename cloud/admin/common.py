@@ -211,6 +211,8 @@ class ChannelLimits(BaseModel):
 
 
 class NewChannel(ChannelLimits):
+    group_idle_seconds: int | None = Field(default=None, ge=0, strict=True)
+    dynamic_groups: bool | None = Field(default=None, strict=True)
     name: str = Field(pattern=CHANNEL_NAME_PATTERN)
     token_label: str = Field(default="", max_length=200)
     token_expires_in_seconds: PositiveFloat | None = None

@@ -42,6 +42,10 @@ class WebhookConnectSettings(BaseModel):
     retry_delay_seconds: float = Field(default=5.0, ge=0)
     # Keep a copy of every message this long, for replaying history (0: keep none).
     history_seconds: int = Field(default=0, ge=0)
+    # A group other than "default" with no connection this long is dropped (0: never).
+    group_idle_seconds: int = Field(default=3600, ge=0, strict=True)
+    # Whether a connector may create a group by naming it (false: only existing groups).
+    dynamic_groups: bool = Field(default=True, strict=True)
     # For the whole channel, whichever webhook feeds it, across every cloud replica.
     rate_limit: RateLimitConfig | None = None
 
