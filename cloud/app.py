@@ -138,6 +138,12 @@ class CloudApp:
                     # Long-poll connectors that stopped polling, replicas that died: what
                     # their connections held goes back to the channel.
                     await self.buffer.reap_connections(spec.name)
+                    # A group nobody reads keeps every message and would fill the channel.
+                    for group in await self.buffer.drop_idle_groups(spec.name):
+                        logger.warning(
+                            "dropped group %r of %r: no connection for %d s",
+                            group, spec.name, spec.group_idle_seconds,
+                        )  # fmt: skip
             except StorageError as exc:
                 logger.warning("housekeeping skipped: %s", exc)
             except Exception:  # never let one bad turn end upkeep for good
@@ -148,12 +154,6 @@ class CloudApp:
 
     async def docs(self, request: Request) -> HTMLResponse:
         return HTMLResponse(DOCS_PAGE)
-                    # A group nobody reads keeps every message and would fill the channel.
-                    for group in await self.buffer.drop_idle_groups(spec.name):
-                        logger.warning(
-                            "dropped group %r of %r: no connection for %d s",
-                            group, spec.name, spec.group_idle_seconds,
-                        )  # fmt: skip
 
     async def health(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
