@@ -53,6 +53,8 @@ class CloudConfig:
                 max_delivery_attempts=relay.max_delivery_attempts,
                 retry_delay_seconds=relay.retry_delay_seconds,
                 history_seconds=relay.history_seconds,
+                group_idle_seconds=relay.group_idle_seconds,
+                dynamic_groups=relay.dynamic_groups,
             )
         return specs
 
@@ -68,8 +70,6 @@ def build_cloud_config(
     host: str = "127.0.0.1",
     port: int = 8000,
     webhooks_path: str | None = None,
-                group_idle_seconds=relay.group_idle_seconds,
-                dynamic_groups=relay.dynamic_groups,
     connections_path: str | None = None,
     storage_url: str | None = None,
     admin_token: str | None = None,

@@ -324,15 +324,6 @@ def disconnect(name: str, connection_id: str) -> None:
     admin.show(answer, lambda a: [f"disconnected {a['disconnected']}"])
 
 
-# dlq -----------------------------------------------------------------------------------------
-
-
-@click.group()
-def dlq() -> None:
-    """Inspect, replay and purge dead letters (admin API)."""
-
-
-@dlq.command("list")
 @channels.command()
 @click.argument("name")
 @admin_options
@@ -380,6 +371,15 @@ def drop_group(name: str, group: str, yes: bool) -> None:
     )
 
 
+# dlq -----------------------------------------------------------------------------------------
+
+
+@click.group()
+def dlq() -> None:
+    """Inspect, replay and purge dead letters (admin API)."""
+
+
+@dlq.command("list")
 @click.argument("channel")
 @click.option("--limit", type=POSITIVE_INT, default=100, show_default=True)
 @admin_options
