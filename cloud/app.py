@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from webhook_connect.cloud import masking
 from webhook_connect.cloud.admin import admin_routes
+from webhook_connect.cloud.admin.common import has_admin_token
 from webhook_connect.cloud.buffers import Buffer, open_buffer
 from webhook_connect.cloud.config import CloudConfig, config_from_environment
 from webhook_connect.cloud.dashboard import dashboard
@@ -24,6 +25,7 @@ from webhook_connect.cloud.ingest import PREFIX, IngestEndpoint
 from webhook_connect.cloud.metrics import MetricsRoute
 from webhook_connect.cloud.openapi import DOCS_PAGE, openapi_document
 from webhook_connect.cloud.provisioning import provision
+from webhook_connect.cloud.publicurl import bound_base, start_up_lines
 from webhook_connect.cloud.pullroutes import PullRoutes
 from webhook_connect.cloud.reloader import ConfigReloader, Reloaded
 from webhook_connect.cloud.security.guard import build_guards
@@ -60,7 +62,7 @@ class CloudApp:
             routes=[
                 Route("/health", self.health),
                 Route("/ready", self.ready),
-                Route("/metrics", MetricsRoute(self.buffer).scrape),
+                Route("/metrics", MetricsRoute(self.buffer, config.workers).scrape),
                 WebSocketRoute("/connect/stream/{channel}", StreamEndpoint(self.buffer).handle),
                 Route("/connect/stream/{channel}/sse", pull.sse),
                 Route("/connect/stream/{channel}/poll", pull.poll),
@@ -105,6 +107,14 @@ class CloudApp:
         """Take a reloaded ``webhooks.json`` into use: channels and tokens first, then ingest."""
         await provision(self.buffer, reloaded.config)
         self.masker.configure(reloaded.config.webhooks)
+        added = {
+            webhook_id: webhook
+            for webhook_id, webhook in reloaded.config.webhooks.items()
+            if webhook_id not in self.config.webhooks
+        }
+        base = self.config.public_url or bound_base(self.config.host, self.config.port)
+        for line in start_up_lines(base, added):
+            logger.info("%s (new)", line)
         self.config = reloaded.config
         self.ingest.guards = reloaded.guards
         await self.direct.apply(reloaded.config.webhooks)
@@ -149,25 +159,44 @@ class CloudApp:
             except Exception:  # never let one bad turn end upkeep for good
                 logger.exception("housekeeping failed; trying again next time")
 
-    async def openapi(self, request: Request) -> JSONResponse:
-        return JSONResponse(openapi_document(self.ingest.guards))
+    def _docs_refusal(self, request: Request) -> Response | None:
+        """404 unless the docs are public or the admin token came: the per-webhook document
+        tells strangers which webhooks exist and which have no authentication."""
+        if self.config.public_docs or has_admin_token(self.config.admin_token, request):
+            return None
+        return JSONResponse(
+            {"error": "docs_disabled", "detail": "start the cloud with --public-docs"}, 404
+        )
 
-    async def docs(self, request: Request) -> HTMLResponse:
-        return HTMLResponse(DOCS_PAGE)
+    async def openapi(self, request: Request) -> Response:
+        if refusal := self._docs_refusal(request):
+            return refusal
+        detailed = has_admin_token(self.config.admin_token, request)
+        return JSONResponse(openapi_document(self.ingest.guards, detailed=detailed))
+
+    async def docs(self, request: Request) -> Response:
+        return self._docs_refusal(request) or HTMLResponse(DOCS_PAGE)
 
     async def health(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> JSONResponse:
+        """Public answers say only what is wrong; the storage URL and the error text are for
+        the log and the admin token (a probe or a stranger needs no more)."""
+        admin = has_admin_token(self.config.admin_token, request)
         try:
             await self.buffer.ping()
         except StorageError as exc:
-            return JSONResponse(
-                {"status": "unavailable", "detail": str(exc)}, 503, {"retry-after": "2"}
-            )
+            logger.warning("not ready: storage %s: %s", _safe_url(self.config.storage_url), exc)
+            answer = {"status": "unavailable", "reason": "storage"}
+            if admin:
+                answer |= {"storage": _safe_url(self.config.storage_url), "detail": str(exc)}
+            return JSONResponse(answer, 503, {"retry-after": "2"})
         if not self.ingest.is_ready:
             return JSONResponse({"status": "provisioning"}, 503, {"retry-after": "1"})
-        return JSONResponse({"status": "ready", "storage": _safe_url(self.config.storage_url)})
+        if admin:
+            return JSONResponse({"status": "ready", "storage": _safe_url(self.config.storage_url)})
+        return JSONResponse({"status": "ready"})
 
 
 def _safe_url(url: str) -> str:

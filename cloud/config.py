@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 
 from webhook_connect.cloud.buffers import ChannelSpec
+from webhook_connect.cloud.publicurl import validate_public_url
 from webhook_connect.cloud.security.guard import OFFLINE, build_guards
 from webhook_connect.shared.config import Webhook, load_connections, load_webhooks
 from webhook_connect.shared.exceptions import ConfigError
@@ -36,6 +37,10 @@ class CloudConfig:
     workers: int = 1
     log_level: str = "info"
     log_format: str = "auto"
+    # The address providers post to (a proxy in front); None: derived from requests.
+    public_url: str | None = None
+    # /openapi.json and /docs for anyone; otherwise only with the admin token.
+    public_docs: bool = False
     webhooks: Mapping[str, Webhook] = field(default_factory=dict)
 
     def channels(self) -> dict[str, ChannelSpec]:
@@ -76,6 +81,8 @@ def build_cloud_config(
     workers: int = 1,
     log_level: str = "info",
     log_format: str = "auto",
+    public_url: str | None = None,
+    public_docs: bool = False,
     environ: Mapping[str, str] | None = None,
 ) -> CloudConfig:
     """Validate options and load the files they name; raise :class:`ConfigError` on a problem."""
@@ -94,6 +101,8 @@ def build_cloud_config(
         raise ConfigError("--log-format", "", f"must be one of {', '.join(LOG_FORMATS)}")
     if admin_token is not None and len(admin_token) < 16:
         raise ConfigError("--admin-token", "", "must be at least 16 characters")
+    if public_url is not None:
+        public_url = validate_public_url(public_url)
     connections = load_connections(connections_path, environ)
     webhooks = {} if webhooks_path is None else load_webhooks(webhooks_path, connections, environ)
     # Compile every check now, so a key no check can use (a malformed PEM key) stops start-up.
@@ -108,6 +117,8 @@ def build_cloud_config(
         workers=workers,
         log_level=log_level.lower(),
         log_format=log_format.lower(),
+        public_url=public_url,
+        public_docs=public_docs,
         webhooks=webhooks,
     )
 

@@ -167,6 +167,10 @@ async function refreshChannel(name) {
       dl.append(el("dt", key), el("dd", value));
     return dl;
   });
+  // Where providers post: the URLs to paste into GitHub's or Stripe's webhook settings.
+  fill("urls-body", Object.entries(detail.channel.webhook_urls || {}), ([id, url]) => row(
+    [[id, "webhook_id"], [url, "url"]],
+    {"data-testid": "webhook-url-row", "data-webhook-id": id}));
   fill("events-body", feed.events, (e) => row(
     [[new Date(e.time * 1000).toLocaleTimeString(), "time"], [e.type, "type"],
      [e.message_id, "message_id"], [e.consumer, "consumer"]],
@@ -216,7 +220,7 @@ function select(name) {
   $("detail").hidden = name === null;
   $("detail-name").textContent = name || "";
   $("new-token").hidden = true; $("new-token-value").textContent = "";
-  for (const id of ["limits", "events-body", "connections-body", "tokens-body",
+  for (const id of ["limits", "urls-body", "events-body", "connections-body", "tokens-body",
                     "dead-letters-body"]) $(id).replaceChildren();
   if (active) refresh();
 }
@@ -333,6 +337,10 @@ only this once (copy it now): <code id="created-value" class="secret"></code>
 <button id="created-copy" type="button">Copy</button></p>
 <section id="detail" hidden><h2>Channel <span id="detail-name"></span></h2>
 <h2>Limits and counters</h2><div id="limits"></div><p id="limits-empty" hidden></p>
+<h2>Webhook URLs</h2><table><thead><tr><th>webhook</th><th>URL (paste it into the
+provider's webhook settings)</th></tr></thead><tbody id="urls-body"></tbody></table>
+<p id="urls-body-empty" class="muted" hidden>No webhook feeds this channel: add one with
+this channel to webhooks.json.</p>
 <h2>Recent activity</h2><div id="feed"><table><thead><tr><th>time</th><th>event</th>
 <th>message</th><th>consumer</th></tr></thead><tbody id="events-body"></tbody></table>
 <p id="events-body-empty" class="muted" hidden>Nothing yet.</p></div>

@@ -17,6 +17,7 @@ code (``cloud/metrics.py``: an in-memory add, no storage round trip) and logged 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -34,7 +35,10 @@ from webhook_connect.cloud.security.network import client_address
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.exceptions import ChannelFull, StorageError
 
+logger = logging.getLogger("webhook_connect.ingest")
+
 PREFIX = "/webhook/"
+STORAGE_LOG_INTERVAL = 5.0  # an outage under load: one line per interval, not per request
 RETRY_FULL = [(b"retry-after", b"5")]
 RETRY_UNAVAILABLE = [(b"retry-after", b"2")]
 CLOSE = [(b"connection", b"close")]
@@ -64,6 +68,8 @@ class IngestEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guard = self.guards.get(scope["path"][len(PREFIX) :])
         if guard is None:
+            # Counted without the id: a stranger's made-up ids must not become label values.
+            metrics.count_unknown_webhook()
             await send_error(send, 404, "unknown_webhook", "no webhook with this id")
             return
         started = time.perf_counter()
@@ -80,9 +86,11 @@ class IngestEndpoint:
             refused = exc if isinstance(exc, Rejected) else storage_refusal(exc)
             metrics.count_rejected(channel, refused.error)
             await send_error(send, refused.status, refused.error, refused.detail, refused.headers)
+            metrics.observe_ingest(channel, refused.status, started)
             logs.log_ingest(webhook_id, channel, refused.status, refused.error, started, client)
             return
         except ClientGone:
+            metrics.observe_ingest(channel, 499, started)
             logs.log_ingest(webhook_id, channel, 499, "client_gone", started, client)
             return
         answer: dict[str, object] = {"status": "accepted", "message_id": message_id}
@@ -90,6 +98,7 @@ class IngestEndpoint:
             answer["duplicate"] = True
             metrics.count_duplicate(channel)
         await send_json(send, 202, answer)
+        metrics.observe_ingest(channel, 202, started)
         logs.log_ingest(webhook_id, channel, 202, message_id, started, client)
 
     def _inbound(self, guard: Guard, scope: Scope, peer: str) -> InboundRequest:
@@ -231,11 +240,21 @@ def retry_after(wait: float) -> list[tuple[bytes, bytes]]:
     return [(b"retry-after", str(max(1, math.ceil(wait))).encode())]
 
 
+_storage_logged_at = -STORAGE_LOG_INTERVAL
+
+
 def storage_refusal(exc: StorageError) -> Rejected:
     """503 with ``Retry-After``: connectors drain a full channel, storage comes back."""
     if isinstance(exc, ChannelFull):
         return Rejected(503, "channel_full", str(exc), RETRY_FULL)
-    return Rejected(503, "storage_unavailable", str(exc), RETRY_UNAVAILABLE)
+    # The sender learns only that storage is down; what failed where (hosts, paths, driver
+    # errors) is for the operator's log.
+    global _storage_logged_at
+    now = time.monotonic()
+    if now - _storage_logged_at >= STORAGE_LOG_INTERVAL:
+        _storage_logged_at = now
+        logger.warning("webhooks answered 503, storage unavailable: %s", exc)
+    return Rejected(503, "storage_unavailable", "storage unavailable", RETRY_UNAVAILABLE)
 
 
 async def read_body(receive: Receive, headers: list[tuple[bytes, bytes]], limit: int) -> bytes:

@@ -15,6 +15,15 @@ replica answers a scrape correctly:
   prometheus_client's multiprocess mode keeps each worker's values in a memory-mapped file under
   ``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory ``cloud/server.py`` makes for each run) and a
   scrape sums every worker's file. Replicas are summed by Prometheus: ``sum by (channel)``.
+* **Ingest latency** (``ingest_duration_seconds``): from a webhook request reaching the cloud
+  to its answer being sent, by channel and status class (2xx, 4xx, 5xx), summed over workers
+  like the other process figures. Requests to unknown webhook ids are counted as
+  ``rejected_total{channel="", reason="unknown_webhook"}``: the id itself is never a label,
+  since anyone can make up ids and each would be a new series.
+* **Build and process**: ``build_info{version, python}`` is 1; ``python_info`` and the standard
+  ``process_*`` figures describe the whole server whichever worker answers: CPU seconds,
+  memory and open descriptors are summed over uvicorn's supervisor and every worker, read from
+  ``/proc`` at scrape time; start time and descriptor limit are the supervisor's.
 
 Ack latency is the time from sending a message to a connector to its ack arriving. A WebSocket
 ack reaches the process that sent the message, so every ack is observed. An SSE or long-poll ack
@@ -27,11 +36,15 @@ right; its count is a sample of ``delivered``, not equal to it.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import os
-from collections.abc import Iterable, Iterator
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -39,6 +52,8 @@ from prometheus_client import (
     Counter,
     Histogram,
     disable_created_metrics,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -59,6 +74,18 @@ PREFIX = "webhook_connect_"
 TRANSPORTS = ("websocket", "sse", "long_poll", "smee")
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 SENT_TIMES_LIMIT = 100_000  # unacked pull deliveries remembered for ack latency
+# An accepted webhook takes about a millisecond (one fsync on SQLite, one round trip on Redis);
+# slow senders' large bodies and storage outages take seconds.
+INGEST_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+)  # fmt: skip
+# Process figures the whole server adds up (the others are the supervisor's own).
+SUMMED_PROCESS_FIGURES = frozenset(
+    {
+        "process_cpu_seconds_total", "process_resident_memory_bytes",
+        "process_virtual_memory_bytes", "process_open_fds",
+    }
+)  # fmt: skip
 
 # Multiprocess mode has no ``_created`` series; a single process should not differ.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -83,6 +110,14 @@ ACK_LATENCY = Histogram(
     "Time from sending a message to a connector to its ack.",
     ["channel"],
     buckets=ACK_BUCKETS,
+    registry=LOCAL,
+)
+
+INGEST_DURATION = Histogram(
+    PREFIX + "ingest_duration_seconds",
+    "Time from a webhook request reaching the cloud to its answer (202, 4xx or 5xx).",
+    ["channel", "status_class"],
+    buckets=INGEST_BUCKETS,
     registry=LOCAL,
 )
 
@@ -120,6 +155,10 @@ def observe_ack_latency(channel: str, seconds: Iterable[float]) -> None:
         child = _ack_latency[channel] = ACK_LATENCY.labels(channel)
     for value in seconds:
         child.observe(value)
+_ingest_duration: dict[tuple[str, int], Histogram] = {}
+# Requests to webhook ids nobody configured: no channel, and never the id as a label (anyone
+# can make up ids, and each would be a new series).
+UNKNOWN_WEBHOOK = REJECTED.labels("", "unknown_webhook")
 
 
 @dataclass
@@ -138,6 +177,22 @@ class SentTimes:
             key = (consumer, message_id)
             self._sent.pop(key, None)  # a redelivery: its new time goes to the end
             self._sent[key] = now
+def count_unknown_webhook() -> None:
+    """A request named a webhook id that is not configured (answered 404)."""
+    UNKNOWN_WEBHOOK.inc()
+
+
+def observe_ingest(channel: str, status: int, started: float) -> None:
+    """A webhook request of ``channel`` was answered ``status``; it began at ``started``
+    (``time.perf_counter()``)."""
+    elapsed = time.perf_counter() - started
+    key = (channel, status // 100)
+    child = _ingest_duration.get(key)
+    if child is None:
+        child = _ingest_duration[key] = INGEST_DURATION.labels(channel, f"{status // 100}xx")
+    child.observe(elapsed)
+
+
         overflow = len(self._sent) - self.limit
         if overflow > 0:
             for key in list(islice(self._sent, overflow)):
@@ -223,7 +278,7 @@ class _Snapshot(Collector):
 class MetricsRoute:
     """Serves ``GET /metrics``; storage being down leaves the process figures and says so."""
 
-    def __init__(self, buffer: Buffer) -> None:
+    def __init__(self, buffer: Buffer, workers: int = 1) -> None:
         self.buffer = buffer
 
     async def scrape(self, request: Request) -> Response:
@@ -242,3 +297,82 @@ class MetricsRoute:
             registry.register(_Snapshot(list(LOCAL.collect())))
         registry.register(_Snapshot(list(storage_families(figures, storage_up))))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+def build_families(version: str, python: str) -> Iterator[Metric]:
+    """``webhook_connect_build_info{version, python} 1``: which build answers (pure)."""
+    info = GaugeMetricFamily(
+        PREFIX + "build_info",
+        "Always 1; the labels name the running version of webhook-connect and of Python.",
+        labels=["version", "python"],
+    )
+    info.add_metric([version, python], 1)
+    yield info
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("webhook-connect")
+    except importlib.metadata.PackageNotFoundError:  # a bare source tree
+        return "unknown"
+
+
+def server_root(workers: int) -> int:
+    """The process at the top of this server: with several workers, uvicorn's supervisor
+    (each worker's parent); with one, the worker is the server."""
+    return os.getpid() if workers == 1 else os.getppid()
+
+
+def process_tree(root: int, proc: Path = Path("/proc")) -> list[int]:
+    """``root`` and its child processes (workers, multiprocessing's helpers)."""
+    try:
+        children = (proc / str(root) / "task" / str(root) / "children").read_text().split()
+    except OSError:  # a kernel without the children file: just the root
+        children = []
+    return [root, *(int(pid) for pid in children)]
+
+
+class ProcessTree(Collector):
+    """The standard ``process_*`` figures for the whole server, not just the worker that
+    happens to answer a scrape: CPU time, memory and open descriptors summed over the
+    supervisor and every worker; start time and descriptor limit are the supervisor's.
+
+    prometheus_client's own ProcessCollector reads one PID; this runs it on each and adds up.
+    A worker that restarts takes its CPU seconds with it, which Prometheus sees as a counter
+    reset, as it would for a restarted process.
+    """
+
+    def __init__(self, root: int, proc: Path = Path("/proc")) -> None:
+        self.root = root
+        self.proc = proc
+
+    def collect(self) -> Iterable[Metric]:
+        families: list[Metric] = []
+        totals: dict[str, float] = {}
+        for pid in process_tree(self.root, self.proc):
+            collector = ProcessCollector(pid=_fixed(pid), proc=str(self.proc), registry=None)
+            found = list(collector.collect())
+            if not families:
+                families = found  # the root's: every figure, summed ones added to below
+            for family in found:
+                for sample in family.samples:
+                    if sample.name in SUMMED_PROCESS_FIGURES:
+                        totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        for family in families:
+            family.samples = [
+                sample._replace(value=totals.get(sample.name, sample.value))
+                for sample in family.samples
+            ]
+        return families
+
+
+def _fixed(pid: int) -> Callable[[], int]:
+    return lambda: pid
+
+
+        self.process = ProcessTree(server_root(workers))
+        # Fixed for the life of the process: built once.
+        self.static = [
+            *build_families(package_version(), platform.python_version()),
+            *PlatformCollector(registry=None).collect(),
+        ]
+        registry.register(_Snapshot(self.static))
+        registry.register(self.process)

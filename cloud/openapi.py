@@ -1,14 +1,18 @@
-"""``/openapi.json`` and ``/docs``: every configured webhook, its authentication and its body.
+"""``/openapi.json`` and ``/docs``: ingest, the connector API and the admin API.
 
-Built from the running configuration on each request, so a reload shows at once. Nothing secret
-is listed: header and parameter names, never a key, token or password.
+With the admin token the document lists every configured webhook, its authentication and its
+body; for anyone else (``--public-docs``) one generic ingest route stands for them. Built from
+the running configuration on each request, so a reload shows at once. Nothing secret is ever
+listed: header and parameter names, never a key, token or password.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Mapping
 from typing import Any
 
+from webhook_connect.cloud import apispec
 from webhook_connect.cloud.security.guard import Guard
 
 OPENAPI_VERSION = "3.1.0"
@@ -24,6 +28,21 @@ ERRORS = {
     "429": "rate limit reached; see Retry-After",
     "431": "too many or too large headers",
     "503": "channel full or storage unavailable; see Retry-After",
+}
+ACCEPTED = {
+    "description": "stored durably (a retried delivery: the original message id)",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "status": {"const": "accepted"},
+                    "message_id": {"type": "string"},
+                    "duplicate": {"type": "boolean"},
+                },
+            }
+        }
+    },
 }
 PROVIDER_HEADERS = {
     "github": "X-Hub-Signature-256",
@@ -130,26 +149,13 @@ def _operation(guard: Guard, scheme_names: list[str]) -> dict[str, Any]:
         notes.append(f"at most {limit.max_requests} requests per {limit.window_seconds:g} s")
     notes.append(f"bodies up to {entry.max_body_size} bytes")
     operation: dict[str, Any] = {
+        "tags": ["ingest"],
         "operationId": f"webhook_{guard.webhook.webhook_id}",
         "summary": _summary(guard),
         "description": "; ".join(notes),
         "requestBody": {"required": entry.data_type == "json", "content": content},
         "responses": {
-            "202": {
-                "description": "stored durably (a retried delivery: the original message id)",
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "status": {"const": "accepted"},
-                                "message_id": {"type": "string"},
-                                "duplicate": {"type": "boolean"},
-                            },
-                        }
-                    }
-                },
-            },
+            "202": ACCEPTED,
             **{status: {"description": text} for status, text in ERRORS.items()},
         },
         "x-authentication": list(guard.schemes),
@@ -160,66 +166,148 @@ def _operation(guard: Guard, scheme_names: list[str]) -> dict[str, Any]:
     return operation
 
 
-def openapi_document(guards: Mapping[str, Guard]) -> dict[str, Any]:
-    """The OpenAPI 3.1 description of the ingest endpoints as configured now."""
+def generic_ingest() -> dict[str, Any]:
+    """``/webhook/{webhook_id}`` as anyone may see it: no id, no word on who checks what."""
+    operation: dict[str, Any] = {
+        "tags": ["ingest"],
+        "operationId": "webhook",
+        "summary": "Deliver a webhook",
+        "description": "Stored durably, then answered 202. Methods, authentication, body "
+        "rules and limits are set per webhook in webhooks.json.",
+        "parameters": [
+            {"name": "webhook_id", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "requestBody": {"content": {"*/*": {"schema": {}}}},
+        "responses": {"202": ACCEPTED, **{s: {"description": t} for s, t in ERRORS.items()}},
+    }
+    return {
+        method: {**operation, "operationId": f"webhook_{method}"}
+        for method in ("post", "put", "patch")
+    }
+
+
+def openapi_document(guards: Mapping[str, Guard], *, detailed: bool) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the cloud: ingest, the connector API, the admin API.
+
+    ``detailed`` (the admin token asked) lists every configured webhook with its methods,
+    authentication schemes and body schema; otherwise one generic ingest route stands for them,
+    so strangers learn neither the webhook ids nor which of them have no authentication.
+    """
     paths: dict[str, Any] = {}
-    components: dict[str, Any] = {}
-    for webhook_id, guard in sorted(guards.items()):
-        schemes = security_schemes(guard)
-        components.update(schemes)
-        operation = _operation(guard, list(schemes))
-        paths[f"/webhook/{webhook_id}"] = {
-            method.lower(): operation for method in guard.entry.methods
-        }
+    schemes: dict[str, Any] = dict(apispec.SECURITY_SCHEMES)
+    if detailed:
+        for webhook_id, guard in sorted(guards.items()):
+            own = security_schemes(guard)
+            schemes.update(own)
+            operation = _operation(guard, list(own))
+            paths[f"/webhook/{webhook_id}"] = {
+                method.lower(): {**operation, "operationId": f"webhook_{webhook_id}_{method}"}
+                for method in guard.entry.methods
+            }
+    else:
+        paths["/webhook/{webhook_id}"] = generic_ingest()
+    paths.update(apispec.connector_paths())
+    paths.update(apispec.admin_paths())
+    paths.update(apispec.operation_paths())
     return {
         "openapi": OPENAPI_VERSION,
-        "info": {"title": "Webhook Connect ingest", "version": "1"},
+        "info": {
+            "title": "Webhook Connect",
+            "version": package_version(),
+            "description": "Ingest (webhook providers), the connector API (docs/PROTOCOL.md) "
+            "and the admin API (docs/ADMIN.md).",
+        },
+        "tags": [
+            {"name": "ingest", "description": "What webhook providers call."},
+            {
+                "name": apispec.CONNECTOR,
+                "description": "What connectors call, with a channel token.",
+            },
+            {"name": apispec.ADMIN, "description": "Administration, with the admin token."},
+            {"name": apispec.OPERATIONS, "description": "Health, readiness, metrics, pages."},
+        ],
         "paths": paths,
-        "components": {"securitySchemes": components},
+        "components": {"securitySchemes": schemes, "schemas": apispec.component_schemas()},
     }
+
+
+def package_version() -> str:
+    """The installed distribution's version; ``unknown`` when run from a bare source tree."""
+    try:
+        return importlib.metadata.version("webhook-connect")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 DOCS_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Webhook Connect: webhooks</title>
+<html lang="en"><head><meta charset="utf-8"><title>Webhook Connect: API</title>
 <style>
-body{font:15px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:60rem;padding:0 1rem}
+body{font:15px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:64rem;padding:0 1rem}
 code,pre{background:#f4f4f4;padding:.1rem .3rem;border-radius:3px}
 section{border:1px solid #ddd;border-radius:6px;padding:.5rem 1rem;margin:1rem 0}
-.m{font-weight:bold;color:#064}
+.m{font-weight:bold;color:#064}.err{color:#a00}ul{margin:.2rem 0}
 </style></head><body>
-<h1>Webhook Connect: webhooks</h1>
+<h1>Webhook Connect: API</h1>
 <p>Machine-readable: <a href="openapi.json">openapi.json</a></p>
-<div id="webhooks">Loading…</div>
+<div id="api">Loading…</div>
 <script>
+"use strict";
 function el(tag, text){const e=document.createElement(tag); if(text) e.textContent=text; return e}
-fetch("openapi.json").then(r => r.json()).then(spec => {
-  const root = document.getElementById("webhooks"); root.textContent = "";
+// The dashboard's admin token (same tab), if any: it unlocks the per-webhook details.
+const token = sessionStorage.getItem("webhook-connect-admin-token");
+const init = token ? {headers: {Authorization: "Bearer " + token}} : {};
+fetch("openapi.json", init).then(r => {
+  if (!r.ok) throw new Error("openapi.json answered " + r.status);
+  return r.json();
+}).then(spec => {
+  const root = document.getElementById("api"); root.textContent = "";
   const schemes = spec.components.securitySchemes;
-  for (const [path, ops] of Object.entries(spec.paths)) {
-    const s = el("section"); const h = el("h2");
-    h.append(el("span", Object.keys(ops).map(m => m.toUpperCase()).join(" ")), " ",
-             el("code", path));
-    h.firstChild.className = "m"; s.append(h);
-    const op = Object.values(ops)[0];
-    s.append(el("p", op.summary + ". " + op.description));
-    const auth = (op.security || [{}])[0];
-    const names = Object.keys(auth);
-    const p = el("p", names.length ? "Authentication (all must pass): " : "No authentication.");
-    const ul = el("ul");
-    for (const n of names) {
-      const d = schemes[n];
-      ul.append(el("li", n.split(".").slice(1).join(".") + ": " + d.type +
-        (d.scheme ? " " + d.scheme : "") + (d.name ? " (" + d.in + " " + d.name + ")" : "") +
-        (d.description ? " — " + d.description : "")));
+  for (const tag of spec.tags) {
+    root.append(el("h2", tag.name + ": " + tag.description));
+    for (const [path, item] of Object.entries(spec.paths)) {
+      for (const [method, op] of Object.entries(item)) {
+        if (method === "parameters" || !(op.tags || []).includes(tag.name)) continue;
+        const s = el("section"); const h = el("h3");
+        h.append(el("span", method.toUpperCase()), " ", el("code", path));
+        h.firstChild.className = "m"; s.append(h);
+        s.append(el("p", op.summary + (op.description ? ". " + op.description : "")));
+        const params = [...(item.parameters || []), ...(op.parameters || [])];
+        if (params.length) {
+          const ul = el("ul");
+          for (const p of params) ul.append(el("li", p.in + " " + p.name +
+            (p.description ? ": " + p.description : "")));
+          s.append(el("p", "Parameters:"), ul);
+        }
+        const auth = op.security || [];
+        if (auth.length) {
+          const ul = el("ul");
+          for (const req of auth) {
+            ul.append(el("li", Object.keys(req).map(n => {
+              const d = schemes[n];
+              return n + ": " + d.type + (d.scheme ? " " + d.scheme : "") +
+                (d.name ? " (" + d.in + " " + d.name + ")" : "") +
+                (d.description ? " — " + d.description : "");
+            }).join(" and ")));
+          }
+          s.append(el("p", "Authentication (one of these lines; all on a line must pass):"), ul);
+        }
+        if (op.requestBody) {
+          const body = op.requestBody.content; const type = Object.keys(body)[0];
+          s.append(el("p", "Body: " + type));
+          if (body[type].schema && Object.keys(body[type].schema).length)
+            s.append(el("pre", JSON.stringify(body[type].schema, null, 2)));
+        }
+        const ul = el("ul");
+        for (const [code, r] of Object.entries(op.responses))
+          ul.append(el("li", code + ": " + r.description));
+        s.append(el("p", "Answers:"), ul);
+        root.append(s);
+      }
     }
-    s.append(p, ul);
-    const body = op.requestBody.content;
-    const type = Object.keys(body)[0];
-    s.append(el("p", "Body: " + type));
-    if (body[type].schema && Object.keys(body[type].schema).length)
-      s.append(el("pre", JSON.stringify(body[type].schema, null, 2)));
-    root.append(s);
   }
+}).catch(error => {
+  const root = document.getElementById("api");
+  root.textContent = error.message; root.className = "err";
 });
 </script></body></html>
 """

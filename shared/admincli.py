@@ -23,11 +23,12 @@ from webhook_connect.shared.admintext import (
     GROUP_COLUMNS,
     TOKEN_COLUMNS,
     Answer,
+    channel_fields,
     channel_report,
     dead_letter_report,
-    key_values,
     listing,
     new_token_lines,
+    webhook_url_lines,
 )
 from webhook_connect.shared.exceptions import AdminClientError
 
@@ -176,12 +177,20 @@ def channels() -> None:
 @click.option("--expires-in", type=POSITIVE_INT, metavar="SECONDS", help="Token lifetime.")
 @admin_options
 def create(name: str, label: str | None, expires_in: int | None, **limits: Any) -> None:
-    """Create channel NAME and print its first connector token (shown only this once)."""
+    """Create channel NAME and print its first connector token (shown only this once) and the
+    URLs of the webhooks that feed it."""
     admin = connect()
     body = {"name": name, **given(limits)}
     body |= given({"token_label": label, "token_expires_in_seconds": expires_in})
     answer = admin.call("POST", "channels", body=body)
-    admin.show(answer, lambda a: [f"created channel {a['channel']['name']}", *new_token_lines(a)])
+    admin.show(
+        answer,
+        lambda a: [
+            f"created channel {a['channel']['name']}",
+            *webhook_url_lines(a["channel"]),
+            *new_token_lines(a),
+        ],
+    )
 
 
 @channels.command("list")
@@ -212,7 +221,7 @@ def update(name: str, **limits: Any) -> None:
         raise click.UsageError("nothing to update: give at least one limit option")
     admin = connect()
     answer = admin.call("PATCH", "channels", name, body=given(limits))
-    admin.show(answer, lambda a: [f"updated channel {name}", *key_values(a["channel"])])
+    admin.show(answer, lambda a: [f"updated channel {name}", *channel_fields(a["channel"])])
 
 
 @channels.command()

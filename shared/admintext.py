@@ -50,6 +50,9 @@ NEW_TOKEN_FIELDS = (
     "token_id", "label", "created_at", "expires_at", "grace_until", "rotated", "token",
 )  # fmt: skip
 TOKEN_WARNING = "The token is shown only this once (the cloud keeps only its hash): store it now."
+# The channel's field of webhook id -> ingest URL: a section of its own, not a key/value line.
+WEBHOOK_URLS = "webhook_urls"
+NO_WEBHOOKS = "none: add a webhook with this channel to webhooks.json"
 
 
 def iso_utc(seconds: float) -> str:
@@ -130,15 +133,30 @@ def new_token_lines(answer: Answer) -> list[str]:
     return [*key_values(answer, NEW_TOKEN_FIELDS), TOKEN_WARNING]
 
 
+def channel_fields(channel: Mapping[str, Any]) -> list[str]:
+    """A channel's limits and gauges as key/value lines (its webhook URLs go elsewhere)."""
+    return key_values({k: v for k, v in channel.items() if k != WEBHOOK_URLS})
+
+
+def webhook_url_lines(channel: Mapping[str, Any]) -> list[str]:
+    """``webhook URLs:`` and one ``id  URL`` line per webhook feeding the channel, ready to
+    paste into the provider's settings."""
+    urls: Mapping[str, str] = channel.get(WEBHOOK_URLS) or {}
+    width = max((len(webhook_id) for webhook_id in urls), default=0)
+    lines = [f"{webhook_id.ljust(width)}{COLUMN_GAP}{url}" for webhook_id, url in urls.items()]
+    return ["webhook URLs:", *indented(lines or [NO_WEBHOOKS])]
+
+
 def channel_report(answer: Answer) -> list[str]:
-    """``channels show``: limits and stats, counters, tokens, connections."""
+    """``channels show``: limits and stats, webhook URLs, counters, tokens, connections."""
     channel = answer["channel"]
     stats = dict(answer.get("stats") or {})
     counters = stats.pop("counters", None) or {}
     # The channel already carries depth, in_flight and dead_letters; the stats add the rest.
     extra = {name: value for name, value in stats.items() if name not in channel}
     return [
-        *key_values({**channel, **extra}),
+        *channel_fields({**channel, **extra}),
+        "", *webhook_url_lines(channel),
         "", "counters:", *indented(key_values(counters)),
         "", "tokens:", *indented(listing(answer.get("tokens", []), TOKEN_COLUMNS, "none")),
         "", "connections:",

@@ -209,25 +209,6 @@ def test_header_limits(module_cloud: Cloud) -> None:
     assert post(module_cloud, "open", headers=many).status_code == 202
 
 
-def test_openapi_lists_webhooks_with_their_schemes(module_cloud: Cloud) -> None:
-    spec = httpx.get(f"{module_cloud.url}/openapi.json").json()
-    assert spec["openapi"].startswith("3.")
-    assert set(spec["paths"]) == {f"/webhook/{name}" for name in WEBHOOKS}
-    two = spec["paths"]["/webhook/two"]["post"]
-    assert set(two["security"][0]) == {"two.authorization", "two.hmac"}
-    schemes = spec["components"]["securitySchemes"]
-    assert schemes["two.authorization"] == {"type": "http", "scheme": "bearer"}
-    assert schemes["query.query_auth"] == {"type": "apiKey", "in": "query", "name": "api_key"}
-    schema = spec["paths"]["/webhook/schema"]["post"]["requestBody"]["content"]
-    assert schema["application/json"]["schema"]["required"] == ["event"]
-    text = json.dumps(spec)
-    for secret in ("s3cret-bearer-token", HMAC_SECRET, "wonder land", "query-key-1"):
-        assert secret not in text
-    page = httpx.get(f"{module_cloud.url}/docs")
-    assert page.status_code == 200
-    assert "openapi.json" in page.text
-
-
 # Storage-backed features, on both backends ---------------------------------------------------
 
 STORAGE_WEBHOOKS = {
@@ -290,8 +271,7 @@ def test_a_retried_delivery_is_stored_once(storage_cloud: Cloud) -> None:
     one = post(storage_cloud, "idem_json", event).json()
     two = post(storage_cloud, "idem_json", event.replace(b"1}", b"2}")).json()
     assert two["message_id"] == one["message_id"]
-    stats = httpx.get(f"{storage_cloud.url}/openapi.json")  # the cloud is still serving
-    assert stats.status_code == 200
+    assert httpx.get(f"{storage_cloud.url}/health").status_code == 200  # still serving
 
 
 # Live reload ---------------------------------------------------------------------------------

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import io
 import json
+import os
+import platform
 import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
@@ -27,6 +31,8 @@ WEBHOOKS = {
     "guarded": {
         "module": "webhook_connect",
         "authorization": f"Bearer {SECRET}",
+        # The refusals below are counted, not locked out (one source sends them all).
+        "failed_auth_limit": None,
         "module-config": RELAY,
     },
     "ops": {
@@ -112,6 +118,20 @@ def test_metrics_match_what_was_sent_and_delivered(cloud: Cloud) -> None:
     assert value(samples, "webhook_connect_ack_latency_seconds_count", **dev) == 1
     assert 0 < value(samples, "webhook_connect_ack_latency_seconds_sum", **dev) < 5
     assert value(samples, "webhook_connect_storage_up") == 1
+    # Every answer timed, by channel and status class; a made-up id is counted, never named.
+    timed = "webhook_connect_ingest_duration_seconds_count"
+    assert value(samples, timed, channel="dev", status_class="2xx") == 3
+    assert value(samples, timed, channel="dev", status_class="4xx") == 3
+    assert value(samples, timed, channel="ops", status_class="2xx") == 1
+    assert (
+        value(samples, "webhook_connect_rejected_total", channel="", reason="unknown_webhook") == 1
+    )
+    assert not any("nobody" in str(labels) for _, labels in samples)
+    fast = value(
+        samples, "webhook_connect_ingest_duration_seconds_bucket", channel="dev",
+        status_class="2xx", le="30.0",
+    )  # fmt: skip
+    assert fast == 3
     # The Grafana dashboard only asks for series the cloud exports.
     dashboard = (REPO / "deploy" / "grafana-dashboard.json").read_text()
     exported = {name for name, _ in samples}
@@ -159,6 +179,72 @@ def test_process_counts_are_exact_with_several_workers(redis_url: str, tmp_path:
                 == refused
             )
             assert value(samples, "webhook_connect_accepted_total", **dev) == accepted
+            timed = "webhook_connect_ingest_duration_seconds_count"
+            assert value(samples, timed, status_class="2xx", **dev) == accepted
+            assert value(samples, timed, status_class="4xx", **dev) == refused
+        # Process figures describe the whole server, whichever worker answers: its start
+        # time, and the memory of the supervisor and every worker together.
+        assert cloud.process is not None
+        root = cloud.process.pid
+        tree = [root, *children(root)]
+        assert len(tree) >= 3, "a supervisor and two workers"
+        for samples in [scrape(cloud) for _ in range(4)]:
+            assert value(samples, "process_start_time_seconds") == pytest.approx(
+                start_time(root), abs=0.02
+            )
+            resident = sum(rss_bytes(pid) for pid in tree)
+            assert (
+                0.8 * resident < value(samples, "process_resident_memory_bytes") < 1.25 * resident
+            )
+            assert value(samples, "process_open_fds") > len(tree) * 3
+            assert value(samples, "process_cpu_seconds_total") > 0
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid``, found by scanning /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def start_time(pid: int) -> float:
+    """When ``pid`` started, in Unix seconds, from /proc (the kernel's clock ticks)."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = next(
+        float(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime ")
+    )
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_build_info_and_process_figures_of_a_single_process(cloud: Cloud) -> None:
+    samples = scrape(cloud)
+    version = importlib.metadata.version("webhook-connect")
+    python = platform.python_version()
+    assert value(samples, "webhook_connect_build_info", version=version, python=python) == 1
+    assert [n for n, _ in samples if n == "webhook_connect_build_info"] == [
+        "webhook_connect_build_info"
+    ]
+    assert cloud.process is not None
+    assert value(samples, "process_start_time_seconds") == pytest.approx(
+        start_time(cloud.process.pid), abs=0.02
+    )
+    for name in ("process_resident_memory_bytes", "process_open_fds", "process_max_fds"):
+        assert value(samples, name) > 0, name
+    python_info = [labels for name, labels in samples if name == "python_info"]
+    assert python_info and ("version", python) in python_info[0]
 
 
 def test_json_logs_name_each_request_and_mask_secrets(tmp_path: Path) -> None:

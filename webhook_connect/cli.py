@@ -8,12 +8,15 @@ an exit status: 0 clean stop, 2 bad configuration or usage, 1 anything else.
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from webhook_connect.shared.admincli import channels, dlq
 from webhook_connect.shared.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from webhook_connect.cloud.config import CloudConfig
 
 ENV_PREFIX = "WEBHOOK_CONNECT_"
 
@@ -63,6 +66,20 @@ def main() -> None:
     envvar=ENV_PREFIX + "LOG_FORMAT",
     help="JSON lines, or text for people; auto: text on a terminal, JSON otherwise.",
 )
+@click.option(
+    "--public-url",
+    metavar="URL",
+    envvar=ENV_PREFIX + "PUBLIC_URL",
+    help="The address providers post to (https://hooks.example.com): webhook URLs are shown "
+    "with it. Default: the address of each admin request, and the bound one at start-up.",
+)
+@click.option(
+    "--public-docs",
+    is_flag=True,
+    envvar=ENV_PREFIX + "PUBLIC_DOCS",
+    help="Serve /openapi.json and /docs to anyone (generic, no webhook ids); otherwise only "
+    "with the admin token.",
+)
 def cloud(**options: object) -> None:
     """Receive webhooks and buffer them durably per channel."""
     try:
@@ -79,7 +96,29 @@ def cloud(**options: object) -> None:
         config = build_cloud_config(**options)  # type: ignore[arg-type]
     except ConfigError as exc:
         fail_config(exc)
+    announce_webhooks(config)
     run(config)
+
+
+def announce_webhooks(config: CloudConfig) -> None:
+    """Log each webhook's ingest URL once, in the supervising process (not once per worker),
+    through the same handler and format uvicorn sets up for the workers."""
+    import logging
+    import logging.config
+
+    from webhook_connect.cloud.logs import logging_config, resolve_format
+    from webhook_connect.cloud.publicurl import bound_base, start_up_lines
+
+    logging.config.dictConfig(logging_config(resolve_format(config.log_format), config.log_level))
+    logger = logging.getLogger("webhook_connect.cloud")
+    base = config.public_url or bound_base(config.host, config.port)
+    for line in start_up_lines(base, config.webhooks):
+        logger.info("%s", line)
+    if config.public_url is None and config.webhooks:
+        logger.info(
+            "these URLs use the bound address: give --public-url with the address providers "
+            "reach (https://hooks.example.com) to show theirs"
+        )
 
 
 @main.command()

@@ -23,7 +23,7 @@ PREFIX = "/admin/channels"
 
 def admin_routes(admin_token: str | None, buffer: Buffer, reloader: ConfigReloader) -> list[Route]:
     """Every ``/admin/...`` route, each behind the admin token."""
-    channels = ChannelRoutes(buffer)
+    channels = ChannelRoutes(buffer, lambda: reloader.config)
     letters = DeadLetterRoutes(buffer)
     groups = GroupRoutes(buffer)
 

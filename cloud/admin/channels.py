@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -33,17 +34,32 @@ from webhook_connect.cloud.admin.common import (
 )
 from webhook_connect.cloud.buffers import Buffer, ChannelSpec, TokenRecord
 from webhook_connect.cloud.buffers.base import EVENTS_KEPT, ChannelStats
+from webhook_connect.cloud.config import CloudConfig
+from webhook_connect.cloud.publicurl import ingest_urls
 from webhook_connect.cloud.tokens import hash_token, new_token
 
 
 class ChannelRoutes:
     """Handlers for channels, tokens and connections."""
 
-    def __init__(self, buffer: Buffer) -> None:
+    def __init__(self, buffer: Buffer, config: Callable[[], CloudConfig] | None = None) -> None:
         self.buffer = buffer
+        # The running configuration (it changes on a reload): which webhooks feed a channel.
+        self._config = config or CloudConfig
+
+    def webhook_urls(self, request: Request, channel: str) -> dict[str, str]:
+        """The ingest URL of each webhook feeding ``channel``: ``--public-url`` based, else
+        the address this request came to (what the operator reached the cloud by)."""
+        config = self._config()
+        base = config.public_url or str(request.base_url)
+        return ingest_urls(base, config.webhooks.values(), channel)
 
     async def _channel_json(
-        self, spec: ChannelSpec, stats: ChannelStats | None = None, connections: int | None = None
+        self,
+        request: Request,
+        spec: ChannelSpec,
+        stats: ChannelStats | None = None,
+        connections: int | None = None,
     ) -> dict[str, Any]:
         """The channel's limits and gauges; pass what the caller has read already."""
         if stats is None:
@@ -56,6 +72,7 @@ class ChannelRoutes:
             "in_flight": stats.in_flight,
             "dead_letters": stats.dead_letters,
             "connections": connections,
+            "webhook_urls": self.webhook_urls(request, spec.name),
         }
 
     async def _issue(
@@ -87,7 +104,9 @@ class ChannelRoutes:
 
     async def index(self, request: Request) -> JSONResponse:
         specs = sorted(await self.buffer.list_channels(), key=lambda spec: spec.name)
-        return JSONResponse({"channels": [await self._channel_json(spec) for spec in specs]})
+        return JSONResponse(
+            {"channels": [await self._channel_json(request, spec) for spec in specs]}
+        )
 
     async def create(self, request: Request) -> JSONResponse:
         wanted: NewChannel = validated(NewChannel, await json_body(request))
@@ -101,7 +120,7 @@ class ChannelRoutes:
         )
         return JSONResponse(
             {
-                "channel": await self._channel_json(spec),
+                "channel": await self._channel_json(request, spec),
                 "token": token,
                 "token_id": record.token_id,
             },
@@ -115,7 +134,7 @@ class ChannelRoutes:
         connections = await self._connections(spec)
         return JSONResponse(
             {
-                "channel": await self._channel_json(spec, stats, len(connections)),
+                "channel": await self._channel_json(request, spec, stats, len(connections)),
                 "stats": dataclasses.asdict(stats),
                 "tokens": [token_json(record) for record in tokens],
                 "connections": connections,
@@ -127,7 +146,7 @@ class ChannelRoutes:
         limits: ChannelLimits = validated(ChannelLimits, await json_body(request))
         updated = limits.applied_to(spec)
         await self.buffer.provision(updated)
-        return JSONResponse({"channel": await self._channel_json(updated)})
+        return JSONResponse({"channel": await self._channel_json(request, updated)})
 
     async def delete(self, request: Request) -> JSONResponse:
         spec = await existing_channel(self.buffer, request)

@@ -204,6 +204,8 @@ class ChannelLimits(BaseModel):
     max_delivery_attempts: PositiveInt | None = None
     retry_delay_seconds: NonNegativeFloat | None = None
     history_seconds: NonNegativeInt | None = None
+    group_idle_seconds: int | None = Field(default=None, ge=0, strict=True)
+    dynamic_groups: bool | None = Field(default=None, strict=True)
 
     def applied_to(self, spec: ChannelSpec) -> ChannelSpec:
         """``spec`` with the limits given here."""
@@ -211,8 +213,6 @@ class ChannelLimits(BaseModel):
 
 
 class NewChannel(ChannelLimits):
-    group_idle_seconds: int | None = Field(default=None, ge=0, strict=True)
-    dynamic_groups: bool | None = Field(default=None, strict=True)
     name: str = Field(pattern=CHANNEL_NAME_PATTERN)
     token_label: str = Field(default="", max_length=200)
     token_expires_in_seconds: PositiveFloat | None = None
