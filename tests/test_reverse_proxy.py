@@ -30,6 +30,7 @@ from websockets.asyncio.client import connect
 from tests.proxies import Caddy, Certificates, HAProxy, Nginx, Proxy, make_certificates
 from tests.servers import REPO, Cloud, ConnectorProcess, Sink, running, wait_until
 from webhook_connect.cloud.security.network import client_address, header_list, parse_networks
+from webhook_connect.shared.config import load_webhooks
 from webhook_connect.shared.frames import NATIVE_SUBPROTOCOL, decode_native_batch
 
 SENDER = "127.0.0.5"  # the webhook sender's own loopback address
@@ -164,6 +165,17 @@ def test_an_unknown_client_ip_header_is_a_configuration_error(tmp_path: Path) ->
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "hook.client_ip_header" in lines[0] and "x-real-ip" in lines[0]
+
+
+def test_client_ip_header_is_read_in_any_case(tmp_path: Path) -> None:
+    path = tmp_path / "webhooks.json"
+    webhook = entry("c", "nginx")
+    webhook["client_ip_header"] = "X-Real-IP"
+    path.write_text(json.dumps({"hook": webhook}))
+    assert load_webhooks(path)["hook"].entry.client_ip_header == "x-real-ip"
+    del webhook["client_ip_header"]
+    path.write_text(json.dumps({"hook": webhook}))
+    assert load_webhooks(path)["hook"].entry.client_ip_header == "x-forwarded-for"
 
 
 # Through the proxies -------------------------------------------------------------------------
