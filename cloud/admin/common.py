@@ -55,15 +55,22 @@ def error(status: int, code: str, detail: object = None) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status)
 
 
+def has_admin_token(admin_token: str | None, request: Request) -> bool:
+    """Whether ``request`` carries the admin token (never, when none is configured)."""
+    if admin_token is None:
+        return False
+    given = bearer_token(request.headers.get("authorization")) or ""
+    # Constant time; a connector token (or any other) never opens the admin API.
+    return hmac.compare_digest(given.encode(), admin_token.encode())
+
+
 def guarded(admin_token: str | None, endpoint: Endpoint) -> Endpoint:
     """``endpoint`` behind the admin token, with AdminError and storage failures answered."""
 
     async def handle(request: Request) -> Response:
         if admin_token is None:
             return error(404, "admin_disabled", "start the cloud with --admin-token to use it")
-        given = bearer_token(request.headers.get("authorization")) or ""
-        # Constant time; a connector token (or any other) never opens the admin API.
-        if not hmac.compare_digest(given.encode(), admin_token.encode()):
+        if not has_admin_token(admin_token, request):
             return JSONResponse(
                 {"error": "unauthorized", "detail": "admin token required"},
                 401,
