@@ -51,9 +51,9 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
-    disable_created_metrics,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -73,7 +73,6 @@ MULTIPROCESS = MULTIPROCESS_ENV in os.environ
 PREFIX = "webhook_connect_"
 TRANSPORTS = ("websocket", "sse", "long_poll", "smee")
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-SENT_TIMES_LIMIT = 100_000  # unacked pull deliveries remembered for ack latency
 # An accepted webhook takes about a millisecond (one fsync on SQLite, one round trip on Redis);
 # slow senders' large bodies and storage outages take seconds.
 INGEST_BUCKETS = (
@@ -86,6 +85,7 @@ SUMMED_PROCESS_FIGURES = frozenset(
         "process_virtual_memory_bytes", "process_open_fds",
     }
 )  # fmt: skip
+SENT_TIMES_LIMIT = 100_000  # unacked pull deliveries remembered for ack latency
 
 # Multiprocess mode has no ``_created`` series; a single process should not differ.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -125,6 +125,10 @@ INGEST_DURATION = Histogram(
 _received: dict[str, Counter] = {}
 _rejected: dict[tuple[str, str], Counter] = {}
 _ack_latency: dict[str, Histogram] = {}
+_ingest_duration: dict[tuple[str, int], Histogram] = {}
+# Requests to webhook ids nobody configured: no channel, and never the id as a label (anyone
+# can make up ids, and each would be a new series).
+UNKNOWN_WEBHOOK = REJECTED.labels("", "unknown_webhook")
 
 
 def count_received(channel: str) -> None:
@@ -143,6 +147,22 @@ def count_rejected(channel: str, reason: str) -> None:
     child.inc()
 
 
+def count_unknown_webhook() -> None:
+    """A request named a webhook id that is not configured (answered 404)."""
+    UNKNOWN_WEBHOOK.inc()
+
+
+def observe_ingest(channel: str, status: int, started: float) -> None:
+    """A webhook request of ``channel`` was answered ``status``; it began at ``started``
+    (``time.perf_counter()``)."""
+    elapsed = time.perf_counter() - started
+    key = (channel, status // 100)
+    child = _ingest_duration.get(key)
+    if child is None:
+        child = _ingest_duration[key] = INGEST_DURATION.labels(channel, f"{status // 100}xx")
+    child.observe(elapsed)
+
+
 def count_duplicate(channel: str) -> None:
     """A provider's retry of a stored message was answered with the original id."""
     DUPLICATES.labels(channel).inc()
@@ -155,10 +175,6 @@ def observe_ack_latency(channel: str, seconds: Iterable[float]) -> None:
         child = _ack_latency[channel] = ACK_LATENCY.labels(channel)
     for value in seconds:
         child.observe(value)
-_ingest_duration: dict[tuple[str, int], Histogram] = {}
-# Requests to webhook ids nobody configured: no channel, and never the id as a label (anyone
-# can make up ids, and each would be a new series).
-UNKNOWN_WEBHOOK = REJECTED.labels("", "unknown_webhook")
 
 
 @dataclass
@@ -177,22 +193,6 @@ class SentTimes:
             key = (consumer, message_id)
             self._sent.pop(key, None)  # a redelivery: its new time goes to the end
             self._sent[key] = now
-def count_unknown_webhook() -> None:
-    """A request named a webhook id that is not configured (answered 404)."""
-    UNKNOWN_WEBHOOK.inc()
-
-
-def observe_ingest(channel: str, status: int, started: float) -> None:
-    """A webhook request of ``channel`` was answered ``status``; it began at ``started``
-    (``time.perf_counter()``)."""
-    elapsed = time.perf_counter() - started
-    key = (channel, status // 100)
-    child = _ingest_duration.get(key)
-    if child is None:
-        child = _ingest_duration[key] = INGEST_DURATION.labels(channel, f"{status // 100}xx")
-    child.observe(elapsed)
-
-
         overflow = len(self._sent) - self.limit
         if overflow > 0:
             for key in list(islice(self._sent, overflow)):
@@ -267,36 +267,6 @@ async def read_figures(buffer: Buffer) -> list[ChannelFigures]:
     return list(await asyncio.gather(*(one(spec.name) for spec in channels)))
 
 
-class _Snapshot(Collector):
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> Iterable[Metric]:
-        return self.families
-
-
-class MetricsRoute:
-    """Serves ``GET /metrics``; storage being down leaves the process figures and says so."""
-
-    def __init__(self, buffer: Buffer, workers: int = 1) -> None:
-        self.buffer = buffer
-
-    async def scrape(self, request: Request) -> Response:
-        try:
-            figures, storage_up = await read_figures(self.buffer), True
-        except Exception as exc:  # not every backend wraps a lost connection in StorageError
-            # Still answer: the process figures (503s counted as storage_unavailable) matter most
-            # exactly while storage is down.
-            logger.warning("metrics: storage unreadable: %r", exc)
-            figures, storage_up = [], False
-        registry = CollectorRegistry(auto_describe=False)
-        if MULTIPROCESS:
-            # Every worker's values, summed.
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        else:
-            registry.register(_Snapshot(list(LOCAL.collect())))
-        registry.register(_Snapshot(list(storage_families(figures, storage_up))))
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 def build_families(version: str, python: str) -> Iterator[Metric]:
     """``webhook_connect_build_info{version, python} 1``: which build answers (pure)."""
     info = GaugeMetricFamily(
@@ -368,11 +338,41 @@ def _fixed(pid: int) -> Callable[[], int]:
     return lambda: pid
 
 
+class _Snapshot(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+class MetricsRoute:
+    """Serves ``GET /metrics``; storage being down leaves the process figures and says so."""
+
+    def __init__(self, buffer: Buffer, workers: int = 1) -> None:
+        self.buffer = buffer
         self.process = ProcessTree(server_root(workers))
         # Fixed for the life of the process: built once.
         self.static = [
             *build_families(package_version(), platform.python_version()),
             *PlatformCollector(registry=None).collect(),
         ]
+
+    async def scrape(self, request: Request) -> Response:
+        try:
+            figures, storage_up = await read_figures(self.buffer), True
+        except Exception as exc:  # not every backend wraps a lost connection in StorageError
+            # Still answer: the process figures (503s counted as storage_unavailable) matter most
+            # exactly while storage is down.
+            logger.warning("metrics: storage unreadable: %r", exc)
+            figures, storage_up = [], False
+        registry = CollectorRegistry(auto_describe=False)
+        if MULTIPROCESS:
+            # Every worker's values, summed.
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        else:
+            registry.register(_Snapshot(list(LOCAL.collect())))
+        registry.register(_Snapshot(list(storage_families(figures, storage_up))))
         registry.register(_Snapshot(self.static))
         registry.register(self.process)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
