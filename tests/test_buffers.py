@@ -687,3 +687,20 @@ async def test_a_sqlite_file_from_before_group_times_is_upgraded(tmp_path: Path)
         assert [g.name for g in await buffer.list_groups("orders")] == ["default", "old"]
     finally:
         await buffer.aclose()
+
+
+async def test_a_group_backlog_stays_right_after_housekeeping_expires_messages(
+    buffer: Buffer,
+) -> None:
+    await buffer.provision(ChannelSpec("orders", ttl_seconds=1))
+    await buffer.join("orders", "late")
+    for _ in range(2):
+        await buffer.append(envelope(b"old"))
+    await asyncio.sleep(1.1)
+    await buffer.append(envelope(b"fresh"))
+    assert await buffer.housekeep("orders") == 4  # two old messages for each of two groups
+    backlog = {g.name: g.backlog for g in await buffer.list_groups("orders")}
+    assert backlog == {"default": 1, "late": 1}
+    await buffer.append(envelope(b"another"))
+    backlog = {g.name: g.backlog for g in await buffer.list_groups("orders")}
+    assert backlog == {"default": 2, "late": 2}

@@ -98,18 +98,15 @@ local function dead_letter(group, id, fields, attempts, reason, now)
 end
 
 -- Messages the group has not acked: in flight (or waiting to retry) plus unread. Redis knows
--- the unread count (lag) unless the group was moved (XGROUP SETID, on expiry): then count.
+-- the unread count (lag) as long as the group's read counter is valid (housekeeping keeps it
+-- so when it moves a group past expired messages). A group moved without it (by an earlier
+-- version) is counted, at most LAG_COUNTED entries: this also runs for every refused append
+-- of a full channel, and must stay cheap however large the channel.
+local LAG_COUNTED = 1000
 local function backlog(g)
   local lag = g['lag']
   if type(lag) ~= 'number' then
-    lag = 0
-    local from = '(' .. g['last-delivered-id']
-    while true do
-      local batch = redis.call('XRANGE', S, from, '+', 'COUNT', 1000)
-      lag = lag + #batch
-      if #batch < 1000 then break end
-      from = '(' .. batch[#batch][1]
-    end
+    lag = #redis.call('XRANGE', S, '(' .. g['last-delivered-id'], '+', 'COUNT', LAG_COUNTED)
   end
   return tonumber(g['pending']) + lag
 end
@@ -276,7 +273,7 @@ while cfg do
 end
 pcall(redis.call, 'XGROUP', 'DELCONSUMER', S, group, consumer)
 -- A connection of the group was alive until now: its idle time starts here.
-redis.call('HSET', GROUPS, group, now_ms())
+if cfg then redis.call('HSET', GROUPS, group, now_ms()) end
 return released
 
 -- script: housekeep
@@ -298,7 +295,15 @@ for _, g in ipairs(groups_of()) do
       if not f['group'] or f['group'] == g['name'] then expired = expired + 1 end
     end
     if #unread > 0 then
-      redis.call('XGROUP', 'SETID', S, g['name'], unread[#unread][1])
+      -- Skipping #unread entries: the group's read counter moves on as much, so Redis can
+      -- still tell its lag (the backlog the admin API lists and a full channel names).
+      local read = tonumber(g['entries-read'])
+      if read then
+        redis.call('XGROUP', 'SETID', S, g['name'], unread[#unread][1], 'ENTRIESREAD',
+          read + #unread)
+      else
+        redis.call('XGROUP', 'SETID', S, g['name'], unread[#unread][1])
+      end
     end
   end
 end
