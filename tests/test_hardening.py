@@ -320,3 +320,24 @@ def test_http_webhook_headers_replace_the_senders(tmp_path: Path, sink: Sink) ->
     assert [v for n, v in headers if n == "x-tag"] == ["ours"]
     assert [v for n, v in headers if n == "content-type"] == ["application/vnd.ours+json"]
     assert ("x-other", "kept") in headers
+
+
+@pytest.mark.parametrize(
+    ("entry", "key"),
+    [
+        ({"failed_auth_limit": {"max_failures": 0}}, "gh.failed_auth_limit.max_failures"),
+        (
+            {"source_rate_limit": {"max_requests": 5, "window_seconds": -1}},
+            "gh.source_rate_limit.window_seconds",
+        ),
+    ],
+)
+def test_a_bad_flood_limit_is_one_line_and_exit_2(
+    tmp_path: Path, entry: dict[str, object], key: str
+) -> None:
+    path = tmp_path / "webhooks.json"
+    path.write_text(json.dumps({"gh": relay(**entry)}))
+    result = cloud_cli(tmp_path, path)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert f"{path}: {key}: " in line
