@@ -46,6 +46,7 @@ WEBHOOKS = {
     ),
     "oauth1": relay(oauth1={"consumer_key": CONSUMER_KEY, "consumer_secret": CONSUMER_SECRET}),
     "json": relay(),
+    "idempotent": relay(idempotency={"json_path": "$.id"}),
 }
 
 
@@ -67,7 +68,7 @@ def quota_cloud(storage_url: str, tmp_path: Path) -> Iterator[Cloud]:
     channel = {**RELAY, "rate_limit": {"max_requests": 8, "window_seconds": HOUR}}
     webhooks = {**WEBHOOKS, "signed": {**WEBHOOKS["signed"], "module-config": channel}}
     # A channel's limits are one: every webhook of it must carry the same.
-    for name in ("oauth1", "json"):
+    for name in ("oauth1", "json", "idempotent"):
         webhooks[name] = {**WEBHOOKS[name], "module-config": channel}
     path.write_text(json.dumps(webhooks))
     with running(Cloud(storage_url, path, tmp_path)) as cloud:
@@ -174,6 +175,12 @@ def test_a_number_beyond_a_double_is_valid_json_stored_as_sent(module_cloud: Clo
     for body in (b'{"a":1e400}', b"[-1e400, 1" + b"0" * 5000 + b"]"):
         answer = httpx.post(f"{module_cloud.url}/webhook/json", content=body, timeout=10)
         assert answer.status_code == 202, answer.text
+    # The delivery id is read from such a body too: a retry is stored once.
+    event = b'{"id": "evt-1e400", "n": 1e400}'
+    first = httpx.post(f"{module_cloud.url}/webhook/idempotent", content=event, timeout=10)
+    again = httpx.post(f"{module_cloud.url}/webhook/idempotent", content=event, timeout=10)
+    assert first.status_code == again.status_code == 202
+    assert again.json() == {**first.json(), "duplicate": True}
     # Not every orjson refusal is let through: JSON's grammar still rules.
     for body in (b'{"a": NaN}', b"[Infinity]", b"\xff"):
         answer = httpx.post(f"{module_cloud.url}/webhook/json", content=body, timeout=10)

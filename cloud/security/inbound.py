@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+from webhook_connect.cloud.security import jsondoc
 
 Check = Callable[["InboundRequest"], Awaitable[None]]
 RawHeaders = list[tuple[bytes, bytes]]
@@ -67,8 +67,8 @@ class InboundRequest:
         if not self._json_parsed:
             self._json_parsed = True
             try:
-                self._json = orjson.loads(self.body)
-            except orjson.JSONDecodeError:
+                self._json = jsondoc.loads(self.body)
+            except (ValueError, RecursionError):
                 self._json = None
         return self._json
 

@@ -7,14 +7,13 @@ than ``max_depth`` opening brackets cannot nest deeper, and no string is longer 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import orjson
 from jsonschema.exceptions import best_match
 from jsonschema.validators import validator_for
 from referencing import Registry
 
+from webhook_connect.cloud.security import jsondoc
 from webhook_connect.cloud.security.inbound import Rejected
 
 
@@ -65,35 +64,14 @@ class PayloadRules:
 
 
 def parse_json(body: bytes) -> Any:
-    """The body as a document, or :class:`Rejected` 400 ``invalid_json``.
-
-    orjson is fast but refuses some valid JSON: a number beyond a double (``1e400``) or a lone
-    surrogate escape. The body is stored as received and only its structure is validated, so
-    what orjson refuses is judged again by the standard library, strictly: UTF-8 only, and
-    none of its extensions (``NaN``, ``Infinity``).
-    """
+    """The body as a document, or :class:`Rejected` 400 (``invalid_json``, or
+    ``payload_too_deep`` when it nests too deeply to parse at all)."""
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        first = exc
-    try:
-        return json.loads(
-            body.decode("utf-8"), parse_constant=_refuse_constant, parse_int=_parse_int
-        )
+        return jsondoc.loads(body)
     except RecursionError:
         raise Rejected(400, "payload_too_deep", "JSON nests too deeply to parse") from None
-    except ValueError:  # not UTF-8, or not JSON
-        raise Rejected(400, "invalid_json", f"the body is not valid JSON: {first}") from None
-
-
-def _parse_int(text: str) -> int | float:
-    # Python converts at most 4,300 digits to an int (a ValueError beyond): only the structure
-    # is validated, so a longer integer is kept as a float (infinite) rather than refused.
-    return int(text) if len(text) <= 4000 else float(text)
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+    except ValueError as exc:
+        raise Rejected(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
 
 
 def json_depth(document: Any) -> int:
