@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ DEFAULT_STORAGE = "sqlite:///webhook-connect.db"
 STORAGE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("auto", "json", "text")  # auto: text on a terminal, JSON lines elsewhere
+# Slow and idle client connections (cloud/connections.py).
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 30.0
+DEFAULT_MAX_OPEN = 1000
 # Handed to uvicorn's worker processes, which rebuild the config from it.
 CONFIG_ENV = "WEBHOOK_CONNECT_INTERNAL_CLOUD_CONFIG"
 
@@ -41,6 +46,11 @@ class CloudConfig:
     public_url: str | None = None
     # /openapi.json and /docs for anyone; otherwise only with the admin token.
     public_docs: bool = False
+    # Slow and idle client connections (cloud/connections.py): seconds, and connections per
+    # process (lowered at start-up if the descriptor limit cannot hold them).
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    max_open_connections: int = DEFAULT_MAX_OPEN
     webhooks: Mapping[str, Webhook] = field(default_factory=dict)
 
     def channels(self) -> dict[str, ChannelSpec]:
@@ -83,6 +93,9 @@ def build_cloud_config(
     log_format: str = "auto",
     public_url: str | None = None,
     public_docs: bool = False,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_open_connections: int = DEFAULT_MAX_OPEN,
     environ: Mapping[str, str] | None = None,
 ) -> CloudConfig:
     """Validate options and load the files they name; raise :class:`ConfigError` on a problem."""
@@ -103,6 +116,11 @@ def build_cloud_config(
         raise ConfigError("--admin-token", "", "must be at least 16 characters")
     if public_url is not None:
         public_url = validate_public_url(public_url)
+    for flag, seconds in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout)):
+        if not 0 < seconds < math.inf:  # NaN fails too
+            raise ConfigError(flag, "", f"{seconds} is not a positive number of seconds")
+    if max_open_connections < 1:
+        raise ConfigError("--max-open-connections", "", "must be at least 1")
     connections = load_connections(connections_path, environ)
     webhooks = {} if webhooks_path is None else load_webhooks(webhooks_path, connections, environ)
     # Compile every check now, so a key no check can use (a malformed PEM key) stops start-up.
@@ -119,6 +137,9 @@ def build_cloud_config(
         log_format=log_format.lower(),
         public_url=public_url,
         public_docs=public_docs,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_open_connections=max_open_connections,
         webhooks=webhooks,
     )
 

@@ -24,6 +24,10 @@ replica answers a scrape correctly:
   ``process_*`` figures describe the whole server whichever worker answers: CPU seconds,
   memory and open descriptors are summed over uvicorn's supervisor and every worker, read from
   ``/proc`` at scrape time; start time and descriptor limit are the supervisor's.
+* **Client connections** (``cloud/connections.py``), summed over workers: ``open_connections``
+  (HTTP and WebSocket, a gauge of live workers), ``connections_closed_total{reason}`` (a
+  deadline ran out: ``header_timeout``, ``body_timeout``; or ``evicted`` at the cap) and
+  ``connections_refused_total`` (503 at the cap, every connection busy).
 
 Ack latency is the time from sending a message to a connector to its ack arriving. A WebSocket
 ack reaches the process that sent the message, so every ack is observed. An SSE or long-poll ack
@@ -50,6 +54,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -113,6 +118,27 @@ ACK_LATENCY = Histogram(
     registry=LOCAL,
 )
 
+# Client connections (cloud/connections.py), per process; a scrape sums every worker's.
+CONNECTIONS_CLOSED = Counter(
+    PREFIX + "connections_closed",
+    "Client connections the cloud closed: a deadline ran out, or evicted at the cap.",
+    ["reason"],
+    registry=LOCAL,
+)
+CONNECTIONS_REFUSED = Counter(
+    PREFIX + "connections_refused",
+    "Client connections answered 503 at the open-connection cap, every one busy.",
+    registry=LOCAL,
+)
+OPEN_CONNECTIONS = Gauge(
+    PREFIX + "open_connections",
+    "Client connections open (HTTP and WebSocket).",
+    registry=LOCAL,
+    multiprocess_mode="livesum",
+)
+for _reason in ("header_timeout", "body_timeout", "evicted"):
+    CONNECTIONS_CLOSED.labels(_reason)  # present at zero from the start
+
 INGEST_DURATION = Histogram(
     PREFIX + "ingest_duration_seconds",
     "Time from a webhook request reaching the cloud to its answer (202, 4xx or 5xx).",
@@ -166,6 +192,23 @@ def observe_ingest(channel: str, status: int, started: float) -> None:
 def count_duplicate(channel: str) -> None:
     """A provider's retry of a stored message was answered with the original id."""
     DUPLICATES.labels(channel).inc()
+
+
+def connection_opened() -> None:
+    OPEN_CONNECTIONS.inc()
+
+
+def connection_closed() -> None:
+    OPEN_CONNECTIONS.dec()
+
+
+def count_connection_closed(reason: str) -> None:
+    """The cloud closed a client connection; ``reason`` names the deadline or the cap."""
+    CONNECTIONS_CLOSED.labels(reason).inc()
+
+
+def count_connection_refused() -> None:
+    CONNECTIONS_REFUSED.inc()
 
 
 def observe_ack_latency(channel: str, seconds: Iterable[float]) -> None:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import resource
 import shutil
 import tempfile
+from typing import Any
 
 import uvicorn
 
 from webhook_connect.cloud.config import CONFIG_ENV, CloudConfig
 from webhook_connect.cloud.logs import logging_config, resolve_format
+from webhook_connect.shared.exceptions import ConfigError
+
+logger = logging.getLogger("webhook_connect.cloud")
 
 # prometheus_client's multiprocess mode (cloud/metrics.py): where every worker keeps its values.
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -30,6 +37,41 @@ def run(config: CloudConfig) -> None:
 
 def serve(config: CloudConfig) -> None:
     """uvicorn with the cloud's settings, in the foreground."""
+    # Imported here, not at the top: it imports prometheus_client, which must not be imported
+    # before run() has set PROMETHEUS_MULTIPROC_DIR.
+    from webhook_connect.cloud.connections import (
+        ConnectionLimits,
+        GuardedHttpProtocol,
+        GuardedWebSocketProtocol,
+        minimum_descriptors,
+        plan_descriptors,
+    )
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    plan = plan_descriptors(config.max_open_connections, soft, hard)
+    if plan is None:
+        raise ConfigError(
+            "--max-open-connections",
+            "",
+            f"the descriptor limit (ulimit -n {soft}) is below the {minimum_descriptors()} "
+            "the cloud needs",
+        )
+    if plan.nofile != soft:
+        # Inherited by uvicorn's worker processes.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (plan.nofile, hard))
+    if plan.lowered:
+        logger.warning(
+            "open connections per process lowered from %d to %d to fit the descriptor limit "
+            "(ulimit -n %d); raise it to allow more",
+            config.max_open_connections,
+            plan.max_open,
+            plan.nofile,
+        )
+    limits = ConnectionLimits(config.header_timeout, config.body_timeout, plan.max_open)
+    # uvicorn takes a protocol class; a partial (which pickles, for --workers) carries the limits
+    # into every worker process, where each keeps its own count.
+    http: Any = functools.partial(GuardedHttpProtocol, limits=limits)
+    ws: Any = functools.partial(GuardedWebSocketProtocol, limits=limits)
     uvicorn.run(
         "webhook_connect.cloud.app:app_from_environment",
         factory=True,
@@ -40,7 +82,13 @@ def serve(config: CloudConfig) -> None:
         # Applied by uvicorn in every worker: one stderr handler, JSON or text.
         log_config=logging_config(resolve_format(config.log_format), config.log_level),
         loop="auto",
-        http="auto",
+        http=http,
+        ws=ws,
+        # Small enough that one burst of accepts cannot run the process out of descriptors.
+        backlog=plan.backlog,
+        # A kept-alive connection idle between requests is closed after this (uvicorn's
+        # default, stated: cloud/connections.py relies on it being finite).
+        timeout_keep_alive=5,
         access_log=config.log_level in ("debug", "trace"),
         server_header=False,
         proxy_headers=False,

@@ -91,15 +91,30 @@ class RedisServer:
             self.process = None
 
 
+def descriptor_limit(nofile: int) -> Callable[[], None]:
+    """For ``preexec_fn``: the child runs with at most ``nofile`` open files (as ``ulimit -n``)."""
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    return limit
+
+
 class Cloud:
     """``webhook-connect cloud`` as a real process under uvicorn."""
 
-    def __init__(self, storage: str, webhooks: Path, workdir: Path, *extra: str) -> None:
+    def __init__(
+        self, storage: str, webhooks: Path, workdir: Path, *extra: str, nofile: int | None = None
+    ) -> None:
         self.port = free_port()
         self.storage = storage
         self.webhooks = webhooks
         self.workdir = workdir
         self.extra = extra
+        # Soft and hard RLIMIT_NOFILE of the cloud process (None: inherited).
+        self.nofile = nofile
         self.process: subprocess.Popen[bytes] | None = None
         self.log = workdir / f"cloud-{self.port}.log"
 
@@ -116,7 +131,12 @@ class Cloud:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                args, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+                args,
+                cwd=self.workdir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=None if self.nofile is None else descriptor_limit(self.nofile),
             )
         wait_until(self._healthy, timeout=20, what=f"cloud on port {self.port}")
 

@@ -80,6 +80,30 @@ def main() -> None:
     help="Serve /openapi.json and /docs to anyone (generic, no webhook ids); otherwise only "
     "with the admin token.",
 )
+@click.option(
+    "--header-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    envvar=ENV_PREFIX + "HEADER_TIMEOUT",
+    help="Seconds a client has from connecting to the end of its request head.",
+)
+@click.option(
+    "--body-timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    envvar=ENV_PREFIX + "BODY_TIMEOUT",
+    help="Seconds a client has from the end of its request head to the end of the body.",
+)
+@click.option(
+    "--max-open-connections",
+    type=int,
+    default=1000,
+    show_default=True,
+    envvar=ENV_PREFIX + "MAX_OPEN_CONNECTIONS",
+    help="Client connections per process; lowered to fit the descriptor limit.",
+)
 def cloud(**options: object) -> None:
     """Receive webhooks and buffer them durably per channel."""
     try:
@@ -97,7 +121,10 @@ def cloud(**options: object) -> None:
     except ConfigError as exc:
         fail_config(exc)
     announce_webhooks(config)
-    run(config)
+    try:
+        run(config)
+    except ConfigError as exc:  # the descriptor limit cannot hold the connections asked for
+        fail_config(exc)
 
 
 def announce_webhooks(config: CloudConfig) -> None:
