@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import secrets
 
-from webhook_connect.cloud.buffers import Buffer, TokenRecord
+from webhook_connect.cloud.buffers import Registry, TokenRecord
 
 TOKEN_PREFIX = "wct_"
 CONFIG_LABEL_PREFIX = "webhooks.json:"
@@ -29,7 +29,7 @@ def token_matches(token: str, token_hash: str) -> bool:
 
 
 async def authenticate_connector(
-    buffer: Buffer, channel: str, token: str | None, now: float
+    buffer: Registry, channel: str, token: str | None, now: float
 ) -> TokenRecord | None:
     """The token's record if ``token`` opens ``channel`` now, else None.
 

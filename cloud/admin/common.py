@@ -25,10 +25,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from webhook_connect.cloud.buffers import (
-    Buffer,
     ChannelSpec,
     ConnectionRecord,
     DeadLetter,
+    Registry,
     TokenRecord,
 )
 from webhook_connect.cloud.tokens import bearer_token
@@ -132,7 +132,7 @@ def channel_name(request: Request) -> str:
     return name
 
 
-async def existing_channel(buffer: Buffer, request: Request) -> ChannelSpec:
+async def existing_channel(buffer: Registry, request: Request) -> ChannelSpec:
     name = channel_name(request)
     spec = await buffer.get_channel(name)
     if spec is None:

@@ -20,7 +20,7 @@ from webhook_connect.cloud.admin.common import (
     json_body,
     validated,
 )
-from webhook_connect.cloud.buffers import Buffer, ChannelSpec
+from webhook_connect.cloud.buffers import ChannelSpec, Registry
 from webhook_connect.cloud.buffers.base import DEFAULT_GROUP, GroupInfo
 from webhook_connect.cloud.sessions import GROUP_NAME
 
@@ -63,7 +63,7 @@ def group_name(request: Request) -> str:
 class GroupRoutes:
     """Handlers for one channel's consumer groups."""
 
-    def __init__(self, buffer: Buffer) -> None:
+    def __init__(self, buffer: Registry) -> None:
         self.buffer = buffer
 
     async def index(self, request: Request) -> JSONResponse:

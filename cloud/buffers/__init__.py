@@ -1,4 +1,9 @@
-"""Storage backends behind one :class:`~.base.Buffer` protocol, chosen by URL."""
+"""Storage backends behind one :class:`~.base.Buffer` protocol, chosen by URL.
+
+``Buffer`` is three narrower protocols one backend implements together: the
+:class:`~.base.MessageQueue`, the :class:`~.base.Registry` (channels, tokens, groups,
+connections) and the :class:`~.base.Limits` (nonces, rate counters).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ from webhook_connect.cloud.buffers.base import (
     DeadLetter,
     Delivery,
     DeliveryAttempt,
+    Limits,
+    MessageQueue,
+    Registry,
     TokenRecord,
 )
 
@@ -39,6 +47,9 @@ __all__ = [
     "DeadLetter",
     "Delivery",
     "DeliveryAttempt",
+    "Limits",
+    "MessageQueue",
+    "Registry",
     "TokenRecord",
     "open_buffer",
 ]

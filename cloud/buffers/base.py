@@ -1,5 +1,11 @@
 """The ``Buffer`` protocol every storage backend implements, and the values it trades in.
 
+``Buffer`` is the composition of three narrower protocols, one per concern: the
+:class:`MessageQueue` (messages, their delivery and settling, dead letters, history and the
+activity feed those steps write), the :class:`Registry` (channels, tokens, consumer groups,
+connections) and the :class:`Limits` (replay keys and rate counters). A caller that needs one
+concern is typed against that one (``cloud/tokens.py`` takes a ``Registry``).
+
 Semantics shared by every backend (the conformance suite in ``tests/test_buffers.py`` holds
 each of them to it):
 
@@ -208,33 +214,13 @@ CONNECTION_STALE_SECONDS = 30.0
 COUNTERS = ("accepted", "delivered", "redelivered", "dead_lettered", "expired")
 
 
-class Buffer(Protocol):
-    """Durable per-channel message storage with consumer groups."""
+class MessageQueue(Protocol):
+    """The messages of a channel: stored, handed out, settled, expired, dead-lettered, replayed.
 
-    url: str
-
-    async def aclose(self) -> None: ...
-
-    async def ping(self) -> None:
-        """Raise :class:`~webhook_connect.shared.exceptions.StorageUnavailable` if it fails."""
-
-    async def provision(self, spec: ChannelSpec) -> None:
-        """Create the channel, or update its limits; existing messages are kept."""
-
-    async def get_channel(self, name: str) -> ChannelSpec | None: ...
-
-    async def list_channels(self) -> list[ChannelSpec]: ...
-
-    async def delete_channel(self, name: str) -> bool:
-        """Remove the channel with its messages, dead letters and tokens."""
-
-    async def put_token(self, token: TokenRecord) -> None: ...
-
-    async def find_token(self, token_hash: str) -> TokenRecord | None: ...
-
-    async def list_tokens(self, channel: str) -> list[TokenRecord]: ...
-
-    async def delete_token(self, channel: str, token_id: str) -> bool: ...
+    The recent-activity feed lives here too: it is written by the queue's own steps (received,
+    delivered, dead-lettered), in the same transaction or script. So is ``append_once``: the
+    idempotency check must be one atomic step with the store it guards.
+    """
 
     async def append(self, envelope: Envelope) -> str:
         """Store ``envelope`` durably in its channel and return the message id."""
@@ -246,36 +232,9 @@ class Buffer(Protocol):
         last ``window_seconds`` (a provider's retry). Returns the message id, the original one
         for a repeat, and whether this call stored it. Check and store are one atomic step."""
 
-    async def remember(self, key: str, ttl_seconds: float) -> bool:
-        """Record ``key`` for ``ttl_seconds``, for every replica; False if it was recorded
-        already (a replayed nonce)."""
-
-    async def hit_rate(self, channel: str, key: str, limit: int, window_seconds: float) -> float:
-        """Count one request against ``key`` in the current window of ``window_seconds``.
-        Returns 0 while at most ``limit`` requests fell in the window, else the seconds until
-        it ends (for ``Retry-After``). Shared by every replica."""
-
-    async def join(self, channel: str, group: str) -> None:
-        """Make sure ``group`` exists on ``channel`` (new groups start at the next message)."""
-
     async def read(self, channel: str, group: str, consumer: str, count: int) -> list[Delivery]:
         """Take up to ``count`` deliverable messages for ``consumer`` of ``group``; nothing if
         the group does not exist (it was dropped: ``join`` first)."""
-
-    async def has_group(self, channel: str, group: str) -> bool:
-        """Whether ``group`` exists on ``channel``."""
-
-    async def list_groups(self, channel: str) -> list[GroupInfo]:
-        """Every group of ``channel`` with its backlog, sorted by name."""
-
-    async def drop_group(self, channel: str, group: str) -> int | None:
-        """Forget ``group`` and its backlog and remove its connections; the ``default`` group
-        is recreated at once, empty. Returns how many connections were removed, None if there
-        was no such group."""
-
-    async def drop_idle_groups(self, channel: str) -> list[str]:
-        """Drop the groups other than ``default`` with no connection for the channel's
-        ``group_idle_seconds`` (only with ``dynamic_groups``); returns their names."""
 
     async def ack(self, channel: str, group: str, message_id: str, consumer: str = "") -> bool:
         """Remove a message from ``group``; False if it was not in flight (for ``consumer``)."""
@@ -295,6 +254,9 @@ class Buffer(Protocol):
     async def release(self, channel: str, group: str, consumer: str) -> int:
         """Return everything ``consumer`` holds to the group at once (it disconnected)."""
 
+    async def pending_count(self, channel: str, group: str, consumer: str, limit: int) -> int:
+        """How many messages ``consumer`` holds, counted up to ``limit`` (its window)."""
+
     async def housekeep(self, channel: str) -> int:
         """Expire messages past their TTL and drop what every group is done with."""
 
@@ -306,6 +268,67 @@ class Buffer(Protocol):
 
     async def wait_for_change(self, channel: str, since: int, max_wait: float) -> None:
         """Wait until ``change_version`` differs from ``since`` (any replica), or ``max_wait``."""
+
+    async def dead_letters(self, channel: str, limit: int = 100) -> list[DeadLetter]: ...
+
+    async def replay_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
+        """Deliver dead letters again, each to the group that gave up on it, with new ids."""
+
+    async def purge_dead_letters(self, channel: str, ids: list[str] | None = None) -> int: ...
+
+    async def replay_history(
+        self, channel: str, group: str, since: float, limit: int = 10000
+    ) -> int:
+        """Deliver again to ``group`` (only) the messages received since ``since`` that the
+        channel's history still holds (``history_seconds``), as new messages; oldest first, at
+        most ``limit``. Returns how many."""
+
+    async def stats(self, channel: str) -> ChannelStats: ...
+
+    async def recent_events(self, channel: str, limit: int = 50) -> list[ChannelEvent]:
+        """The channel's latest received, delivered and dead-lettered messages, newest first
+        (at most EVENTS_KEPT are kept), as every replica recorded them."""
+
+
+class Registry(Protocol):
+    """What exists: channels and their limits, connector tokens, consumer groups, and the live
+    connections of every replica."""
+
+    async def provision(self, spec: ChannelSpec) -> None:
+        """Create the channel, or update its limits; existing messages are kept."""
+
+    async def get_channel(self, name: str) -> ChannelSpec | None: ...
+
+    async def list_channels(self) -> list[ChannelSpec]: ...
+
+    async def delete_channel(self, name: str) -> bool:
+        """Remove the channel with its messages, dead letters and tokens."""
+
+    async def put_token(self, token: TokenRecord) -> None: ...
+
+    async def find_token(self, token_hash: str) -> TokenRecord | None: ...
+
+    async def list_tokens(self, channel: str) -> list[TokenRecord]: ...
+
+    async def delete_token(self, channel: str, token_id: str) -> bool: ...
+
+    async def join(self, channel: str, group: str) -> None:
+        """Make sure ``group`` exists on ``channel`` (new groups start at the next message)."""
+
+    async def has_group(self, channel: str, group: str) -> bool:
+        """Whether ``group`` exists on ``channel``."""
+
+    async def list_groups(self, channel: str) -> list[GroupInfo]:
+        """Every group of ``channel`` with its backlog, sorted by name."""
+
+    async def drop_group(self, channel: str, group: str) -> int | None:
+        """Forget ``group`` and its backlog and remove its connections; the ``default`` group
+        is recreated at once, empty. Returns how many connections were removed, None if there
+        was no such group."""
+
+    async def drop_idle_groups(self, channel: str) -> list[str]:
+        """Drop the groups other than ``default`` with no connection for the channel's
+        ``group_idle_seconds`` (only with ``dynamic_groups``); returns their names."""
 
     async def add_connection(self, record: ConnectionRecord, limit: int) -> bool:
         """Register a connection unless ``limit`` live ones exist already."""
@@ -323,25 +346,28 @@ class Buffer(Protocol):
         """Forget connections not heard of for CONNECTION_STALE_SECONDS; return what they
         held to the channel at once. Returns how many were reaped."""
 
-    async def pending_count(self, channel: str, group: str, consumer: str, limit: int) -> int:
-        """How many messages ``consumer`` holds, counted up to ``limit`` (its window)."""
 
-    async def dead_letters(self, channel: str, limit: int = 100) -> list[DeadLetter]: ...
+class Limits(Protocol):
+    """Short-lived counters every replica shares: replayed nonces and rate windows. Losing
+    them (a power cut) only forgets a limit for one window; they never hold a message."""
 
-    async def replay_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
-        """Deliver dead letters again, each to the group that gave up on it, with new ids."""
+    async def remember(self, key: str, ttl_seconds: float) -> bool:
+        """Record ``key`` for ``ttl_seconds``, for every replica; False if it was recorded
+        already (a replayed nonce)."""
 
-    async def purge_dead_letters(self, channel: str, ids: list[str] | None = None) -> int: ...
+    async def hit_rate(self, channel: str, key: str, limit: int, window_seconds: float) -> float:
+        """Count one request against ``key`` in the current window of ``window_seconds``.
+        Returns 0 while at most ``limit`` requests fell in the window, else the seconds until
+        it ends (for ``Retry-After``). Shared by every replica."""
 
-    async def stats(self, channel: str) -> ChannelStats: ...
 
-    async def replay_history(
-        self, channel: str, group: str, since: float, limit: int = 10000
-    ) -> int:
-        """Deliver again to ``group`` (only) the messages received since ``since`` that the
-        channel's history still holds (``history_seconds``), as new messages; oldest first, at
-        most ``limit``. Returns how many."""
+class Buffer(MessageQueue, Registry, Limits, Protocol):
+    """Durable per-channel message storage with consumer groups: the three concerns one
+    backend implements together. Take the narrow protocol where a caller needs only one."""
 
-    async def recent_events(self, channel: str, limit: int = 50) -> list[ChannelEvent]:
-        """The channel's latest received, delivered and dead-lettered messages, newest first
-        (at most EVENTS_KEPT are kept), as every replica recorded them."""
+    url: str
+
+    async def aclose(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise :class:`~webhook_connect.shared.exceptions.StorageUnavailable` if it fails."""

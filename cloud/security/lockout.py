@@ -1,10 +1,10 @@
 """Source addresses that failed authentication too often, refused before any signature work.
 
-Failures are counted in storage (``Buffer.hit_rate``), so every replica adds to one count per
-address. What a process learns from that count, "this address is over its limit until T", is
-kept here, in memory: the refusals that follow cost neither a storage round trip nor a
-signature. Another replica learns it at the address's next failure there, so a locked-out
-address gets at most one more failure through per replica and window.
+Failures are counted in storage (``Limits.hit_rate``, cloud/buffers/base.py), so every replica
+adds to one count per address. What a process learns from that count, "this address is over its
+limit until T", is kept here, in memory: the refusals that follow cost neither a storage round
+trip nor a signature. Another replica learns it at the address's next failure there, so a
+locked-out address gets at most one more failure through per replica and window.
 
 Pure logic: the clock comes in as an argument.
 """
