@@ -175,7 +175,8 @@ class CloudApp:
         return JSONResponse(openapi_document(self.ingest.guards, detailed=detailed))
 
     async def docs(self, request: Request) -> Response:
-        return self._docs_refusal(request) or HTMLResponse(DOCS_PAGE)
+        refusal = self._docs_refusal(request)
+        return refusal or HTMLResponse(DOCS_PAGE.html, headers=DOCS_PAGE.headers)
 
     async def health(self, request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
