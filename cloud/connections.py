@@ -287,11 +287,12 @@ class ConnectionGuard:
         self.closed(connection)
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Rescheduled first: one connection failing to close must not end the sweeps.
+        self._sweeper = loop.call_later(self.limits.sweep_interval, self._sweep, loop)
         now = time.monotonic()
         for connection, reason in self.table.expired(now):
             self.closed(connection)
             self._close(connection, reason, now)
-        self._sweeper = loop.call_later(self.limits.sweep_interval, self._sweep, loop)
 
     def _close(self, connection: Guarded, reason: str, now: float) -> None:
         metrics.count_connection_closed(reason)

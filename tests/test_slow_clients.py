@@ -8,6 +8,8 @@ import json
 import os
 import select
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,7 +21,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from tests.servers import Cloud, running, wait_until
+from tests.servers import REPO, Cloud, descriptor_limit, free_port, running, wait_until
 from webhook_connect.cli import main
 from webhook_connect.cloud.connections import (
     BODY_TIMEOUT,
@@ -151,6 +153,17 @@ def test_the_environment_variables_are_validated_too() -> None:
     env = {"WEBHOOK_CONNECT_BODY_TIMEOUT": "-5"}
     result = CliRunner().invoke(main, ["cloud"], env=env)
     assert result.exit_code == 2 and "--body-timeout" in result.output
+
+
+def test_a_descriptor_limit_too_low_for_the_cloud_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "webhook_connect", "cloud", "--port", str(free_port())]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        args, cwd=tmp_path, env=env, capture_output=True, preexec_fn=descriptor_limit(64)
+    )
+    assert done.returncode == 2
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "--max-open-connections" in lines[0] and "ulimit -n 64" in lines[0]
 
 
 # --- against the real cloud ------------------------------------------------------------------
