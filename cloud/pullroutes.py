@@ -6,40 +6,44 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from webhook_connect.cloud import logs, metrics
 from webhook_connect.cloud.buffers import Buffer
-from webhook_connect.cloud.pull import Puller
+from webhook_connect.cloud.pull import HEARTBEAT_SECONDS, Puller
+from webhook_connect.cloud.session import remote_plan
 from webhook_connect.cloud.sessions import (
     NATIVE_HEADER,
     Connection,
-    Refusal,
     close_connection,
     find_connection,
     open_connection,
     request_token,
-    unavailable,
+    settle,
 )
-from webhook_connect.shared.exceptions import StorageError
+from webhook_connect.shared.exceptions import ConnectorRefusal
 from webhook_connect.shared.frames import (
-    MAX_ACK_IDS,
     NATIVE_SUBPROTOCOL,
     WireMessage,
-    iso_time,
+    encode_connected,
+    encode_error,
+    encode_heartbeat,
     native_json,
     seed_message,
+    sse_event,
+)
+from webhook_connect.shared.frames import (
+    AckRequest as AckRequest,  # the body of POST /connect/ack, named here in the API spec
 )
 
 logger = logging.getLogger("webhook_connect.pull")
 
-HEARTBEAT_SECONDS = 5.0
 SSE_BATCH = 100
 MAX_ACK_BODY = 256 * 1024
 POLL_TIMEOUT_RANGE = (1, 60)
@@ -52,7 +56,7 @@ def json_response(status: int, content: Any, headers: dict[str, str] | None = No
     return Response(orjson.dumps(content), status, headers, media_type="application/json")
 
 
-def refused(refusal: Refusal) -> Response:
+def refused(refusal: ConnectorRefusal) -> Response:
     headers = (
         {"WWW-Authenticate": 'Bearer realm="webhook-connect"'} if refusal.status == 401 else None
     )
@@ -69,11 +73,6 @@ def is_native(request: Request) -> bool:
 
 def message_json(message: WireMessage, native: bool) -> dict[str, Any]:
     return native_json(message) if native else seed_message(message)
-
-
-def sse_event(event: str, data: bytes, event_id: str | None = None) -> bytes:
-    head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
-    return head.encode() + b"data: " + data + b"\n\n"
 
 
 class PullRoutes:
@@ -94,7 +93,7 @@ class PullRoutes:
         native = is_native(request)
         try:
             connection = await open_connection(self.buffer, request, channel, "sse")
-        except Refusal as refusal:
+        except ConnectorRefusal as refusal:
             return refused(refusal)
         if last := request.headers.get("last-event-id"):
             # At-least-once: what the old stream held was given back when it closed and comes
@@ -108,31 +107,27 @@ class PullRoutes:
         )  # fmt: skip
 
     async def _events(self, connection: Connection, native: bool) -> AsyncIterator[bytes]:
-        puller = Puller(self.buffer, connection)
+        puller = Puller(self.buffer, connection, HEARTBEAT_SECONDS)
+        session = puller.session
         try:
-            hello = {
-                "type": "connected", "connection_id": connection.consumer,
-                "channel": connection.channel, "timestamp": iso_time(time.time()),
-                "group": connection.group, "max_in_flight": connection.window,
-                "protocol": "native" if native else "seed",
-            }  # fmt: skip
-            yield sse_event("connected", orjson.dumps(hello))
-            beat_at = time.monotonic() + HEARTBEAT_SECONDS
+            hello = encode_connected(
+                connection.consumer, connection.channel, time.time(), group=connection.group,
+                max_in_flight=connection.window, protocol="native" if native else "seed",
+            )  # fmt: skip
+            yield sse_event("connected", hello)
             while True:
-                messages = await puller.next_batch(SSE_BATCH, beat_at)
+                messages = await puller.next_batch(SSE_BATCH, session.beat_at)
                 if messages:
                     self._sending(connection, messages)
                     yield b"".join(
                         sse_event("webhook", orjson.dumps(message_json(m, native)), m.message_id)
                         for m in messages
                     )
-                if time.monotonic() >= beat_at:
-                    beat = {"type": "heartbeat", "timestamp": iso_time(time.time())}
-                    yield sse_event("heartbeat", orjson.dumps(beat))
-                    beat_at = time.monotonic() + HEARTBEAT_SECONDS
-        except Refusal as refusal:
-            error = {"type": "error", "error": refusal.error, "detail": refusal.reason}
-            yield sse_event("error", orjson.dumps(error))
+                if session.heartbeat_due(time.monotonic()):
+                    yield sse_event("heartbeat", encode_heartbeat(time.time()))
+                    session.heartbeat_sent(time.monotonic())
+        except ConnectorRefusal as refusal:
+            yield sse_event("error", encode_error(refusal.error, detail=refusal.reason))
         finally:
             with anyio.CancelScope(shield=True):
                 await close_connection(self.buffer, connection)
@@ -154,7 +149,7 @@ class PullRoutes:
             if connection_id:
                 connection = await find_connection(self.buffer, request, connection_id)
                 if connection.channel != channel:
-                    raise Refusal(404, 0, "unknown_connection", "no such connection here")
+                    raise ConnectorRefusal(404, 0, "unknown_connection", "no such connection here")
             else:
                 connection = await open_connection(self.buffer, request, channel, "long_poll")
             puller = Puller(self.buffer, connection)
@@ -170,7 +165,7 @@ class PullRoutes:
                 waiting.cancel()
                 return Response(status_code=499)
             messages = waiting.result()
-        except Refusal as refusal:
+        except ConnectorRefusal as refusal:
             return refused(refusal)
         headers = {"X-Connection-ID": connection.consumer}
         if not messages:
@@ -209,8 +204,8 @@ class PullRoutes:
             return json_response(400, {"error": "bad_request", "detail": "no message_id given"})
         try:
             connection = await self._ack_connection(request)
-            done = await self._settle(connection, frame, ids)
-        except Refusal as refusal:
+            done = await self._settle(connection, frame)
+        except ConnectorRefusal as refusal:
             return refused(refusal)
         unknown = [i for i, ok in zip(ids, done, strict=True) if not ok]
         if frame.message_id is not None and not frame.message_ids:
@@ -241,50 +236,19 @@ class PullRoutes:
         self._ack_cache[key] = (now + ACK_CACHE_SECONDS, connection)
         return connection
 
-    async def _settle(
-        self, connection: Connection, frame: AckRequest, ids: list[str]
-    ) -> list[bool]:
-        buffer = self.buffer
-        channel, group, consumer = connection.channel, connection.group, connection.consumer
-        retry, reason = frame.retry, frame.reason or ("nack_retry" if frame.retry else "nack")
-        try:
-            if frame.status == "ack":
-                calls = [buffer.ack(channel, group, i, consumer) for i in ids]
-            else:
-                calls = [
-                    buffer.nack(channel, group, i, retry=retry, consumer=consumer, reason=reason)
-                    for i in ids
-                ]
-            # Pipelined: the acks of one POST share round trips.
-            done = await asyncio.gather(*calls)
-        except StorageError as exc:
-            raise unavailable(exc) from exc
-        settled = list(zip(ids, done, strict=True))
+    async def _settle(self, connection: Connection, frame: AckRequest) -> list[bool]:
+        outcome = await settle(self.buffer, connection, remote_plan(frame.settlement()))
+        consumer, now = connection.consumer, time.monotonic()
         if frame.status == "ack":
-            acked = [i for i, ok in settled if ok]
-            ages = self._sent.settled(consumer, acked, time.monotonic())
-            metrics.observe_ack_latency(channel, ages)
+            acked = [i for i, ok in outcome.settled if ok]
+            metrics.observe_ack_latency(
+                connection.channel, self._sent.settled(consumer, acked, now)
+            )
         else:
-            self._sent.settled(consumer, ids, time.monotonic())  # a retry is timed when resent
-        logs.log_settled(
-            channel, group, consumer, settled,
-            ack=frame.status == "ack", retry=retry, reason=reason,
-        )  # fmt: skip
-        buffer.wake(channel)  # a stream of this replica may be waiting for room in its window
-        return list(done)
-
-
-class AckRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    message_id: str | None = Field(default=None, max_length=200)
-    message_ids: list[str] = Field(default_factory=list, max_length=MAX_ACK_IDS)
-    status: Literal["ack", "nack"] = "ack"
-    retry: bool = True
-    reason: str = Field(default="", max_length=500)
-
-    def ids(self) -> list[str]:
-        return [*self.message_ids, *([self.message_id] if self.message_id else [])]
+            self._sent.settled(consumer, frame.ids(), now)  # a retry is timed when resent
+        # A stream of this replica may be waiting for room in its window.
+        self.buffer.wake(connection.channel)
+        return [ok for _, ok in outcome.settled]
 
 
 async def _disconnected(request: Request) -> None:

@@ -7,6 +7,7 @@ across polls, whichever replica serves each one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -17,11 +18,19 @@ from dataclasses import dataclass
 from starlette.datastructures import QueryParams
 from starlette.requests import HTTPConnection
 
-from webhook_connect.cloud.buffers import Buffer, ChannelSpec, ConnectionRecord, Delivery
+from webhook_connect.cloud import logs
+from webhook_connect.cloud.buffers import Buffer, ChannelSpec, ConnectionRecord
 from webhook_connect.cloud.buffers.base import DEFAULT_GROUP
+from webhook_connect.cloud.session import (
+    CLOSE_AUTH,
+    CLOSE_REMOVED,
+    SettleOutcome,
+    SettlePlan,
+    liveness,
+    settle_outcome,
+)
 from webhook_connect.cloud.tokens import authenticate_connector, bearer_token, hash_token
-from webhook_connect.shared.exceptions import StorageError
-from webhook_connect.shared.frames import WireMessage
+from webhook_connect.shared.exceptions import ConnectorRefusal, StorageError
 
 logger = logging.getLogger("webhook_connect.sessions")
 
@@ -30,30 +39,17 @@ CONNECTOR_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 CONNECTION_ID = re.compile(r"^[0-9a-f]{32}$")
 NATIVE_HEADER = "x-webhook-connect-protocol"
 
-CLOSE_AUTH = 4001
-CLOSE_REMOVED = 4002
 CLOSE_TOO_MANY = 4003
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNKNOWN_GROUP = 4404
 CLOSE_UNAVAILABLE = 4503
 
 
-class Refusal(Exception):
-    """A connection refused, with the HTTP status and WebSocket close code that say why."""
-
-    def __init__(self, status: int, close_code: int, error: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.close_code = close_code
-        self.error = error
-        self.reason = reason
+def unavailable(exc: StorageError) -> ConnectorRefusal:
+    return ConnectorRefusal(503, CLOSE_UNAVAILABLE, "storage_unavailable", "storage unavailable")
 
 
-def unavailable(exc: StorageError) -> Refusal:
-    return Refusal(503, CLOSE_UNAVAILABLE, "storage_unavailable", "storage unavailable")
-
-
-UNAUTHORIZED = Refusal(401, CLOSE_AUTH, "unauthorized", "invalid token or channel")
+UNAUTHORIZED = ConnectorRefusal(401, CLOSE_AUTH, "unauthorized", "invalid token or channel")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +86,9 @@ async def open_connection(
     group = params.get("group", "smee" if transport == "smee" else DEFAULT_GROUP)
     connector_id = connection.headers.get("x-connector-id") or params.get("connector_id", "")
     if not GROUP_NAME.match(group):
-        raise Refusal(400, CLOSE_BAD_REQUEST, "bad_request", "invalid group name")
+        raise ConnectorRefusal(400, CLOSE_BAD_REQUEST, "bad_request", "invalid group name")
     if connector_id and not CONNECTOR_ID.match(connector_id):
-        raise Refusal(400, CLOSE_BAD_REQUEST, "bad_request", "invalid connector id")
+        raise ConnectorRefusal(400, CLOSE_BAD_REQUEST, "bad_request", "invalid connector id")
     now = time.time()
     try:
         auth = await authenticate_connector(buffer, channel, request_token(connection), now)
@@ -120,7 +116,7 @@ async def open_connection(
     )
     try:
         if not await buffer.add_connection(record, spec.max_connections):
-            raise Refusal(
+            raise ConnectorRefusal(
                 429, CLOSE_TOO_MANY, "too_many_connections", "too many connections to this channel"
             )
         await buffer.join(channel, group)
@@ -144,7 +140,7 @@ async def _check_group(buffer: Buffer, spec: ChannelSpec, group: str) -> None:
     except StorageError as exc:
         raise unavailable(exc) from exc
     if not exists:
-        raise Refusal(
+        raise ConnectorRefusal(
             404, CLOSE_UNKNOWN_GROUP, "unknown_group",
             f"unknown group {group!r}: not created on demand here",
         )  # fmt: skip
@@ -159,7 +155,9 @@ async def find_connection(
     connections.
     """
     if not connection_id or not CONNECTION_ID.match(connection_id):
-        raise Refusal(400, CLOSE_BAD_REQUEST, "bad_request", "missing or malformed X-Connection-ID")
+        raise ConnectorRefusal(
+            400, CLOSE_BAD_REQUEST, "bad_request", "missing or malformed X-Connection-ID"
+        )
     token = request_token(connection)
     try:
         found = await buffer.find_token(hash_token(token)) if token else None
@@ -171,7 +169,9 @@ async def find_connection(
     except StorageError as exc:
         raise unavailable(exc) from exc
     if record is None or spec is None:
-        raise Refusal(404, CLOSE_REMOVED, "unknown_connection", "no such connection (expired?)")
+        raise ConnectorRefusal(
+            404, CLOSE_REMOVED, "unknown_connection", "no such connection (expired?)"
+        )
     window = spec.max_in_flight
     return Connection(record, spec, window)
 
@@ -184,10 +184,43 @@ async def close_connection(buffer: Buffer, connection: Connection) -> None:
     logger.info("connector %s left %r", connection.consumer, connection.channel)
 
 
-def wire_messages(
-    deliveries: list[Delivery], channel: str, first_sequence: int
-) -> list[WireMessage]:
-    return [
-        WireMessage(d.message_id, first_sequence + i, d.attempt, channel, d.envelope)
-        for i, d in enumerate(deliveries)
-    ]
+async def check_liveness(buffer: Buffer, connection: Connection) -> None:
+    """Keep the connection's record alive in storage and end the connection, with the
+    :class:`ConnectorRefusal` that says why, if the operator removed it or its token is no
+    longer in force (the rule: :func:`webhook_connect.cloud.session.liveness`)."""
+    try:
+        alive = await buffer.touch_connection(connection.channel, connection.consumer)
+        tokens = await buffer.list_tokens(connection.channel) if alive else []
+    except StorageError as exc:
+        raise unavailable(exc) from exc
+    refusal = liveness(alive, tokens, connection.record.token_id, time.time())
+    if refusal is not None:
+        raise refusal
+
+
+async def settle(buffer: Buffer, connection: Connection, plan: SettlePlan) -> SettleOutcome:
+    """Ack or nack in storage what a session's plan says, the one way every transport does.
+
+    The calls are pipelined: the ids of one frame or ``POST`` share round trips. Storage
+    answers per id whether the consumer still held it.
+    """
+    settlement = plan.settlement
+    channel, group, consumer = connection.channel, connection.group, connection.consumer
+    retry, reason = settlement.retry, settlement.reason
+    try:
+        if settlement.ack:
+            calls = [buffer.ack(channel, group, i, consumer) for i in settlement.ids]
+        else:
+            calls = [
+                buffer.nack(channel, group, i, retry=retry, consumer=consumer, reason=reason)
+                for i in settlement.ids
+            ]
+        results = await asyncio.gather(*calls)
+    except StorageError as exc:
+        raise unavailable(exc) from exc
+    outcome = settle_outcome(plan, results, time.monotonic())
+    logs.log_settled(
+        channel, group, consumer, outcome.settled,
+        ack=settlement.ack, retry=retry, reason="" if settlement.ack else reason,
+    )  # fmt: skip
+    return outcome

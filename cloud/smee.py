@@ -10,6 +10,7 @@ the client names with ``Last-Event-ID`` (event ids are buffer positions).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -23,10 +24,11 @@ from starlette.responses import Response, StreamingResponse
 
 from webhook_connect.cloud.buffers import Buffer
 from webhook_connect.cloud.pull import Puller
-from webhook_connect.cloud.pullroutes import refused, sse_event
-from webhook_connect.cloud.sessions import Connection, Refusal, close_connection, open_connection
-from webhook_connect.shared.exceptions import StorageError
-from webhook_connect.shared.frames import WireMessage
+from webhook_connect.cloud.pullroutes import refused
+from webhook_connect.cloud.session import remote_plan
+from webhook_connect.cloud.sessions import Connection, close_connection, open_connection, settle
+from webhook_connect.shared.exceptions import ConnectorRefusal
+from webhook_connect.shared.frames import Settlement, WireMessage, sse_event
 
 WINDOW = 1000
 ACK_LAG = 1.0
@@ -74,7 +76,7 @@ class SmeeRoute:
         channel = request.path_params["channel"]
         try:
             connection = await open_connection(self.buffer, request, channel, "smee")
-        except Refusal as refusal:
+        except ConnectorRefusal as refusal:
             return refused(refusal)
         connection = Connection(connection.record, connection.spec, WINDOW)
         seen = position(request.headers.get("last-event-id", ""))
@@ -108,15 +110,15 @@ class SmeeRoute:
                 if time.monotonic() >= ping_at:
                     yield sse_event("ping", b"{}")
                     ping_at = time.monotonic() + PING_SECONDS
-        except Refusal as refusal:
+        except ConnectorRefusal as refusal:
             yield sse_event("error", orjson.dumps({"error": refusal.error}))
         finally:
             with anyio.CancelScope(shield=True):
                 await close_connection(self.buffer, connection)
 
     async def _ack(self, connection: Connection, message_ids: list[str]) -> None:
-        for message_id in message_ids:
-            try:
-                await self.buffer.ack(connection.channel, connection.group, message_id)
-            except StorageError:
-                return  # not acked: sent again later, never lost
+        if not message_ids:
+            return
+        plan = remote_plan(Settlement(tuple(message_ids)))
+        with contextlib.suppress(ConnectorRefusal):  # storage down: not acked, sent again later
+            await settle(self.buffer, connection, plan)

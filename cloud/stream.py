@@ -1,10 +1,11 @@
 """``WS /connect/stream/{channel}``: push messages to a connector, take its acks and nacks.
 
-One :class:`StreamSession` per connection runs three tasks: *pump* reads from the buffer while
-the in-flight window has room and sends; *listen* applies the connector's frames; *beat* sends
-heartbeats and keeps the connection's record alive in storage. The first to end (disconnect,
-bad frame, revoked token) ends the others; whatever the connection still held goes back to the
-channel at once.
+A thin pump over :class:`~webhook_connect.cloud.session.ConsumerSession`, which decides what to
+read, what an ack settles and when to beat. Three tasks per connection: *pump* reads from the
+buffer while the session's window has room and sends; *listen* hands the connector's frames to
+the session and settles what it plans; *beat* sends heartbeats and checks the connection's
+record and token when the session says so. The first to end (disconnect, bad frame, revoked
+token) ends the others; whatever the connection still held goes back to the channel at once.
 """
 
 from __future__ import annotations
@@ -19,22 +20,20 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from webhook_connect.cloud import logs, metrics
 from webhook_connect.cloud.buffers import Buffer, Delivery
+from webhook_connect.cloud.session import READ_BATCH, ConsumerSession
 from webhook_connect.cloud.sessions import (
-    CLOSE_AUTH,
     CLOSE_BAD_REQUEST,
-    CLOSE_REMOVED,
-    CLOSE_UNAVAILABLE,
     Connection,
-    Refusal,
+    check_liveness,
     close_connection,
     open_connection,
+    settle,
+    unavailable,
 )
-from webhook_connect.cloud.tokens import token_in_force
-from webhook_connect.shared.exceptions import StorageError
+from webhook_connect.shared.exceptions import ConnectorRefusal, FrameError, StorageError
 from webhook_connect.shared.frames import (
     NATIVE_SUBPROTOCOL,
     AckFrame,
-    FrameError,
     NackFrame,
     WireMessage,
     encode_connected,
@@ -47,7 +46,6 @@ from webhook_connect.shared.frames import (
 
 logger = logging.getLogger("webhook_connect.stream")
 
-READ_BATCH = 100
 IDLE_WAIT = 1.0  # also how soon an ack-timeout redelivery is noticed without a notification
 SEND_TIMEOUT = 10.0  # per frame: a connector that cannot take 1 MiB in 10 s is not reading
 FRAME_BUDGET = 1024 * 1024  # native frames hold messages up to about this many body bytes
@@ -55,31 +53,36 @@ CLOSE_TIMEOUT = 5.0
 
 CLOSE_SLOW = 4408
 
+SLOW = ConnectorRefusal(408, CLOSE_SLOW, "slow_consumer", "slow consumer: not reading")
+BINARY = ConnectorRefusal(
+    400, CLOSE_BAD_REQUEST, "bad_request", "binary frames are not accepted here"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class StreamSettings:
     heartbeat_seconds: float = 5.0
 
 
-class SessionEnded(Exception):
-    """Ends a session with a close code and reason."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
 @dataclass
 class StreamSession:
+    """The pump of one WebSocket connection."""
+
     websocket: WebSocket
     buffer: Buffer
     connection: Connection
     native: bool
     settings: StreamSettings
-    in_flight: dict[str, float] = field(default_factory=dict)  # message id: monotonic sent at
+    session: ConsumerSession = field(init=False)
     room: asyncio.Event = field(default_factory=asyncio.Event)
-    sequence: int = 0
+
+    def __post_init__(self) -> None:
+        self.session = ConsumerSession.local(
+            self.channel,
+            self.connection.window,
+            now=time.monotonic(),
+            heartbeat_seconds=self.settings.heartbeat_seconds,
+        )
 
     @property
     def channel(self) -> str:
@@ -92,10 +95,6 @@ class StreamSession:
     @property
     def consumer(self) -> str:
         return self.connection.consumer
-
-    @property
-    def window(self) -> int:
-        return self.connection.window
 
     async def run(self) -> None:
         tasks = [
@@ -110,9 +109,9 @@ class StreamSession:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         ended = next((t.exception() for t in done if t.exception() is not None), None)
-        if isinstance(ended, SessionEnded):
+        if isinstance(ended, ConnectorRefusal):
             logger.info("closing %s: %s", self.consumer, ended.reason)
-            await self.close(ended.code, ended.reason)
+            await self.close(ended.close_code, ended.reason)
         elif ended is not None and not isinstance(ended, WebSocketDisconnect):
             logger.error("stream %s failed: %r", self.consumer, ended)
             await self.close(1011, "internal error")
@@ -123,41 +122,24 @@ class StreamSession:
             await asyncio.wait_for(self.websocket.close(code, reason), CLOSE_TIMEOUT)
 
     async def pump(self) -> None:
-        # Refill the window in chunks, not one ack at a time: fewer, fuller reads and frames.
-        low_water = max(1, min(self.window // 4, READ_BATCH // 4))
         while True:
-            room = self.window - len(self.in_flight)
-            if room <= 0 or (room < low_water and self.in_flight):
+            count = self.session.read_size(READ_BATCH)
+            if count == 0:
                 self.room.clear()
                 await self.room.wait()
                 continue
             since = self.buffer.change_version(self.channel)
             try:
-                deliveries = await self.buffer.read(
-                    self.channel, self.group, self.consumer, min(room, READ_BATCH)
-                )
+                deliveries = await self.buffer.read(self.channel, self.group, self.consumer, count)
             except StorageError as exc:
-                raise SessionEnded(CLOSE_UNAVAILABLE, "storage unavailable") from exc
+                raise unavailable(exc) from exc
             if not deliveries:
                 await self.buffer.wait_for_change(self.channel, since, IDLE_WAIT)
                 continue
             await self.send_messages(deliveries)
 
     async def send_messages(self, deliveries: list[Delivery]) -> None:
-        messages = []
-        sent_at = time.monotonic()
-        for delivery in deliveries:
-            self.sequence += 1
-            self.in_flight[delivery.message_id] = sent_at
-            messages.append(
-                WireMessage(
-                    delivery.message_id,
-                    self.sequence,
-                    delivery.attempt,
-                    self.channel,
-                    delivery.envelope,
-                )
-            )
+        messages = self.session.sent(deliveries, time.monotonic())
         try:
             async with asyncio.timeout(SEND_TIMEOUT):
                 if self.native:
@@ -167,7 +149,7 @@ class StreamSession:
                     for message in messages:
                         await self.websocket.send_text(encode_seed_message(message).decode())
         except TimeoutError:
-            raise SessionEnded(CLOSE_SLOW, "slow consumer: not reading") from None
+            raise SLOW from None
         logs.log_redeliveries(self.group, self.consumer, messages)
 
     async def listen(self) -> None:
@@ -177,69 +159,36 @@ class StreamSession:
                 return
             text = message.get("text")
             if text is None:
-                raise SessionEnded(CLOSE_BAD_REQUEST, "binary frames are not accepted here")
+                raise BINARY
             try:
                 frame = parse_client_frame(text)
             except FrameError as exc:
-                raise SessionEnded(CLOSE_BAD_REQUEST, f"malformed frame: {exc}"[:120]) from None
-            if isinstance(frame, AckFrame):
-                await self.settle(frame.ids(), None)
-            elif isinstance(frame, NackFrame):
-                await self.settle((frame.message_id,), frame)
+                reason = f"malformed frame: {exc}"[:120]
+                raise ConnectorRefusal(400, CLOSE_BAD_REQUEST, "bad_request", reason) from None
+            if isinstance(frame, AckFrame | NackFrame):
+                await self.settle(frame)
 
-    async def settle(self, message_ids: tuple[str, ...], nack: NackFrame | None) -> None:
-        unknown = [i for i in message_ids if i not in self.in_flight]
-        known = [i for i in message_ids if i in self.in_flight]
-        sent_at = {i: self.in_flight.pop(i) for i in dict.fromkeys(known)}
+    async def settle(self, frame: AckFrame | NackFrame) -> None:
+        plan = self.session.settle(frame.settlement())
         self.room.set()
-        try:
-            if nack is None:
-                results = await asyncio.gather(
-                    *(self.buffer.ack(self.channel, self.group, i, self.consumer) for i in known)
-                )
-            else:
-                reason = nack.reason or ("nack_retry" if nack.retry else "nack")
-                results = [
-                    await self.buffer.nack(
-                        self.channel, self.group, i, retry=nack.retry,
-                        consumer=self.consumer, reason=reason,
-                    )
-                    for i in known
-                ]  # fmt: skip
-        except StorageError as exc:
-            raise SessionEnded(CLOSE_UNAVAILABLE, "storage unavailable") from exc
-        settled = list(zip(known, results, strict=True))
-        if nack is None:
-            now = time.monotonic()
-            acked = {i: now - sent_at[i] for i, ok in settled if ok}
-            metrics.observe_ack_latency(self.channel, acked.values())
-            logs.log_settled(self.channel, self.group, self.consumer, settled, ack=True)
-        else:
-            logs.log_settled(
-                self.channel, self.group, self.consumer, settled,
-                ack=False, retry=nack.retry, reason=reason,
-            )  # fmt: skip
+        outcome = await settle(self.buffer, self.connection, plan)
+        metrics.observe_ack_latency(self.channel, outcome.latencies)
         # At-least-once: an ack for a message already redelivered elsewhere is normal; say so.
-        stale = [i for i, ok in zip(known, results, strict=True) if not ok]
-        if unknown or stale:
-            await self.websocket.send_text(
-                encode_error("unknown_message", message_ids=unknown + stale).decode()
-            )
+        if outcome.rejected:
+            error = encode_error("unknown_message", message_ids=outcome.rejected)
+            await self.websocket.send_text(error.decode())
 
     async def beat(self) -> None:
+        session = self.session
         while True:
-            await asyncio.sleep(self.settings.heartbeat_seconds)
-            try:
-                alive = await self.buffer.touch_connection(self.channel, self.consumer)
-                token = await self.buffer.list_tokens(self.channel)
-            except StorageError as exc:
-                raise SessionEnded(CLOSE_UNAVAILABLE, "storage unavailable") from exc
-            if not alive:
-                raise SessionEnded(CLOSE_REMOVED, "disconnected by the operator")
-            token_id = self.connection.record.token_id
-            if token_id and not token_in_force(token, token_id, time.time()):
-                raise SessionEnded(CLOSE_AUTH, "token revoked or expired")
-            await self.websocket.send_text(encode_heartbeat(time.time()).decode())
+            await asyncio.sleep(max(0.0, session.next_deadline() - time.monotonic()))
+            now = time.monotonic()
+            if session.check_due(now):
+                await check_liveness(self.buffer, self.connection)
+                session.checked(now)
+            if session.heartbeat_due(now):
+                await self.websocket.send_text(encode_heartbeat(time.time()).decode())
+                session.heartbeat_sent(now)
 
 
 def split_frames(messages: list[WireMessage], budget: int) -> list[list[WireMessage]]:
@@ -269,7 +218,7 @@ class StreamEndpoint:
         channel = websocket.path_params["channel"]
         try:
             connection = await open_connection(self.buffer, websocket, channel, "websocket")
-        except Refusal as refused:
+        except ConnectorRefusal as refused:
             logger.info("refused connector on %r: %s", channel, refused.reason)
             await websocket.close(refused.close_code, refused.reason)
             return

@@ -6,6 +6,10 @@ WebhookConnectError
 │   ├── StorageUnavailable   the backend cannot be reached (ingest answers 503)
 │   ├── ChannelFull          max_queue_size reached (ingest answers 503)
 │   └── UnknownChannel       the channel is not provisioned
+├── ConnectorProtocolError    the cloud–connector protocol (``docs/PROTOCOL.md``)
+│   ├── FrameError           a frame that does not parse (shared/frames.py; also a ValueError)
+│   └── ConnectorRefusal     the cloud refuses or ends a connector connection: the HTTP status
+│                            (SSE, long-poll, acks) and the WebSocket close code that say why
 └── AdminClientError          the admin command-line clients could not do what was asked
     ├── CloudUnreachable     no HTTP answer from the cloud (refused, timed out, bad URL)
     └── AdminApiError        the admin API answered an error (status_code, error, detail)
@@ -65,6 +69,30 @@ class UnknownChannel(StorageError):
     def __init__(self, channel: str) -> None:
         self.channel = channel
         super().__init__(f"unknown channel {channel!r}")
+
+
+class ConnectorProtocolError(WebhookConnectError):
+    """Something about the cloud–connector protocol: a bad frame, a refused connection."""
+
+
+class FrameError(ConnectorProtocolError, ValueError):
+    """A frame that does not parse; the connection is closed with this reason."""
+
+
+class ConnectorRefusal(ConnectorProtocolError):
+    """The cloud refuses a connector's connection, or ends it.
+
+    One exception for every transport: SSE, long-poll and ``POST /connect/ack`` answer
+    ``status`` with ``{"error": error, "detail": reason}``; a WebSocket closes with
+    ``close_code`` and ``reason``.
+    """
+
+    def __init__(self, status: int, close_code: int, error: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.close_code = close_code
+        self.error = error
+        self.reason = reason
 
 
 class AdminClientError(WebhookConnectError):

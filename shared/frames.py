@@ -17,20 +17,21 @@ import binascii
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.exceptions import FrameError as FrameError  # raised here
 
 NATIVE_SUBPROTOCOL = "webhook-connect.v1"
 MAX_ACK_IDS = 1000
 _U32 = struct.Struct(">I")
 
-
-class FrameError(ValueError):
-    """A frame that does not parse; the connection is closed with this reason."""
+# The fields of an ack or nack, the same over a WebSocket frame and ``POST /connect/ack``.
+MessageId = Annotated[str, Field(max_length=200)]
+NackReason = Annotated[str, Field(max_length=500)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,20 +52,60 @@ class _Frame(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What a connector says about messages it was sent, from any transport: acked, or
+    nacked (``retry`` or dead-letter) with its own ``note``."""
+
+    ids: tuple[str, ...]
+    ack: bool = True
+    retry: bool = True
+    note: str = ""
+
+    @property
+    def reason(self) -> str:
+        """The reason stored with a nack: the connector's, else what it asked for."""
+        return self.note or ("nack_retry" if self.retry else "nack")
+
+
 class AckFrame(_Frame):
     type: Literal["ack"]
-    message_id: str | None = Field(default=None, max_length=200)
+    message_id: MessageId | None = None
     message_ids: tuple[str, ...] = Field(default=(), max_length=MAX_ACK_IDS)
 
     def ids(self) -> tuple[str, ...]:
         return self.message_ids + ((self.message_id,) if self.message_id else ())
 
+    def settlement(self) -> Settlement:
+        return Settlement(self.ids())
+
 
 class NackFrame(_Frame):
     type: Literal["nack"]
-    message_id: str = Field(max_length=200)
+    message_id: MessageId
     retry: bool = True
-    reason: str = Field(default="", max_length=500)
+    reason: NackReason = ""
+
+    def settlement(self) -> Settlement:
+        return Settlement((self.message_id,), ack=False, retry=self.retry, note=self.reason)
+
+
+class AckRequest(_Frame):
+    """The body of ``POST /connect/ack`` (SSE and long-poll): an ack or nack of one or more
+    messages, the fields of :class:`AckFrame` and :class:`NackFrame` with ``status``."""
+
+    message_id: MessageId | None = None
+    message_ids: list[str] = Field(default_factory=list, max_length=MAX_ACK_IDS)
+    status: Literal["ack", "nack"] = "ack"
+    retry: bool = True
+    reason: NackReason = ""
+
+    def ids(self) -> list[str]:
+        return [*self.message_ids, *([self.message_id] if self.message_id else [])]
+
+    def settlement(self) -> Settlement:
+        ack = self.status == "ack"
+        return Settlement(tuple(self.ids()), ack=ack, retry=self.retry, note=self.reason)
 
 
 class HeartbeatFrame(_Frame):
@@ -134,6 +175,12 @@ def encode_heartbeat(now: float) -> bytes:
 
 def encode_error(error: str, **detail: Any) -> bytes:
     return orjson.dumps({"type": "error", "error": error, **detail})
+
+
+def sse_event(event: str, data: bytes, event_id: str | None = None) -> bytes:
+    """One Server-Sent Event: the frame SSE (and smee) streams carry a JSON ``data`` in."""
+    head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
+    return head.encode() + b"data: " + data + b"\n\n"
 
 
 def seed_payload(body: bytes) -> Any:

@@ -28,7 +28,7 @@ UNESCAPED_COMMANDS = frozenset({"CONNECT", "CONNECTED"})
 MAX_FRAME_BYTES = 1 << 20
 
 
-class FrameError(Exception):
+class StompFrameError(Exception):
     """The bytes received are not STOMP."""
 
 
@@ -66,7 +66,7 @@ def unescape(value: str) -> str:
         try:
             return UNESCAPES[match.group()]
         except KeyError:
-            raise FrameError(f"undefined escape sequence {match.group()!r}") from None
+            raise StompFrameError(f"undefined escape sequence {match.group()!r}") from None
 
     return ESCAPE_SEQUENCE.sub(replace, value)
 
@@ -93,7 +93,7 @@ class FrameParser:
         while (frame := self._next()) is not None:
             frames.append(frame)
         if len(self._buffer) > self._max:
-            raise FrameError(f"a frame larger than {self._max} bytes")
+            raise StompFrameError(f"a frame larger than {self._max} bytes")
         return frames
 
     def _next(self) -> Frame | None:
@@ -108,19 +108,19 @@ class FrameParser:
         try:
             lines = buffer[: end.start()].decode("utf-8").split("\n")
         except UnicodeDecodeError as exc:  # spec: headers are UTF-8
-            raise FrameError(f"headers that are not UTF-8: {exc}") from None
+            raise StompFrameError(f"headers that are not UTF-8: {exc}") from None
         command = lines[0].rstrip("\r")
         headers = tuple(self._header(line.rstrip("\r"), command) for line in lines[1:])
         frame = Frame(command, headers)
         length = frame.header("content-length")
         if length is not None:
             if not length.isdigit():
-                raise FrameError(f"bad content-length {length!r}")
+                raise StompFrameError(f"bad content-length {length!r}")
             body_end = end.end() + int(length)
             if len(buffer) <= body_end:
                 return None
             if buffer[body_end] != 0:
-                raise FrameError("the body does not end with NUL where content-length says")
+                raise StompFrameError("the body does not end with NUL where content-length says")
         else:
             body_end = buffer.find(b"\x00", end.end())
             if body_end < 0:
@@ -133,7 +133,7 @@ class FrameParser:
     def _header(line: str, command: str) -> tuple[str, str]:
         name, colon, value = line.partition(":")
         if not colon:
-            raise FrameError(f"a header line without a colon: {line!r}")
+            raise StompFrameError(f"a header line without a colon: {line!r}")
         if command in UNESCAPED_COMMANDS:
             return name, value
         return unescape(name), unescape(value)
@@ -187,7 +187,7 @@ class StompConnection:
                 raise ConnectionError("the broker closed the connection during CONNECT")
             try:
                 frames = self._parser.feed(data)
-            except FrameError as exc:
+            except StompFrameError as exc:
                 raise ConnectionError(f"the broker does not speak STOMP: {exc}") from exc
             for frame in frames:
                 if frame.command == "CONNECTED":
@@ -239,7 +239,7 @@ class StompConnection:
                     self._dispatch(frame)
         except OSError as exc:
             lost = exc
-        except FrameError as exc:
+        except StompFrameError as exc:
             lost = ConnectionError(f"the broker sent something that is not STOMP: {exc}")
         except StompError as exc:  # so that a StompError always means "this SEND was refused"
             lost = ConnectionError(f"the broker ended the session: {exc}")

@@ -21,7 +21,7 @@ from webhook_connect.shared.config.connections import ConnectionEntry
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.modules.activemq import ActiveMQConfig, ActiveMQModule
 from webhook_connect.shared.modules.base import Message, Permanent, Pools, Transient
-from webhook_connect.shared.modules.stomp import Frame, FrameError, FrameParser, encode
+from webhook_connect.shared.modules.stomp import Frame, FrameParser, StompFrameError, encode
 
 BINARY = b"\x00\xff\xfe binary \x80\x81\r\n\x00"
 JSON = b'{"event": "paid", "amount": 12.5, "name": "Zo\xc3\xab"}'
@@ -323,5 +323,5 @@ def test_send_frames_escape_headers_and_keep_the_body() -> None:
     ],
 )
 def test_malformed_frames_are_refused(wire: bytes) -> None:
-    with pytest.raises(FrameError):
+    with pytest.raises(StompFrameError):
         FrameParser().feed(wire)
