@@ -16,6 +16,7 @@ from webhook_connect.cloud.publicurl import validate_public_url
 from webhook_connect.cloud.security.guard import OFFLINE, build_guards
 from webhook_connect.shared.config import Webhook, load_connections, load_webhooks
 from webhook_connect.shared.exceptions import ConfigError
+from webhook_connect.shared.limits import ChannelLimits, limit_values
 
 DEFAULT_STORAGE = "sqlite:///webhook-connect.db"
 STORAGE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
@@ -58,19 +59,7 @@ class CloudConfig:
         specs: dict[str, ChannelSpec] = {}
         for webhook in self.webhooks.values():
             relay = webhook.relay
-            specs[relay.channel] = ChannelSpec(
-                name=relay.channel,
-                ttl_seconds=relay.ttl_seconds,
-                max_queue_size=relay.max_queue_size,
-                max_connections=relay.max_connections,
-                max_in_flight=relay.max_in_flight,
-                ack_timeout_seconds=relay.ack_timeout_seconds,
-                max_delivery_attempts=relay.max_delivery_attempts,
-                retry_delay_seconds=relay.retry_delay_seconds,
-                history_seconds=relay.history_seconds,
-                group_idle_seconds=relay.group_idle_seconds,
-                dynamic_groups=relay.dynamic_groups,
-            )
+            specs[relay.channel] = channel_spec(relay.channel, relay)
         return specs
 
     def to_environment(self) -> str:
@@ -78,6 +67,11 @@ class CloudConfig:
         options = dataclasses.asdict(self)
         del options["webhooks"]
         return orjson.dumps(options).decode()
+
+
+def channel_spec(name: str, limits: ChannelLimits) -> ChannelSpec:
+    """Channel ``name`` as storage keeps it, with ``limits`` (shared/limits.py)."""
+    return ChannelSpec(name=name, **limit_values(limits))
 
 
 def build_cloud_config(

@@ -11,13 +11,18 @@ even if it got in. The page itself is in ``cloud/static/dashboard.{html,css,js}`
 
 from __future__ import annotations
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from webhook_connect.cloud.pages import build_page
+from webhook_connect.shared.limits import LIMIT_NAMES
 
-# cloud/static/dashboard.{html,css,js}, read once when the cloud starts.
-PAGE = build_page("Webhook Connect: dashboard", "dashboard")
+# cloud/static/dashboard.{html,css,js}, read once when the cloud starts; the limits a channel
+# shows are those of shared/limits.py.
+PAGE = build_page(
+    "Webhook Connect: dashboard", "dashboard", orjson.dumps({"limits": LIMIT_NAMES}).decode()
+)
 
 
 async def dashboard(request: Request) -> HTMLResponse:

@@ -31,6 +31,7 @@ from webhook_connect.shared.admintext import (
     webhook_url_lines,
 )
 from webhook_connect.shared.exceptions import AdminClientError
+from webhook_connect.shared.limits import limit_options
 
 if TYPE_CHECKING:
     from webhook_connect.shared.adminclient import AdminClient
@@ -73,34 +74,6 @@ def admin_options(command: CommandT) -> CommandT:
     for option in reversed(options):
         command = option(command)
     return command
-
-
-def limit_options(command: CommandT) -> CommandT:
-    """Add the channel limits of docs/ADMIN.md.
-
-    A limit not given is left out of the request: the cloud's default on create, unchanged on
-    update.
-    """
-    options = [
-        ("--ttl-seconds", POSITIVE_INT, "How long a message may wait (default 86400)."),
-        ("--max-queue-size", POSITIVE_INT, "Messages the channel holds (default 10000)."),
-        ("--max-connections", POSITIVE_INT, "Live connections (default 10)."),
-        ("--max-in-flight", POSITIVE_INT, "Unacked messages per connection (default 100)."),
-        ("--ack-timeout-seconds", POSITIVE_FLOAT, "Redelivery without an ack (default 30)."),
-        ("--max-delivery-attempts", POSITIVE_INT, "Attempts before a dead letter (default 5)."),
-        ("--retry-delay-seconds", click.FloatRange(min=0), "Delay after a nack (default 5)."),
-        ("--history-seconds", click.IntRange(min=0), "Keep messages for replay (default 0)."),
-        (
-            "--group-idle-seconds", click.IntRange(min=0),
-            "Drop a group (not default) with no connection this long; 0 never (default 3600).",
-        ),
-    ]  # fmt: skip
-    for flag, kind, text in reversed(options):
-        command = click.option(flag, type=kind, help=text)(command)
-    return click.option(
-        "--dynamic-groups/--no-dynamic-groups", default=None,
-        help="Whether a connector may create a group by naming it (default yes).",
-    )(command)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from webhook_connect.cloud.admin.common import (
     NewChannel,
     NewToken,
     Rotation,
+    applied_limits,
     channel_name,
     connection_json,
     existing_channel,
@@ -34,9 +35,12 @@ from webhook_connect.cloud.admin.common import (
 )
 from webhook_connect.cloud.buffers import Buffer, ChannelSpec, TokenRecord
 from webhook_connect.cloud.buffers.base import EVENTS_KEPT, ChannelStats
-from webhook_connect.cloud.config import CloudConfig
+from webhook_connect.cloud.config import CloudConfig, channel_spec
 from webhook_connect.cloud.publicurl import ingest_urls
 from webhook_connect.cloud.tokens import hash_token, new_token
+from webhook_connect.shared.limits import ChannelLimits as Limits
+
+DEFAULT_LIMITS = Limits()
 
 
 class ChannelRoutes:
@@ -109,11 +113,11 @@ class ChannelRoutes:
         )
 
     async def create(self, request: Request) -> JSONResponse:
-        wanted: NewChannel = validated(NewChannel, await json_body(request))
+        wanted = validated(NewChannel, await json_body(request))
         if await self.buffer.get_channel(wanted.name) is not None:
             raise AdminError(409, "channel_exists", f"channel {wanted.name!r} exists already")
-        limits = ChannelLimits.model_validate(wanted.model_dump(include=_LIMIT_FIELDS))
-        spec = limits.applied_to(ChannelSpec(wanted.name))
+        # A limit not given: the default of shared/limits.py, as for a channel of webhooks.json.
+        spec = applied_limits(wanted, channel_spec(wanted.name, DEFAULT_LIMITS))
         await self.buffer.provision(spec)
         token, record = await self._issue(
             spec.name, wanted.token_label, wanted.token_expires_in_seconds
@@ -143,8 +147,7 @@ class ChannelRoutes:
 
     async def update(self, request: Request) -> JSONResponse:
         spec = await existing_channel(self.buffer, request)
-        limits: ChannelLimits = validated(ChannelLimits, await json_body(request))
-        updated = limits.applied_to(spec)
+        updated = applied_limits(validated(ChannelLimits, await json_body(request)), spec)
         await self.buffer.provision(updated)
         return JSONResponse({"channel": await self._channel_json(request, updated)})
 
@@ -239,6 +242,3 @@ class ChannelRoutes:
         await self.buffer.release(name, record.group, connection_id)
         await self.buffer.remove_connection(name, connection_id)
         return JSONResponse({"disconnected": connection_id})
-
-
-_LIMIT_FIELDS = set(ChannelLimits.model_fields)

@@ -16,9 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
-    PositiveInt,
     ValidationError,
 )
 from starlette.requests import Request
@@ -34,6 +32,7 @@ from webhook_connect.cloud.buffers import (
 from webhook_connect.cloud.tokens import bearer_token
 from webhook_connect.shared.config.webhooks import CHANNEL_NAME_PATTERN
 from webhook_connect.shared.exceptions import StorageError
+from webhook_connect.shared.limits import LIMIT_NAMES, optional_limits
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 # Names in paths: also the channels of webhooks the cloud delivers itself ("_direct.<id>"),
@@ -198,31 +197,30 @@ def dead_letter_json(letter: DeadLetter, *, full: bool = False) -> dict[str, Any
     return answer
 
 
-class ChannelLimits(BaseModel):
-    """Limits of a channel as the admin API takes them; every field optional."""
-
+class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ttl_seconds: PositiveInt | None = None
-    max_queue_size: PositiveInt | None = None
-    max_connections: PositiveInt | None = None
-    max_in_flight: PositiveInt | None = None
-    ack_timeout_seconds: PositiveFloat | None = None
-    max_delivery_attempts: PositiveInt | None = None
-    retry_delay_seconds: NonNegativeFloat | None = None
-    history_seconds: NonNegativeInt | None = None
-    group_idle_seconds: int | None = Field(default=None, ge=0, strict=True)
-    dynamic_groups: bool | None = Field(default=None, strict=True)
 
-    def applied_to(self, spec: ChannelSpec) -> ChannelSpec:
-        """``spec`` with the limits given here."""
-        return dataclasses.replace(spec, **self.model_dump(exclude_none=True))
+# Limits as the admin API takes them (shared/limits.py): every one optional, left out (None)
+# to keep the default on create and the current value on update.
+ChannelLimits = optional_limits(
+    "ChannelLimits", _Body, "Limits of a channel as the admin API takes them; every field optional."
+)
+NewChannel = optional_limits(
+    "NewChannel",
+    _Body,
+    "A channel to create: its name, optional limits, and its first connector token.",
+    name=(str, Field(pattern=CHANNEL_NAME_PATTERN)),
+    token_label=(str, Field(default="", max_length=200)),
+    token_expires_in_seconds=(PositiveFloat | None, None),
+)
 
 
-class NewChannel(ChannelLimits):
-    name: str = Field(pattern=CHANNEL_NAME_PATTERN)
-    token_label: str = Field(default="", max_length=200)
-    token_expires_in_seconds: PositiveFloat | None = None
+def applied_limits(limits: BaseModel, spec: ChannelSpec) -> ChannelSpec:
+    """``spec`` with the limits given in ``limits`` (a :data:`ChannelLimits` or
+    :data:`NewChannel`)."""
+    given = limits.model_dump(include=set(LIMIT_NAMES), exclude_none=True)
+    return dataclasses.replace(spec, **given)
 
 
 class NewToken(BaseModel):

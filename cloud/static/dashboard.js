@@ -1,8 +1,8 @@
 "use strict";
 const TOKEN_KEY = "webhook-connect-admin-token";
 const REFRESH_MS = 2000;
-const LIMITS = ["ttl_seconds", "max_queue_size", "max_connections", "max_in_flight",
-  "ack_timeout_seconds", "max_delivery_attempts", "retry_delay_seconds"];
+// Every limit of a channel (shared/limits.py), handed over by the page in a JSON data block.
+const LIMITS = JSON.parse(document.getElementById("page-data").textContent).limits;
 const $ = (id) => document.getElementById(id);
 let selected = null;
 let active = false;  // logged in: the refresh loop runs

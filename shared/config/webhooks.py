@@ -14,6 +14,7 @@ from webhook_connect.shared.config.delivery import RELAY_MODULE, DeliveryPlan, b
 from webhook_connect.shared.config.inbound import InboundSecurity, RateLimitConfig
 from webhook_connect.shared.config.loading import load_json_file, validate_model
 from webhook_connect.shared.exceptions import ConfigError
+from webhook_connect.shared.limits import ChannelLimits
 
 CHANNEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 WEBHOOK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -26,26 +27,23 @@ DIRECT_CHANNEL_PREFIX = "_direct."
 HttpMethod = Literal["POST", "PUT", "PATCH"]
 
 
-class WebhookConnectSettings(BaseModel):
-    """``module-config`` of a ``webhook_connect`` entry: the channel and its limits."""
+class RelayChannel(BaseModel):
+    """The channel a ``webhook_connect`` entry relays to, and its connector token."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     channel: str = Field(pattern=CHANNEL_NAME_PATTERN)
     channel_token: str = Field(min_length=8)
-    ttl_seconds: PositiveInt = 86400
-    max_queue_size: PositiveInt = 10000
-    max_connections: PositiveInt = 10
-    max_in_flight: PositiveInt = 100
-    ack_timeout_seconds: PositiveFloat = 30.0
-    max_delivery_attempts: PositiveInt = 5
-    retry_delay_seconds: float = Field(default=5.0, ge=0)
-    # Keep a copy of every message this long, for replaying history (0: keep none).
-    history_seconds: int = Field(default=0, ge=0)
-    # A group other than "default" with no connection this long is dropped (0: never).
-    group_idle_seconds: int = Field(default=3600, ge=0, strict=True)
-    # Whether a connector may create a group by naming it (false: only existing groups).
-    dynamic_groups: bool = Field(default=True, strict=True)
+
+
+# ChannelLimits second: pydantic orders fields from the last base on, so channel and
+# channel_token come first and are named first when several keys are wrong, as they always were.
+class WebhookConnectSettings(ChannelLimits, RelayChannel):
+    """``module-config`` of a ``webhook_connect`` entry: the channel and its limits
+    (shared/limits.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     # For the whole channel, whichever webhook feeds it, across every cloud replica.
     rate_limit: RateLimitConfig | None = None
 
