@@ -193,7 +193,10 @@ def test_a_full_channel_counts_what_is_retained_and_names_the_group_holding_it(
     registry.join(db, "orders", "slow", T0)
     first = append(db, b"1", T0)
     append(db, b"2", T0)
-    batch = [(envelope(b"3", T0), None, 0.0), (envelope(b"4", T0, "nowhere"), None, 0.0)]
+    batch: list[queue.ToAppend] = [
+        (envelope(b"3", T0), None, 0.0),
+        (envelope(b"4", T0, "nowhere"), None, 0.0),
+    ]
     refused, unknown = queue.append_many(db, batch, T0)
     assert isinstance(refused, ChannelFull)
     assert (refused.limit, refused.group, refused.backlog) == (2, "default", 2)
