@@ -7,6 +7,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import tempfile
 from typing import Any
 
@@ -29,10 +30,24 @@ def run(config: CloudConfig) -> None:
     # so counts start at zero like the process.
     metrics_dir = tempfile.mkdtemp(prefix="webhook-connect-metrics-")
     os.environ[METRICS_DIR_ENV] = metrics_dir
+    # uvicorn raises SIGINT/SIGTERM again once it has shut down, so the process would end by
+    # the signal (status 130/143). A clean stop exits 0 (docs/CONFIGURATION.md): the signal,
+    # raised again, finds a handler that does nothing. uvicorn's own handlers are installed
+    # over this one while it serves.
+    previous = {sig: signal.signal(sig, _stopped) for sig in STOP_SIGNALS}
     try:
         serve(config)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stopped(signum: int, frame: object) -> None:
+    """The stop signal uvicorn raises again after a graceful shutdown: already handled."""
 
 
 def serve(config: CloudConfig) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.servers import REPO
+from tests.servers import REPO, Cloud
 from webhook_connect.cloud.config import build_cloud_config
 from webhook_connect.shared.config import load_connections, load_webhooks
 from webhook_connect.shared.config.substitution import substitute
@@ -339,3 +340,29 @@ def test_the_module_mode_example_is_valid() -> None:
     plans = load_delivery_plans(settings, path)
     assert plans is not None and set(plans) == {"github", "*"}
     assert [step.module for step in plans["github"].steps] == ["postgresql", "rabbitmq"]
+
+
+@pytest.mark.parametrize(
+    ("sig", "workers"),
+    [(signal.SIGTERM, "1"), (signal.SIGINT, "1"), (signal.SIGTERM, "2")],
+    ids=["sigterm", "sigint", "sigterm-2-workers"],
+)
+def test_a_stopped_cloud_exits_0(tmp_path: Path, sig: int, workers: str) -> None:
+    # A clean stop is exit status 0 (uvicorn raises the signal again after its shutdown, which
+    # used to end the process by the signal: 143 or 130, which systemd counts as a failure
+    # under some settings and scripts take for a crash).
+    cloud = Cloud(
+        f"sqlite:///{tmp_path / 'buffer.db'}",
+        write(tmp_path, {}),
+        tmp_path,
+        "--workers",
+        workers,
+    )
+    cloud.start()
+    try:
+        assert cloud.process is not None
+        process = cloud.process
+        process.send_signal(sig)
+        assert process.wait(15) == 0, cloud.log.read_text()[-2000:]
+    finally:
+        cloud.stop()
