@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.servers import free_port
 from webhook_connect.cloud.buffers import (
@@ -17,17 +19,73 @@ from webhook_connect.cloud.buffers import (
     TokenRecord,
     open_buffer,
 )
+from webhook_connect.cloud.buffers.sqlite import SQLiteBuffer
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.exceptions import ChannelFull, StorageUnavailable, UnknownChannel
 
 EVERY_BYTE = bytes(range(256))
 
 
-def envelope(body: bytes = b'{"n": 1}', channel: str = "orders", **extra: str) -> Envelope:
+class StorageClock:
+    """The time as the buffer under test sees it, and a way to move it on.
+
+    The SQLite buffer takes this clock, so time moves at once. Redis reads its own (``TIME``),
+    so moving it on means polling the server's clock until it has passed the mark.
+    """
+
+    def __init__(self, redis_url: str | None) -> None:
+        self._redis_url = redis_url
+        self._offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self._offset
+
+    async def advance(self, seconds: float) -> None:
+        if self._redis_url is None:
+            self._offset += seconds
+            return
+        client = aioredis.Redis.from_url(self._redis_url)
+        try:
+            mark = await _server_time(client) + seconds
+            deadline = time.monotonic() + seconds + 10
+            while await _server_time(client) < mark:
+                assert time.monotonic() < deadline, "the Redis server's clock does not move"
+                await asyncio.sleep(0.01)
+        finally:
+            await client.aclose()
+
+
+async def _server_time(client: aioredis.Redis) -> float:
+    seconds, micros = await client.time()
+    return seconds + micros / 1_000_000
+
+
+@pytest.fixture
+def clock(storage_url: str) -> StorageClock:
+    return StorageClock(None if storage_url.startswith("sqlite:") else storage_url)
+
+
+@pytest.fixture
+async def buffer(storage_url: str, clock: StorageClock) -> AsyncIterator[Buffer]:
+    """The backend under test; the SQLite one on the test's clock."""
+    store: Buffer
+    if storage_url.startswith("sqlite:"):
+        store = SQLiteBuffer(storage_url, clock=clock.now)
+    else:
+        store = open_buffer(storage_url)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+def envelope(
+    body: bytes = b'{"n": 1}', channel: str = "orders", at: float | None = None, **extra: str
+) -> Envelope:
     return Envelope(
         channel=channel,
         webhook_id="shop",
-        received_at=time.time(),
+        received_at=time.time() if at is None else at,
         method="POST",
         path="/webhook/shop",
         query_string="a=1&b=%20x",
@@ -72,7 +130,7 @@ async def test_messages_wait_for_the_default_group_and_keep_their_order(buffer: 
     assert [d.envelope.body for d in got] == [str(i).encode() for i in range(20)]
 
 
-async def test_ack_removes_a_message_once(buffer: Buffer) -> None:
+async def test_ack_removes_a_message_once(buffer: Buffer, clock: StorageClock) -> None:
     await buffer.provision(ChannelSpec("orders", ack_timeout_seconds=0.2))
     message_id = await buffer.append(envelope())
     await buffer.read("orders", "default", "c1", 10)
@@ -81,7 +139,7 @@ async def test_ack_removes_a_message_once(buffer: Buffer) -> None:
     assert not await buffer.ack("orders", "default", message_id)
     assert not await buffer.ack("orders", "default", "not-an-id")
     assert not await buffer.ack("orders", "default", "99999999-0")
-    await asyncio.sleep(0.3)
+    await clock.advance(0.3)
     assert await buffer.read("orders", "default", "c1", 10) == []
     stats = await buffer.stats("orders")
     assert (stats.depth, stats.in_flight, stats.counters["delivered"]) == (0, 0, 1)
@@ -122,14 +180,16 @@ async def test_a_message_stays_until_every_group_is_done(buffer: Buffer) -> None
     assert late.message_id == message_id
 
 
-async def test_nack_with_retry_delivers_again_after_the_delay(buffer: Buffer) -> None:
+async def test_nack_with_retry_delivers_again_after_the_delay(
+    buffer: Buffer, clock: StorageClock
+) -> None:
     spec = ChannelSpec("orders", ack_timeout_seconds=5, retry_delay_seconds=0.3)
     await buffer.provision(spec)
     message_id = await buffer.append(envelope())
     await buffer.read("orders", "default", "c1", 10)
     assert await buffer.nack("orders", "default", message_id, retry=True, consumer="c1")
     assert await buffer.read("orders", "default", "c1", 10) == []
-    await asyncio.sleep(0.35)
+    await clock.advance(0.35)
     [again] = await buffer.read("orders", "default", "c2", 10)
     assert (again.message_id, again.attempt) == (message_id, 2)
     assert (await buffer.stats("orders")).counters["redelivered"] == 1
@@ -155,27 +215,29 @@ async def test_nack_without_retry_dead_letters(buffer: Buffer) -> None:
 
 
 async def test_an_unacked_message_is_delivered_again_after_the_ack_timeout(
-    buffer: Buffer,
+    buffer: Buffer, clock: StorageClock
 ) -> None:
     await buffer.provision(ChannelSpec("orders", ack_timeout_seconds=0.3))
     message_id = await buffer.append(envelope())
     [first] = await buffer.read("orders", "default", "c1", 10)
     assert await buffer.read("orders", "default", "c2", 10) == []
-    await asyncio.sleep(0.4)
+    await clock.advance(0.4)
     [second] = await buffer.read("orders", "default", "c2", 10)
     assert (second.message_id, second.attempt) == (message_id, 2)
     assert not await buffer.ack("orders", "default", message_id, consumer="c1")
     assert await buffer.ack("orders", "default", message_id, consumer="c2")
 
 
-async def test_the_last_attempt_is_followed_by_the_dead_letter_queue(buffer: Buffer) -> None:
+async def test_the_last_attempt_is_followed_by_the_dead_letter_queue(
+    buffer: Buffer, clock: StorageClock
+) -> None:
     spec = ChannelSpec("orders", ack_timeout_seconds=0.2, max_delivery_attempts=2)
     await buffer.provision(spec)
     message_id = await buffer.append(envelope())
     for attempt in (1, 2):
         [delivery] = await buffer.read("orders", "default", "c1", 10)
         assert delivery.attempt == attempt
-        await asyncio.sleep(0.25)
+        await clock.advance(0.25)
     assert await buffer.read("orders", "default", "c1", 10) == []
     [letter] = await buffer.dead_letters("orders")
     assert (letter.message_id, letter.reason, letter.attempts) == (
@@ -194,13 +256,15 @@ async def test_release_returns_in_flight_messages_at_once(buffer: Buffer) -> Non
     assert [d.message_id for d in got] == ids
 
 
-async def test_ttl_expiry_is_counted_and_nothing_expired_is_delivered(buffer: Buffer) -> None:
+async def test_ttl_expiry_is_counted_and_nothing_expired_is_delivered(
+    buffer: Buffer, clock: StorageClock
+) -> None:
     await buffer.provision(ChannelSpec("orders", ttl_seconds=1, ack_timeout_seconds=0.1))
-    await buffer.append(envelope(b"unread"))
-    await buffer.append(envelope(b"in flight"))
+    await buffer.append(envelope(b"unread", at=clock.now()))
+    await buffer.append(envelope(b"in flight", at=clock.now()))
     await buffer.read("orders", "default", "c1", 1)
-    await asyncio.sleep(1.1)
-    fresh_id = await buffer.append(envelope(b"fresh"))
+    await clock.advance(1.1)
+    fresh_id = await buffer.append(envelope(b"fresh", at=clock.now()))
     assert await buffer.housekeep("orders") == 2
     [delivery] = await buffer.read("orders", "default", "c1", 10)
     assert delivery.message_id == fresh_id
@@ -209,10 +273,12 @@ async def test_ttl_expiry_is_counted_and_nothing_expired_is_delivered(buffer: Bu
     assert stats.depth == 1
 
 
-async def test_expiry_found_while_reading_is_counted_too(buffer: Buffer) -> None:
+async def test_expiry_found_while_reading_is_counted_too(
+    buffer: Buffer, clock: StorageClock
+) -> None:
     await buffer.provision(ChannelSpec("orders", ttl_seconds=1))
-    await buffer.append(envelope())
-    await asyncio.sleep(1.1)
+    await buffer.append(envelope(at=clock.now()))
+    await clock.advance(1.1)
     assert await buffer.read("orders", "default", "c1", 10) == []
     assert (await buffer.stats("orders")).counters["expired"] == 1
 
@@ -333,7 +399,8 @@ async def test_an_append_wakes_a_waiting_reader(buffer: Buffer) -> None:
     await buffer.provision(ChannelSpec("orders"))
     since = buffer.change_version("orders")
     waiter = asyncio.create_task(buffer.wait_for_change("orders", since, 30))
-    await asyncio.sleep(0.05)
+    for _ in range(10):  # a few turns of the loop: the waiter is waiting when the append comes
+        await asyncio.sleep(0)
     started = time.monotonic()
     await buffer.append(envelope())
     await asyncio.wait_for(waiter, 5)
@@ -369,10 +436,10 @@ async def test_append_once_stores_a_repeated_delivery_once(buffer: Buffer) -> No
     assert (await buffer.stats("orders")).counters["accepted"] == 2
 
 
-async def test_append_once_forgets_after_its_window(buffer: Buffer) -> None:
+async def test_append_once_forgets_after_its_window(buffer: Buffer, clock: StorageClock) -> None:
     await buffer.provision(ChannelSpec("orders"))
     first, _ = await buffer.append_once(envelope(), "k", 0.2)
-    await asyncio.sleep(0.3)
+    await clock.advance(0.3)
     second, is_new = await buffer.append_once(envelope(), "k", 0.2)
     assert is_new and second != first
 
@@ -388,23 +455,27 @@ async def test_append_once_is_refused_like_append_when_full(buffer: Buffer) -> N
     assert (await buffer.append_once(envelope(), "b", 60))[1]
 
 
-async def test_remember_reports_a_replay_until_the_key_expires(buffer: Buffer) -> None:
+async def test_remember_reports_a_replay_until_the_key_expires(
+    buffer: Buffer, clock: StorageClock
+) -> None:
     assert await buffer.remember("oauth1:key:nonce-1", 0.3)
     assert not await buffer.remember("oauth1:key:nonce-1", 0.3)
     assert await buffer.remember("oauth1:key:nonce-2", 0.3)
-    await asyncio.sleep(0.4)
+    await clock.advance(0.4)
     assert await buffer.remember("oauth1:key:nonce-1", 0.3)
 
 
-async def test_rate_counters_refuse_past_the_limit_until_the_window_ends(buffer: Buffer) -> None:
+async def test_rate_counters_refuse_past_the_limit_until_the_window_ends(
+    buffer: Buffer, clock: StorageClock
+) -> None:
     await buffer.provision(ChannelSpec("orders"))
     # Start at a window boundary so the 3 hits share one window.
-    await asyncio.sleep(0.5 - time.time() % 0.5 + 0.01)
+    await clock.advance(0.5 - clock.now() % 0.5 + 0.01)
     waits = [await buffer.hit_rate("orders", "webhook:shop", 2, 0.5) for _ in range(3)]
     assert waits[:2] == [0.0, 0.0]
     assert 0 < waits[2] <= 0.5
     assert await buffer.hit_rate("orders", "webhook:other", 2, 0.5) == 0.0
-    await asyncio.sleep(waits[2] + 0.01)
+    await clock.advance(waits[2] + 0.01)
     assert await buffer.hit_rate("orders", "webhook:shop", 2, 0.5) == 0.0
 
 
@@ -443,14 +514,16 @@ async def test_recent_events_feed_the_dashboard(buffer: Buffer) -> None:
     assert await buffer.recent_events("other") == []
 
 
-async def test_history_is_replayed_to_one_group_from_a_point_in_time(buffer: Buffer) -> None:
+async def test_history_is_replayed_to_one_group_from_a_point_in_time(
+    buffer: Buffer, clock: StorageClock
+) -> None:
     await buffer.provision(ChannelSpec("orders", history_seconds=3600))
     await buffer.join("orders", "audit")
-    first = await buffer.append(envelope(b"old"))
-    await asyncio.sleep(0.05)
-    since = time.time()
-    await buffer.append(envelope(b"new-1"))
-    await buffer.append(envelope(b"new-2"))
+    first = await buffer.append(envelope(b"old", at=clock.now()))
+    await clock.advance(0.05)
+    since = clock.now()
+    await buffer.append(envelope(b"new-1", at=clock.now()))
+    await buffer.append(envelope(b"new-2", at=clock.now()))
     for group in ("default", "audit"):
         taken = await buffer.read("orders", group, "c1", 10)
         for delivery in taken:
@@ -492,7 +565,9 @@ async def test_connections_count_what_they_delivered(buffer: Buffer) -> None:
     assert await buffer.get_connection("orders", "c1") is None
 
 
-async def test_a_dead_letter_carries_each_failed_delivery(buffer: Buffer) -> None:
+async def test_a_dead_letter_carries_each_failed_delivery(
+    buffer: Buffer, clock: StorageClock
+) -> None:
     spec = ChannelSpec(
         "orders", ack_timeout_seconds=0.3, retry_delay_seconds=0.05, max_delivery_attempts=4
     )
@@ -500,17 +575,17 @@ async def test_a_dead_letter_carries_each_failed_delivery(buffer: Buffer) -> Non
     record = ConnectionRecord("conn-a", "orders", "default", connector_id="laptop")
     assert await buffer.add_connection(record, 10)
     message_id = await buffer.append(envelope())
-    started = time.time()
+    started = clock.now()
     # 1: the target answered 503; 2: the connection closed; 3: no answer within the ack
     # timeout; 4: a 400, which gives up.
     [first] = await buffer.read("orders", "default", "conn-a", 10)
-    await asyncio.sleep(0.05)
+    await clock.advance(0.05)
     assert await buffer.nack("orders", "default", message_id, retry=True, reason="http_503")
-    await asyncio.sleep(0.1)
+    await clock.advance(0.1)
     [second] = await buffer.read("orders", "default", "conn-b", 10)
     assert await buffer.release("orders", "default", "conn-b") == 1
     [third] = await buffer.read("orders", "default", "conn-a", 10)
-    await asyncio.sleep(0.35)
+    await clock.advance(0.35)
     [fourth] = await buffer.read("orders", "default", "conn-a", 10)
     assert [d.attempt for d in (first, second, third, fourth)] == [1, 2, 3, 4]
     assert await buffer.nack(
@@ -527,17 +602,19 @@ async def test_a_dead_letter_carries_each_failed_delivery(buffer: Buffer) -> Non
     assert [a.connector for a in log] == ["laptop", "", "laptop", "laptop"]
     assert [a.status_code for a in log] == [503, None, None, 400]
     assert log[0].duration >= 0.04 and log[2].duration >= 0.3
-    assert all(started - 1 <= a.time <= time.time() for a in log)
+    assert all(started - 1 <= a.time <= clock.now() for a in log)
     assert [a.time for a in log] == sorted(a.time for a in log)
 
 
-async def test_an_acked_message_leaves_no_attempt_log_behind(buffer: Buffer) -> None:
+async def test_an_acked_message_leaves_no_attempt_log_behind(
+    buffer: Buffer, clock: StorageClock
+) -> None:
     spec = ChannelSpec("orders", retry_delay_seconds=0.05, max_delivery_attempts=2)
     await buffer.provision(spec)
     message_id = await buffer.append(envelope())
     await buffer.read("orders", "default", "c1", 10)
     assert await buffer.nack("orders", "default", message_id, retry=True, reason="timeout")
-    await asyncio.sleep(0.1)
+    await clock.advance(0.1)
     await buffer.read("orders", "default", "c1", 10)
     assert await buffer.ack("orders", "default", message_id)
     # A later message that fails starts its own log.
@@ -639,7 +716,9 @@ async def test_dropping_the_default_group_brings_it_back_empty(buffer: Buffer) -
     assert delivery.message_id == later
 
 
-async def test_groups_without_a_connection_are_dropped_when_idle(buffer: Buffer) -> None:
+async def test_groups_without_a_connection_are_dropped_when_idle(
+    buffer: Buffer, clock: StorageClock
+) -> None:
     await buffer.provision(ChannelSpec("orders", group_idle_seconds=1))
     await buffer.provision(ChannelSpec("fixed", group_idle_seconds=1, dynamic_groups=False))
     await buffer.provision(ChannelSpec("forever", group_idle_seconds=0))
@@ -651,16 +730,16 @@ async def test_groups_without_a_connection_are_dropped_when_idle(buffer: Buffer)
     await buffer.add_connection(ConnectionRecord("conn-l", "orders", "left"), limit=10)
     await buffer.append(envelope())
     assert await buffer.drop_idle_groups("orders") == []
-    await asyncio.sleep(0.7)
+    await clock.advance(0.7)
     # A connection leaving is the group's last sign of life: its idle time starts then.
     await buffer.release("orders", "left", "conn-l")
     await buffer.remove_connection("orders", "conn-l")
-    await asyncio.sleep(0.5)
+    await clock.advance(0.5)
     assert await buffer.drop_idle_groups("orders") == ["stray"]
     assert await buffer.drop_idle_groups("fixed") == [], "only on channels with dynamic groups"
     assert await buffer.drop_idle_groups("forever") == [], "0: never"
     assert await buffer.drop_idle_groups("nowhere") == []
-    await asyncio.sleep(0.7)
+    await clock.advance(0.7)
     assert await buffer.drop_idle_groups("orders") == ["left"]
     names = [g.name for g in await buffer.list_groups("orders")]
     assert names == ["busy", "default"], "a connected group and the default one stay"
@@ -690,17 +769,17 @@ async def test_a_sqlite_file_from_before_group_times_is_upgraded(tmp_path: Path)
 
 
 async def test_a_group_backlog_stays_right_after_housekeeping_expires_messages(
-    buffer: Buffer,
+    buffer: Buffer, clock: StorageClock
 ) -> None:
     await buffer.provision(ChannelSpec("orders", ttl_seconds=1))
     await buffer.join("orders", "late")
     for _ in range(2):
-        await buffer.append(envelope(b"old"))
-    await asyncio.sleep(1.1)
-    await buffer.append(envelope(b"fresh"))
+        await buffer.append(envelope(b"old", at=clock.now()))
+    await clock.advance(1.1)
+    await buffer.append(envelope(b"fresh", at=clock.now()))
     assert await buffer.housekeep("orders") == 4  # two old messages for each of two groups
     backlog = {g.name: g.backlog for g in await buffer.list_groups("orders")}
     assert backlog == {"default": 1, "late": 1}
-    await buffer.append(envelope(b"another"))
+    await buffer.append(envelope(b"another", at=clock.now()))
     backlog = {g.name: g.backlog for g in await buffer.list_groups("orders")}
     assert backlog == {"default": 2, "late": 2}
