@@ -6,7 +6,9 @@ every byte to one character and back, so nothing is lost or normalised.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -27,31 +29,53 @@ class Envelope:
 
     def encode_meta(self) -> bytes:
         """Everything but the body, as compact JSON (the body is stored beside it, raw)."""
-        return orjson.dumps(
-            {
-                "c": self.channel,
-                "w": self.webhook_id,
-                "t": self.received_at,
-                "m": self.method,
-                "p": self.path,
-                "q": self.query_string,
-                "h": self.headers,
-                "a": self.client,
-            }
-        )
+        return orjson.dumps(envelope_fields(self, STORAGE_KEYS))
 
     @classmethod
     def decode(cls, meta: bytes, body: bytes) -> Envelope:
         """Rebuild an envelope from :meth:`encode_meta` output and the raw body."""
-        fields = orjson.loads(meta)
-        return cls(
-            channel=fields["c"],
-            webhook_id=fields["w"],
-            received_at=fields["t"],
-            method=fields["m"],
-            path=fields["p"],
-            query_string=fields["q"],
-            headers=tuple((name, value) for name, value in fields["h"]),
-            body=body,
-            client=fields.get("a", ""),
-        )
+        return envelope_from_fields(orjson.loads(meta), body, STORAGE_KEYS)
+
+
+# One name per field: the Envelope's own, used as is in the admin API's dead letters and the
+# output modules' metadata. A stored or sent form renames them with one of these key tables.
+FIELD_NAMES = (
+    "channel",
+    "webhook_id",
+    "received_at",
+    "method",
+    "path",
+    "query_string",
+    "headers",
+    "client",
+)
+NAMES = {name: name for name in FIELD_NAMES}
+# Storage (SQLite rows, Redis stream entries): one letter each, in this order, as ever; the
+# stored form must stay readable, so these never change.
+STORAGE_KEYS = dict(zip(FIELD_NAMES, ("c", "w", "t", "m", "p", "q", "h", "a"), strict=True))
+# The connector protocol's native messages (docs/PROTOCOL.md); connectors already deployed
+# read these names.
+WIRE_KEYS = {**NAMES, "received_at": "timestamp", "query_string": "query"}
+
+
+def envelope_fields(envelope: Envelope, keys: Mapping[str, str] = NAMES) -> dict[str, Any]:
+    """Every field of ``envelope`` but the body, named by ``keys`` (field name -> key)."""
+    return {key: getattr(envelope, name) for name, key in keys.items()}
+
+
+def envelope_from_fields(
+    fields: Mapping[str, Any], body: bytes, keys: Mapping[str, str] = NAMES
+) -> Envelope:
+    """Inverse of :func:`envelope_fields`; ``KeyError`` when a field other than ``client``
+    (absent from what older versions stored or sent) is missing."""
+    return Envelope(
+        channel=fields[keys["channel"]],
+        webhook_id=fields[keys["webhook_id"]],
+        received_at=fields[keys["received_at"]],
+        method=fields[keys["method"]],
+        path=fields[keys["path"]],
+        query_string=fields[keys["query_string"]],
+        headers=tuple((name, value) for name, value in fields[keys["headers"]]),
+        body=body,
+        client=fields.get(keys["client"], ""),
+    )

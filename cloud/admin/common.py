@@ -31,6 +31,7 @@ from webhook_connect.cloud.buffers import (
 )
 from webhook_connect.cloud.tokens import bearer_token
 from webhook_connect.shared.config.webhooks import CHANNEL_NAME_PATTERN
+from webhook_connect.shared.envelope import envelope_fields
 from webhook_connect.shared.exceptions import StorageError
 from webhook_connect.shared.limits import LIMIT_NAMES, optional_limits
 
@@ -190,9 +191,8 @@ def dead_letter_json(letter: DeadLetter, *, full: bool = False) -> dict[str, Any
         ],
     }
     if full:
-        answer["path"] = envelope.path
-        answer["query_string"] = envelope.query_string
-        answer["headers"] = [list(pair) for pair in envelope.headers]
+        fields = envelope_fields(envelope)
+        answer.update({name: fields[name] for name in ("path", "query_string", "headers")})
         answer["body_base64"] = base64.b64encode(envelope.body).decode()
     return answer
 
