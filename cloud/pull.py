@@ -45,14 +45,8 @@ class Puller:
         channel, group, consumer = connection.channel, connection.group, connection.consumer
         try:
             while True:
-                if session.check_due(now := time.monotonic()):
-                    session.checked(now)
-                    await check_liveness(buffer, connection)
                 since = buffer.change_version(channel)
-                if session.count_due():
-                    held = await buffer.pending_count(channel, group, consumer, session.window)
-                    session.counted_held(held)
-                count = session.read_size(max_count)
+                count = await self._room(max_count)
                 if count > 0:
                     deliveries = await buffer.read(channel, group, consumer, count)
                     if deliveries:
@@ -64,3 +58,17 @@ class Puller:
                 await buffer.wait_for_change(channel, since, min(wait, remaining))
         except StorageError as exc:
             raise unavailable(exc) from exc
+
+    async def _room(self, max_count: int) -> int:
+        """How many messages to read now, after the liveness check and the window count the
+        session asks for (a removed connection or revoked token raises its refusal)."""
+        session, connection = self.session, self.connection
+        if session.check_due(now := time.monotonic()):
+            session.checked(now)
+            await check_liveness(self.buffer, connection)
+        if session.count_due():
+            held = await self.buffer.pending_count(
+                connection.channel, connection.group, connection.consumer, session.window
+            )
+            session.counted_held(held)
+        return session.read_size(max_count)
