@@ -6,8 +6,10 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator
+from importlib import resources
 from pathlib import Path
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -19,9 +21,17 @@ from webhook_connect.cloud.buffers import (
     TokenRecord,
     open_buffer,
 )
+from webhook_connect.cloud.buffers.base import EVENTS_KEPT
+from webhook_connect.cloud.buffers.resp import ReplyError
+from webhook_connect.cloud.buffers.scripts import LUA_CONSTANTS, load_scripts, storage_error
 from webhook_connect.cloud.buffers.sqlite import SQLiteBuffer
 from webhook_connect.shared.envelope import Envelope
-from webhook_connect.shared.exceptions import ChannelFull, StorageUnavailable, UnknownChannel
+from webhook_connect.shared.exceptions import (
+    ChannelFull,
+    StorageError,
+    StorageUnavailable,
+    UnknownChannel,
+)
 
 EVERY_BYTE = bytes(range(256))
 
@@ -783,3 +793,24 @@ async def test_a_group_backlog_stays_right_after_housekeeping_expires_messages(
     await buffer.append(envelope(b"another", at=clock.now()))
     backlog = {g.name: g.backlog for g in await buffer.list_groups("orders")}
     assert backlog == {"default": 2, "late": 2}
+
+
+def test_the_redis_scripts_take_their_constants_from_python() -> None:
+    lua = resources.files("webhook_connect.cloud.buffers").joinpath("redis_scripts.lua")
+    text = lua.read_text()
+    for name, value in LUA_CONSTANTS.items():
+        assert f"local {name} =" not in text, f"{name} is defined in Python only"
+        for source in load_scripts().values():
+            assert f"local {name} = {orjson.dumps(value).decode()}\n" in source
+    assert LUA_CONSTANTS["EVENTS_KEPT"] == EVENTS_KEPT
+
+
+def test_redis_error_replies_map_to_the_projects_exceptions_by_their_code() -> None:
+    full = storage_error(ReplyError("WC_CHANNEL_FULL 5 slow 7"), "orders")
+    assert isinstance(full, ChannelFull)
+    assert (full.channel, full.limit, full.group, full.backlog) == ("orders", 5, "slow", 7)
+    for reply in ("WC_NO_CHANNEL", "WC_NO_STREAM script: 1f2e, on @user_script:40."):
+        assert isinstance(storage_error(ReplyError(reply), "orders"), UnknownChannel)
+    other = storage_error(ReplyError("ERR WRONGTYPE Operation against a key"), "orders")
+    assert type(other) is StorageError
+    assert isinstance(storage_error(ConnectionRefusedError("refused")), StorageUnavailable)

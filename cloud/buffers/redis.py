@@ -1,9 +1,9 @@
 """Redis Streams backend: one stream per channel, consumer groups for connector groups.
 
 Keys of a channel share the hash tag ``{<channel>}`` so a Redis Cluster keeps them in one slot.
-All state changes run as Lua scripts (``redis_scripts.lua``) so concurrent cloud replicas never
-see a half-done step. Channel names are restricted to ``[A-Za-z0-9._-]``, so they are safe inside
-a key.
+All state changes run as Lua scripts (``redis_scripts.lua``, loaded by ``scripts.py``, which
+also maps every error Redis reports) so concurrent cloud replicas never see a half-done step.
+Channel names are restricted to ``[A-Za-z0-9._-]``, so they are safe inside a key.
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from importlib import resources
 from typing import Any, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from webhook_connect.cloud.buffers.base import (
     CONNECTION_STALE_SECONDS,
@@ -44,14 +41,17 @@ from webhook_connect.cloud.buffers.base import (
     decode_attempts,
 )
 from webhook_connect.cloud.buffers.resp import ReplyError, RespClient
+from webhook_connect.cloud.buffers.scripts import (
+    ABSENT,
+    BY_CONNECTION,
+    UNAVAILABLE,
+    error_code,
+    load_scripts,
+    storage_error,
+)
 from webhook_connect.cloud.notifier import Notifier
 from webhook_connect.shared.envelope import Envelope
-from webhook_connect.shared.exceptions import (
-    ChannelFull,
-    StorageError,
-    StorageUnavailable,
-    UnknownChannel,
-)
+from webhook_connect.shared.exceptions import StorageError, UnknownChannel
 
 logger = logging.getLogger("webhook_connect.redis")
 
@@ -59,15 +59,10 @@ T = TypeVar("T")
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 CHANNELS_KEY = "wc:channels"
 TOKENS_KEY = "wc:tokens"
-SCRIPT_NAMES = (
-    "append", "read", "ack", "nack", "release", "housekeep", "depth", "connect", "touch", "hit",
-    "groups", "dropgroup", "idlegroups",
-)  # fmt: skip
 NOTIFY_CHANNEL = "wc:changed"
-# Per-connection delivered counts live in the stats hash under this prefix.
-BY_CONNECTION = b"by:"
 CHANNEL_KEYS = 9  # what channel_keys() returns; a script's own extra keys come after
-UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# What _call returns by default for an error reply: raise it (as the project's exception).
+RAISE: Any = object()
 
 
 def key_digest(key: str) -> str:
@@ -84,23 +79,9 @@ def channel_keys(channel: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _load_scripts() -> dict[str, str]:
-    text = (
-        resources.files("webhook_connect.cloud.buffers").joinpath("redis_scripts.lua").read_text()
-    )
-    prelude, *sections = text.split("\n-- script: ")
-    scripts = {}
-    for section in sections:
-        name, _, body = section.partition("\n")
-        scripts[name.strip()] = prelude + "\n" + body
-    assert set(scripts) == set(SCRIPT_NAMES), sorted(scripts)
-    return scripts
-
-
 def _storage_errors(cls: type[T]) -> type[T]:
-    """Make every public coroutine method of ``cls`` report a lost or failing Redis as the
-    project's StorageUnavailable / StorageError, which every caller handles (503, a retry),
-    instead of redis-py's own exceptions, which would end a background loop or answer 500."""
+    """Make every public coroutine method of ``cls`` raise what redis-py reports (a lost
+    server, an error reply) as the project's exceptions (scripts.storage_error)."""
     for name, method in list(vars(cls).items()):
         if name.startswith("_") or not inspect.iscoroutinefunction(method):
             continue
@@ -110,10 +91,8 @@ def _storage_errors(cls: type[T]) -> type[T]:
             async def guarded(*args: Any, **kwargs: Any) -> Any:
                 try:
                     return await method(*args, **kwargs)
-                except UNAVAILABLE as exc:
-                    raise StorageUnavailable(f"redis unreachable: {exc}") from exc
-                except RedisError as exc:
-                    raise StorageError(f"redis: {exc}") from exc
+                except (RedisError, *UNAVAILABLE) as exc:
+                    raise storage_error(exc) from exc
 
             return guarded
 
@@ -130,7 +109,7 @@ class RedisBuffer:
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
         )
-        self._sources = _load_scripts()
+        self._sources = load_scripts()
         self._shas: dict[str, str] = {}
         # Script calls (every hot-path operation) go through a lean pipelining client:
         # concurrent callers share round trips, each still awaiting its own reply (a 202 only
@@ -149,9 +128,17 @@ class RedisBuffer:
                 await self._listener
         await self._redis.aclose()
 
-    async def _call(self, name: str, channel: str, *args: Any, keys: tuple[str, ...] = ()) -> Any:
-        """Run script ``name`` on ``channel`` (and ``keys``, in its slot); an error reply is
-        raised as ``ResponseError``."""
+    async def _call(
+        self,
+        name: str,
+        channel: str,
+        *args: Any,
+        keys: tuple[str, ...] = (),
+        absent: Any = RAISE,
+    ) -> Any:
+        """Run script ``name`` on ``channel`` (and ``keys``, in its slot). An error reply is
+        raised as the project's exception, except that ``absent``, if given, is returned when
+        the group or the channel's stream does not exist."""
         sha = self._shas.get(name)
         if sha is None:
             loaded = await self._resp.execute("SCRIPT", "LOAD", self._sources[name])
@@ -162,18 +149,18 @@ class RedisBuffer:
             "EVALSHA", sha, CHANNEL_KEYS + len(keys), *channel_keys(channel), *keys, *args
         )
         if isinstance(reply, ReplyError):
-            if str(reply).startswith("NOSCRIPT"):
+            code = error_code(reply)
+            if code == "NOSCRIPT":
                 # Redis restarted and lost its script cache; the script did not run.
                 self._shas.pop(name, None)
-                return await self._call(name, channel, *args, keys=keys)
-            raise ResponseError(str(reply).removeprefix("ERR "))
+                return await self._call(name, channel, *args, keys=keys, absent=absent)
+            if code in ABSENT and absent is not RAISE:
+                return absent
+            raise storage_error(reply, channel)
         return reply
 
     async def ping(self) -> None:
-        try:
-            await self._redis.ping()
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        await self._redis.ping()
 
     # Channels and tokens ------------------------------------------------------------------
 
@@ -188,14 +175,11 @@ class RedisBuffer:
             "retry_delay_ms": int(spec.retry_delay_seconds * 1000),
             "history_ms": spec.history_seconds * 1000,
         }
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(cfg, mapping=mapping)  # type: ignore[arg-type]
-                pipe.sadd(CHANNELS_KEY, spec.name)
-                await pipe.execute()
-            await self.join(spec.name, DEFAULT_GROUP, from_start=True)
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(cfg, mapping=mapping)  # type: ignore[arg-type]
+            pipe.sadd(CHANNELS_KEY, spec.name)
+            await pipe.execute()
+        await self.join(spec.name, DEFAULT_GROUP, from_start=True)
 
     async def get_channel(self, name: str) -> ChannelSpec | None:
         raw = await self._redis.hget(channel_keys(name)[1], "spec")
@@ -222,10 +206,7 @@ class RedisBuffer:
         await self._redis.hset(TOKENS_KEY, token.token_hash, record)
 
     async def find_token(self, token_hash: str) -> TokenRecord | None:
-        try:
-            raw = await self._redis.hget(TOKENS_KEY, token_hash)
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        raw = await self._redis.hget(TOKENS_KEY, token_hash)
         return None if raw is None else TokenRecord(**orjson.loads(raw))
 
     async def list_tokens(self, channel: str) -> list[TokenRecord]:
@@ -242,10 +223,7 @@ class RedisBuffer:
 
     async def append(self, envelope: Envelope) -> str:
         channel = envelope.channel
-        try:
-            reply = await self._call("append", channel, envelope.encode_meta(), envelope.body)
-        except ResponseError as exc:
-            raise _storage_error(exc, channel) from exc
+        reply = await self._call("append", channel, envelope.encode_meta(), envelope.body)
         self._announce(channel)
         return str(reply.decode())
 
@@ -255,12 +233,9 @@ class RedisBuffer:
         channel = envelope.channel
         once = "wc:{" + channel + "}:once:" + key_digest(key)
         window_ms = max(1, int(window_seconds * 1000))
-        try:
-            reply = await self._call(
-                "append", channel, envelope.encode_meta(), envelope.body, window_ms, keys=(once,)
-            )
-        except ResponseError as exc:
-            raise _storage_error(exc, channel) from exc
+        reply = await self._call(
+            "append", channel, envelope.encode_meta(), envelope.body, window_ms, keys=(once,)
+        )
         message_id, is_new = reply[0].decode(), bool(reply[1])
         if is_new:
             self._announce(channel)
@@ -272,16 +247,13 @@ class RedisBuffer:
             "SET", "wc:seen:" + key_digest(key), "1", "NX", "PX", ttl_ms
         )
         if isinstance(reply, ReplyError):
-            raise StorageError(f"redis: {reply}")
+            raise storage_error(reply)
         return reply is not None
 
     async def hit_rate(self, channel: str, key: str, limit: int, window_seconds: float) -> float:
         counter = "wc:{" + channel + "}:rate:" + key_digest(key)
         window_ms = max(1, int(window_seconds * 1000))
-        try:
-            hits, left_ms = await self._call("hit", channel, window_ms, keys=(counter,))
-        except ResponseError as exc:
-            raise _storage_error(exc, channel) from exc
+        hits, left_ms = await self._call("hit", channel, window_ms, keys=(counter,))
         return 0.0 if int(hits) <= limit else max(int(left_ms), 1) / 1000
 
     def _announce(self, channel: str) -> None:
@@ -323,33 +295,13 @@ class RedisBuffer:
                 await asyncio.sleep(1)
 
     async def join(self, channel: str, group: str, *, from_start: bool = False) -> None:
-        stream = channel_keys(channel)[0]
-        try:
-            first = "0" if from_start else "$"
-            await self._redis.xgroup_create(stream, group, id=first, mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise StorageError(str(exc)) from exc
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
-        await self._redis.hset(channel_keys(channel)[8], group, int(time.time() * 1000))
+        await self._call("join", channel, group, "0" if from_start else "$")
 
     async def has_group(self, channel: str, group: str) -> bool:
-        try:
-            groups: Any = await self._redis.xinfo_groups(channel_keys(channel)[0])
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return False
-            raise StorageError(str(exc)) from exc
-        return any(_text(g["name"]) == group for g in groups)
+        return bool(await self._call("hasgroup", channel, group))
 
     async def list_groups(self, channel: str) -> list[GroupInfo]:
-        try:
-            rows = await self._call("groups", channel)
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return []
-            raise _storage_error(exc, channel) from exc
+        rows = await self._call("groups", channel, absent=[])
         now = time.time()
         live: dict[str, list[float]] = {}
         for record in await self.list_connections(channel):
@@ -374,34 +326,20 @@ class RedisBuffer:
         return sorted(infos, key=lambda info: info.name)
 
     async def drop_group(self, channel: str, group: str) -> int | None:
-        try:
-            removed = int(await self._call("dropgroup", channel, group, DEFAULT_GROUP))
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return None
-            raise _storage_error(exc, channel) from exc
-        return None if removed < 0 else removed
+        removed = await self._call("dropgroup", channel, group, DEFAULT_GROUP, absent=-1)
+        return None if int(removed) < 0 else int(removed)
 
     async def drop_idle_groups(self, channel: str) -> list[str]:
         spec = await self.get_channel(channel)
         if spec is None or not spec.dynamic_groups or spec.group_idle_seconds <= 0:
             return []
         idle_ms = spec.group_idle_seconds * 1000
-        try:
-            dropped = await self._call("idlegroups", channel, idle_ms, DEFAULT_GROUP)
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return []
-            raise _storage_error(exc, channel) from exc
+        dropped = await self._call("idlegroups", channel, idle_ms, DEFAULT_GROUP, absent=[])
         return [name.decode() for name in dropped]
 
     async def read(self, channel: str, group: str, consumer: str, count: int) -> list[Delivery]:
-        try:
-            rows = await self._call("read", channel, group, consumer, count)
-        except ResponseError as exc:
-            if "NOGROUP" in str(exc):  # dropped (or never joined): reading must not bring it back
-                return []
-            raise _storage_error(exc, channel) from exc
+        # A group dropped (or never joined) has nothing: reading must not bring it back.
+        rows = await self._call("read", channel, group, consumer, count, absent=[])
         return [
             Delivery(row[0].decode(), int(row[1]), Envelope.decode(row[2], row[3])) for row in rows
         ]
@@ -429,31 +367,16 @@ class RedisBuffer:
         )
 
     async def _settle(self, name: str, channel: str, *args: str) -> bool:
-        try:
-            return bool(await self._call(name, channel, *args))
-        except ResponseError as exc:
-            if "NOGROUP" in str(exc):
-                return False
-            raise _storage_error(exc, channel) from exc
+        return bool(await self._call(name, channel, *args, absent=0))
 
     async def release(self, channel: str, group: str, consumer: str) -> int:
-        try:
-            released = int(await self._call("release", channel, group, consumer))
-        except ResponseError as exc:
-            if "NOGROUP" in str(exc):
-                return 0
-            raise _storage_error(exc, channel) from exc
+        released = int(await self._call("release", channel, group, consumer, absent=0))
         if released:
             self._announce(channel)
         return released
 
     async def housekeep(self, channel: str) -> int:
-        try:
-            return int(await self._call("housekeep", channel))
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return 0
-            raise _storage_error(exc, channel) from exc
+        return int(await self._call("housekeep", channel, absent=0))
 
     # Connections ----------------------------------------------------------------------------
 
@@ -467,19 +390,16 @@ class RedisBuffer:
         return bool(await self._call("touch", channel, connection_id))
 
     async def remove_connection(self, channel: str, connection_id: str) -> bool:
-        try:
-            _, _, stats, _, conns, *_ = channel_keys(channel)
-            await self._redis.hdel(stats, BY_CONNECTION.decode() + connection_id)
-            return bool(await self._redis.hdel(conns, connection_id))
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        _, _, stats, _, conns, *_ = channel_keys(channel)
+        await self._redis.hdel(stats, BY_CONNECTION + connection_id)
+        return bool(await self._redis.hdel(conns, connection_id))
 
     async def get_connection(self, channel: str, connection_id: str) -> ConnectionRecord | None:
         _, _, stats, _, conns, *_ = channel_keys(channel)
         raw = await self._redis.hget(conns, connection_id)
         if raw is None:
             return None
-        delivered = await self._redis.hget(stats, BY_CONNECTION.decode() + connection_id)
+        delivered = await self._redis.hget(stats, BY_CONNECTION + connection_id)
         record = ConnectionRecord(**orjson.loads(raw))
         return dataclasses.replace(record, delivered=int(delivered or 0))
 
@@ -491,18 +411,14 @@ class RedisBuffer:
         live = sorted((r for r in records if r.seen_at >= cutoff), key=lambda r: r.connected_at)
         if not live:
             return []
-        fields = [BY_CONNECTION.decode() + r.connection_id for r in live]
+        fields = [BY_CONNECTION + r.connection_id for r in live]
         counts: Any = await self._redis.hmget(stats, fields)
         return [
             dataclasses.replace(r, delivered=int(n or 0)) for r, n in zip(live, counts, strict=True)
         ]
 
     async def reap_connections(self, channel: str) -> int:
-        conns = channel_keys(channel)[4]
-        try:
-            raw: Any = await self._redis.hgetall(conns)
-        except UNAVAILABLE as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc}") from exc
+        raw: Any = await self._redis.hgetall(channel_keys(channel)[4])
         cutoff = time.time() - CONNECTION_STALE_SECONDS
         reaped = 0
         for value in raw.values():
@@ -515,7 +431,11 @@ class RedisBuffer:
     async def pending_count(self, channel: str, group: str, consumer: str, limit: int) -> int:
         stream = channel_keys(channel)[0]
         reply = await self._resp.execute("XPENDING", stream, group, "-", "+", limit, consumer)
-        return 0 if isinstance(reply, ReplyError) else len(reply)
+        if isinstance(reply, ReplyError):
+            if error_code(reply) in ABSENT:
+                return 0
+            raise storage_error(reply, channel)
+        return len(reply)
 
     # Dead letters and stats ----------------------------------------------------------------
 
@@ -601,19 +521,16 @@ class RedisBuffer:
         return events
 
     async def stats(self, channel: str) -> ChannelStats:
-        try:
-            depth, in_flight, oldest = await self._call("depth", channel)
-            _, _, stats_key, dlq, *_ = channel_keys(channel)
-            raw = await self._redis.hgetall(stats_key)
-            dead = await self._redis.xlen(dlq)
-        except ResponseError as exc:
-            raise _storage_error(exc, channel) from exc
+        depth, in_flight, oldest = await self._call("depth", channel)
+        _, _, stats_key, dlq, *_ = channel_keys(channel)
+        raw = await self._redis.hgetall(stats_key)
+        dead = await self._redis.xlen(dlq)
         counters = {name: 0 for name in COUNTERS}
         counters.update(
             {
                 k.decode(): int(v)
                 for k, v in cast(dict[bytes, bytes], raw).items()
-                if not k.startswith(BY_CONNECTION)
+                if not k.startswith(BY_CONNECTION.encode())
             }
         )
         oldest_age = None
@@ -628,27 +545,9 @@ class RedisBuffer:
         )
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _ignore_result(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved: a lost notification only delays a remote reader
-
-
-def _storage_error(exc: ResponseError, channel: str) -> StorageError:
-    text = str(exc)
-    if text.startswith("FULL"):
-        # "FULL <limit> <group> <backlog>": the group with the largest backlog.
-        parts = text.split()
-        limit = int(parts[1]) if len(parts) > 1 else 0
-        if len(parts) > 3:
-            return ChannelFull(channel, limit, parts[2], int(parts[3]))
-        return ChannelFull(channel, limit)
-    if text.startswith("NOCHANNEL") or "no such key" in text.lower():
-        return UnknownChannel(channel)
-    return StorageError(text)
 
 
 def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:

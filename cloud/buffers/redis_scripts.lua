@@ -2,14 +2,14 @@
 -- Every script receives KEYS = {stream, config, stats, dead letters, connections, events,
 -- history, attempts, groups} of one channel, then its own extra keys (KEYS[10] ...); they share a hash
 -- tag, so they live in one Redis Cluster slot. Each script is this prelude followed by one
--- `-- script: NAME` section (see cloud/buffers/redis.py).
+-- `-- script: NAME` section (see cloud/buffers/scripts.py), after a header of the constants it
+-- shares with Python, written there at load time: RETRY_CONSUMER, EVENTS_KEPT, ATTEMPTS_KEPT,
+-- LAG_COUNTED, BY_CONNECTION, and the codes of the error replies (CHANNEL_FULL, NO_CHANNEL,
+-- NO_STREAM) that cloud/buffers/scripts.py maps to the project's exceptions.
 local S, CFG, STATS, DLQ, CONNS = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local EVENTS, HISTORY, ATTEMPTS = KEYS[6], KEYS[7], KEYS[8]
 -- GROUPS: group name -> when a connection of it was last alive (ms), for idle groups.
 local GROUPS = KEYS[9]
-local RETRY_CONSUMER = '__retry__'
-local EVENTS_KEPT = 200  -- cloud.buffers.base.EVENTS_KEPT
-local ATTEMPTS_KEPT = 50  -- cloud.buffers.base.ATTEMPTS_KEPT
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -33,7 +33,10 @@ local function fields_of(flat)
   return out
 end
 
+-- The groups of the channel's stream; a channel without one (deleted, or never provisioned)
+-- ends the script with NO_STREAM.
 local function groups_of()
+  if redis.call('EXISTS', S) == 0 then error({err = NO_STREAM}) end
   local out = {}
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', S)) do
     table.insert(out, fields_of(g))
@@ -102,13 +105,20 @@ end
 -- so when it moves a group past expired messages). A group moved without it (by an earlier
 -- version) is counted, at most LAG_COUNTED entries: this also runs for every refused append
 -- of a full channel, and must stay cheap however large the channel.
-local LAG_COUNTED = 1000
 local function backlog(g)
   local lag = g['lag']
   if type(lag) ~= 'number' then
     lag = #redis.call('XRANGE', S, '(' .. g['last-delivered-id'], '+', 'COUNT', LAG_COUNTED)
   end
   return tonumber(g['pending']) + lag
+end
+
+local function group_exists(name)
+  if redis.call('EXISTS', S) == 0 then return false end
+  for _, g in ipairs(groups_of()) do
+    if g['name'] == name then return true end
+  end
+  return false
 end
 
 -- Connection records that name a group: {group = true}.
@@ -133,17 +143,17 @@ local function config()
 end
 
 -- script: append
--- ARGV: meta, body[, window ms]. Returns the id, or an error reply 'FULL' / 'NOCHANNEL'.
+-- ARGV: meta, body[, window ms]. Returns the id, or an error reply CHANNEL_FULL / NO_CHANNEL.
 -- With KEYS[10] (an idempotency key) and a window: returns {id, 1} when it stored the message,
 -- {original id, 0} when KEYS[10] names one stored within the window.
--- 'FULL <limit> <group> <backlog>' names the group with the largest backlog.
+-- 'CHANNEL_FULL <limit> <group> <backlog>' names the group with the largest backlog.
 local once = KEYS[10]
 if once then
   local seen = redis.call('GET', once)
   if seen then return {seen, 0} end
 end
 local cfg = config()
-if not cfg then return redis.error_reply('NOCHANNEL') end
+if not cfg then return redis.error_reply(NO_CHANNEL) end
 if redis.call('XLEN', S) >= cfg.max_queue_size then
   trim()
   if redis.call('XLEN', S) >= cfg.max_queue_size then
@@ -152,7 +162,8 @@ if redis.call('XLEN', S) >= cfg.max_queue_size then
       local n = backlog(g)
       if n > most then worst, most = g['name'], n end
     end
-    return redis.error_reply('FULL ' .. cfg.max_queue_size .. ' ' .. worst .. ' ' .. most)
+    return redis.error_reply(CHANNEL_FULL .. ' ' .. cfg.max_queue_size .. ' ' .. worst .. ' '
+      .. most)
   end
 end
 local id = redis.call('XADD', S, '*', 'meta', ARGV[1], 'body', ARGV[2])
@@ -169,11 +180,25 @@ if once then
 end
 return id
 
+-- script: join
+-- ARGV: group, where a new group starts ('0': the first message, '$': the next one). Creates
+-- the group (and the stream) unless it exists, and marks it alive now.
+if not group_exists(ARGV[1]) then
+  redis.call('XGROUP', 'CREATE', S, ARGV[1], ARGV[2], 'MKSTREAM')
+end
+redis.call('HSET', GROUPS, ARGV[1], now_ms())
+return 1
+
+-- script: hasgroup
+-- ARGV: group. Returns 1 if the channel's stream has that group.
+if group_exists(ARGV[1]) then return 1 end
+return 0
+
 -- script: read
 -- ARGV: group, consumer, count. Returns {{id, attempts, meta, body}, ...}.
 local group, consumer, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local cfg = config()
-if not cfg then return redis.error_reply('NOCHANNEL') end
+if not cfg then return redis.error_reply(NO_CHANNEL) end
 local now = now_ms()
 local cutoff = now - cfg.ttl_ms
 local out = {}
@@ -227,7 +252,7 @@ local n = redis.call('XACK', S, group, id)
 if n == 1 then
   redis.call('HDEL', ATTEMPTS, group .. ' ' .. id)
   redis.call('HINCRBY', STATS, 'delivered', 1)
-  if consumer ~= '' then redis.call('HINCRBY', STATS, 'by:' .. consumer, 1) end
+  if consumer ~= '' then redis.call('HINCRBY', STATS, BY_CONNECTION .. consumer, 1) end
   event('delivered', id, consumer)
 end
 return n
@@ -403,7 +428,7 @@ for i = 1, #all, 2 do
   local ok, record = pcall(cjson.decode, all[i + 1])
   if ok and record.group == group then
     redis.call('HDEL', CONNS, all[i])
-    redis.call('HDEL', STATS, 'by:' .. all[i])
+    redis.call('HDEL', STATS, BY_CONNECTION .. all[i])
     removed = removed + 1
   end
 end
