@@ -28,17 +28,19 @@ from webhook_connect.cloud.provisioning import provision
 from webhook_connect.cloud.publicurl import bound_base, start_up_lines
 from webhook_connect.cloud.pullroutes import PullRoutes
 from webhook_connect.cloud.reloader import ConfigReloader, Reloaded
+from webhook_connect.cloud.responses import refusal_response
 from webhook_connect.cloud.security.guard import build_guards
 from webhook_connect.cloud.security.inbound import Services
 from webhook_connect.cloud.smee import SmeeRoute
 from webhook_connect.cloud.stream import StreamEndpoint
-from webhook_connect.shared.exceptions import StorageError
+from webhook_connect.shared.exceptions import HttpRefusal, StorageError
 
 logger = logging.getLogger("webhook_connect.cloud")
 
 HOUSEKEEPING_INTERVAL = 5.0
 PROVISION_RETRY_MAX = 5.0
 PROVISION_FIRST_WAIT = 3.0
+DOCS_DISABLED = HttpRefusal(404, "docs_disabled", "start the cloud with --public-docs")
 
 
 class CloudApp:
@@ -164,9 +166,7 @@ class CloudApp:
         tells strangers which webhooks exist and which have no authentication."""
         if self.config.public_docs or has_admin_token(self.config.admin_token, request):
             return None
-        return JSONResponse(
-            {"error": "docs_disabled", "detail": "start the cloud with --public-docs"}, 404
-        )
+        return refusal_response(DOCS_DISABLED)
 
     async def openapi(self, request: Request) -> Response:
         if refusal := self._docs_refusal(request):

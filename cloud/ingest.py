@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from webhook_connect.cloud import logs, metrics
 from webhook_connect.cloud.buffers import Buffer
-from webhook_connect.cloud.responses import send_error, send_json
+from webhook_connect.cloud.responses import refusal_response, send_json
 from webhook_connect.cloud.security.guard import Guard, RateLimit
 from webhook_connect.cloud.security.inbound import InboundRequest, Rejected
 from webhook_connect.cloud.security.lockout import Lockouts, source_key
@@ -42,6 +42,7 @@ STORAGE_LOG_INTERVAL = 5.0  # an outage under load: one line per interval, not p
 RETRY_FULL = [(b"retry-after", b"5")]
 RETRY_UNAVAILABLE = [(b"retry-after", b"2")]
 CLOSE = [(b"connection", b"close")]
+UNKNOWN_WEBHOOK = Rejected(404, "unknown_webhook", "no webhook with this id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class IngestEndpoint:
         if guard is None:
             # Counted without the id: a stranger's made-up ids must not become label values.
             metrics.count_unknown_webhook()
-            await send_error(send, 404, "unknown_webhook", "no webhook with this id")
+            await refusal_response(UNKNOWN_WEBHOOK)(scope, receive, send)
             return
         started = time.perf_counter()
         webhook_id, channel = guard.webhook.webhook_id, guard.webhook.relay.channel
@@ -85,7 +86,7 @@ class IngestEndpoint:
         except (Rejected, StorageError) as exc:
             refused = exc if isinstance(exc, Rejected) else storage_refusal(exc)
             metrics.count_rejected(channel, refused.error)
-            await send_error(send, refused.status, refused.error, refused.detail, refused.headers)
+            await refusal_response(refused)(scope, receive, send)
             metrics.observe_ingest(channel, refused.status, started)
             logs.log_ingest(webhook_id, channel, refused.status, refused.error, started, client)
             return

@@ -1,11 +1,15 @@
-"""Small raw-ASGI JSON answers for the hot path (no Request/Response objects per webhook)."""
+"""JSON answers: raw ASGI for ingest's 202 (no Request/Response objects per accepted webhook),
+and the one answer to every refused HTTP request."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
+from starlette.responses import Response
 from starlette.types import Send
+
+from webhook_connect.shared.exceptions import HttpRefusal
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -32,12 +36,17 @@ async def send_json(
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(
-    send: Send,
-    status: int,
-    error: str,
-    detail: Any = None,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    """Answer ``{"error": ..., "detail": ...}`` with ``status``."""
-    await send_json(send, status, {"error": error, "detail": detail}, headers)
+def refusal_response(refusal: HttpRefusal) -> Response:
+    """The one answer to a refused HTTP request, wherever it was refused (ingest, the admin
+    API, /docs): ``status``, ``{"error": ..., "detail": ...}`` and the refusal's headers.
+
+    A Starlette endpoint returns it; raw ASGI code (ingest) calls it: ``await
+    refusal_response(exc)(scope, receive, send)``.
+    """
+    response = Response(
+        orjson.dumps({"error": refusal.error, "detail": refusal.detail}),
+        refusal.status,
+        media_type="application/json",
+    )
+    response.raw_headers.extend(refusal.headers)
+    return response

@@ -2,6 +2,8 @@
 
 WebhookConnectError
 ├── ConfigError              bad configuration file, flag or environment variable (exit 2)
+├── HttpRefusal              an HTTP request refused: status, error code, detail, headers
+│                            (ingest's checks, the admin API, /docs; cloud/responses.py answers)
 ├── StorageError              anything the storage backend reports
 │   ├── StorageUnavailable   the backend cannot be reached (ingest answers 503)
 │   ├── ChannelFull          max_queue_size reached (ingest answers 503)
@@ -18,6 +20,7 @@ WebhookConnectError
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 
 class WebhookConnectError(Exception):
@@ -33,6 +36,34 @@ class ConfigError(WebhookConnectError):
         self.reason = reason
         where = f"{source}: {key_path}" if key_path else source
         super().__init__(f"{where}: {reason}")
+
+
+class HttpRefusal(WebhookConnectError):
+    """An HTTP request refused: answer ``status`` with ``{"error": error, "detail": detail}``.
+
+    ``headers`` are raw ASGI pairs sent with it (``Retry-After``, ``WWW-Authenticate``,
+    ``Allow``, ``Connection: close``), kept as pairs because a challenge may be repeated.
+    ``cloud/responses.py``'s :func:`refusal_response` is the one place that answers it.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        detail: object = None,
+        headers: Sequence[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        super().__init__(
+            f"{status} {error}: {detail}" if detail is not None else f"{status} {error}"
+        )
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = list(headers or ())
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower case) sent with the refusal, or None."""
+        return next((value for key, value in self.headers if key == name), None)
 
 
 class StorageError(WebhookConnectError):

@@ -11,12 +11,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from webhook_connect.cloud.admin.channels import ChannelRoutes
-from webhook_connect.cloud.admin.common import AdminError, guarded
+from webhook_connect.cloud.admin.common import guarded
 from webhook_connect.cloud.admin.deadletters import DeadLetterRoutes
 from webhook_connect.cloud.admin.groups import GroupRoutes
 from webhook_connect.cloud.buffers import Buffer
 from webhook_connect.cloud.reloader import ConfigReloader
-from webhook_connect.shared.exceptions import ConfigError
+from webhook_connect.shared.exceptions import ConfigError, HttpRefusal
 
 PREFIX = "/admin/channels"
 
@@ -32,7 +32,7 @@ def admin_routes(admin_token: str | None, buffer: Buffer, reloader: ConfigReload
         try:
             reloaded = await reloader.reload()
         except ConfigError as exc:
-            raise AdminError(422, "invalid_config", str(exc)) from None
+            raise HttpRefusal(422, "invalid_config", str(exc)) from None
         return JSONResponse({"status": "reloaded", "webhooks": sorted(reloaded.config.webhooks)})
 
     table = [

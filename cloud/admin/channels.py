@@ -18,7 +18,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from webhook_connect.cloud.admin.common import (
-    AdminError,
     ChannelLimits,
     HistoryReplay,
     NewChannel,
@@ -38,6 +37,7 @@ from webhook_connect.cloud.buffers.base import EVENTS_KEPT, ChannelStats
 from webhook_connect.cloud.config import CloudConfig, channel_spec
 from webhook_connect.cloud.publicurl import ingest_urls
 from webhook_connect.cloud.tokens import hash_token, new_token
+from webhook_connect.shared.exceptions import HttpRefusal
 from webhook_connect.shared.limits import ChannelLimits as Limits
 
 DEFAULT_LIMITS = Limits()
@@ -115,7 +115,7 @@ class ChannelRoutes:
     async def create(self, request: Request) -> JSONResponse:
         wanted = validated(NewChannel, await json_body(request))
         if await self.buffer.get_channel(wanted.name) is not None:
-            raise AdminError(409, "channel_exists", f"channel {wanted.name!r} exists already")
+            raise HttpRefusal(409, "channel_exists", f"channel {wanted.name!r} exists already")
         # A limit not given: the default of shared/limits.py, as for a channel of webhooks.json.
         spec = applied_limits(wanted, channel_spec(wanted.name, DEFAULT_LIMITS))
         await self.buffer.provision(spec)
@@ -162,7 +162,7 @@ class ChannelRoutes:
         spec = await existing_channel(self.buffer, request)
         wanted: HistoryReplay = validated(HistoryReplay, await json_body(request))
         if spec.history_seconds == 0:
-            raise AdminError(
+            raise HttpRefusal(
                 409, "no_history", "the channel keeps no history: set its history_seconds"
             )
         replayed = await self.buffer.replay_history(
@@ -214,7 +214,7 @@ class ChannelRoutes:
         spec = await existing_channel(self.buffer, request)
         token_id = str(request.path_params["token_id"])
         if not await self.buffer.delete_token(spec.name, token_id):
-            raise AdminError(404, "unknown_token", f"no token {token_id!r} on {spec.name!r}")
+            raise HttpRefusal(404, "unknown_token", f"no token {token_id!r} on {spec.name!r}")
         disconnected = await self._disconnect(spec.name, {token_id})
         return JSONResponse({"revoked": token_id, "disconnected": disconnected})
 
@@ -238,7 +238,7 @@ class ChannelRoutes:
         connection_id = str(request.path_params["connection_id"])
         record = await self.buffer.get_connection(name, connection_id)
         if record is None:
-            raise AdminError(404, "unknown_connection", f"no connection {connection_id!r}")
+            raise HttpRefusal(404, "unknown_connection", f"no connection {connection_id!r}")
         await self.buffer.release(name, record.group, connection_id)
         await self.buffer.remove_connection(name, connection_id)
         return JSONResponse({"disconnected": connection_id})

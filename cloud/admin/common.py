@@ -20,7 +20,7 @@ from pydantic import (
     ValidationError,
 )
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from webhook_connect.cloud.buffers import (
     ChannelSpec,
@@ -29,10 +29,11 @@ from webhook_connect.cloud.buffers import (
     Registry,
     TokenRecord,
 )
+from webhook_connect.cloud.responses import refusal_response
 from webhook_connect.cloud.tokens import bearer_token
 from webhook_connect.shared.config.webhooks import CHANNEL_NAME_PATTERN
 from webhook_connect.shared.envelope import envelope_fields
-from webhook_connect.shared.exceptions import StorageError
+from webhook_connect.shared.exceptions import HttpRefusal, StorageError
 from webhook_connect.shared.limits import LIMIT_NAMES, optional_limits
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -41,18 +42,15 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,135}$")
 
 
-class AdminError(Exception):
-    """An answer other than success: ``status`` with ``{"error": code, "detail": detail}``."""
-
-    def __init__(self, status: int, code: str, detail: object = None) -> None:
-        super().__init__(f"{status} {code}")
-        self.status = status
-        self.code = code
-        self.detail = detail
-
-
-def error(status: int, code: str, detail: object = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status)
+# Answered (cloud/responses.py) without running the endpoint.
+ADMIN_DISABLED = HttpRefusal(404, "admin_disabled", "start the cloud with --admin-token to use it")
+UNAUTHORIZED = HttpRefusal(
+    401,
+    "unauthorized",
+    "admin token required",
+    [(b"www-authenticate", b'Bearer realm="webhook-connect-admin"')],
+)
+RETRY_STORAGE = [(b"retry-after", b"2")]
 
 
 def has_admin_token(admin_token: str | None, request: Request) -> bool:
@@ -65,24 +63,20 @@ def has_admin_token(admin_token: str | None, request: Request) -> bool:
 
 
 def guarded(admin_token: str | None, endpoint: Endpoint) -> Endpoint:
-    """``endpoint`` behind the admin token, with AdminError and storage failures answered."""
+    """``endpoint`` behind the admin token, with refusals and storage failures answered."""
 
     async def handle(request: Request) -> Response:
         if admin_token is None:
-            return error(404, "admin_disabled", "start the cloud with --admin-token to use it")
+            return refusal_response(ADMIN_DISABLED)
         if not has_admin_token(admin_token, request):
-            return JSONResponse(
-                {"error": "unauthorized", "detail": "admin token required"},
-                401,
-                {"www-authenticate": 'Bearer realm="webhook-connect-admin"'},
-            )
+            return refusal_response(UNAUTHORIZED)
         try:
             return await endpoint(request)
-        except AdminError as exc:
-            return error(exc.status, exc.code, exc.detail)
+        except HttpRefusal as exc:
+            return refusal_response(exc)
         except StorageError as exc:
-            return JSONResponse(
-                {"error": "storage_unavailable", "detail": str(exc)}, 503, {"retry-after": "2"}
+            return refusal_response(
+                HttpRefusal(503, "storage_unavailable", str(exc), RETRY_STORAGE)
             )
 
     return handle
@@ -96,9 +90,9 @@ async def json_body(request: Request) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise AdminError(400, "bad_request", f"the body is not JSON: {exc}") from None
+        raise HttpRefusal(400, "bad_request", f"the body is not JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise AdminError(400, "bad_request", "the body must be a JSON object")
+        raise HttpRefusal(400, "bad_request", "the body must be a JSON object")
     return body
 
 
@@ -110,7 +104,7 @@ def validated(model: type[Any], data: dict[str, Any]) -> Any:
         first = exc.errors(include_url=False)[0]
         field = ".".join(str(part) for part in first["loc"]) or "(body)"
         message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-        raise AdminError(422, "invalid", f"{field}: {message}") from None
+        raise HttpRefusal(422, "invalid", f"{field}: {message}") from None
 
 
 def query_limit(request: Request, default: int, maximum: int) -> int:
@@ -118,9 +112,9 @@ def query_limit(request: Request, default: int, maximum: int) -> int:
     try:
         limit = int(request.query_params.get("limit", default))
     except ValueError:
-        raise AdminError(422, "invalid", "limit: must be a whole number") from None
+        raise HttpRefusal(422, "invalid", "limit: must be a whole number") from None
     if not 1 <= limit <= maximum:
-        raise AdminError(422, "invalid", f"limit: must be 1..{maximum}")
+        raise HttpRefusal(422, "invalid", f"limit: must be 1..{maximum}")
     return limit
 
 
@@ -128,7 +122,7 @@ def channel_name(request: Request) -> str:
     """The ``{channel}`` path parameter, refused unless it is a valid channel name."""
     name = str(request.path_params["channel"])
     if not CHANNEL_NAME.match(name):
-        raise AdminError(422, "invalid", "channel: 1-128 letters, digits, '.', '_' or '-'")
+        raise HttpRefusal(422, "invalid", "channel: 1-128 letters, digits, '.', '_' or '-'")
     return name
 
 
@@ -136,7 +130,7 @@ async def existing_channel(buffer: Registry, request: Request) -> ChannelSpec:
     name = channel_name(request)
     spec = await buffer.get_channel(name)
     if spec is None:
-        raise AdminError(404, "unknown_channel", f"no channel {name!r}")
+        raise HttpRefusal(404, "unknown_channel", f"no channel {name!r}")
     return spec
 
 

@@ -10,7 +10,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from webhook_connect.cloud.admin.common import (
-    AdminError,
     Selection,
     dead_letter_json,
     existing_channel,
@@ -19,6 +18,7 @@ from webhook_connect.cloud.admin.common import (
     validated,
 )
 from webhook_connect.cloud.buffers import Buffer, DeadLetter
+from webhook_connect.shared.exceptions import HttpRefusal
 
 MAX_LISTED = 1000
 # Replay and purge resolve message ids among at most this many dead letters of a channel.
@@ -43,7 +43,7 @@ class DeadLetterRoutes:
         for letter in await self.buffer.dead_letters(spec.name, MAX_SELECTED):
             if letter.message_id == message_id:
                 return JSONResponse(dead_letter_json(letter, full=True))
-        raise AdminError(404, "unknown_dead_letter", f"no dead letter {message_id!r}")
+        raise HttpRefusal(404, "unknown_dead_letter", f"no dead letter {message_id!r}")
 
     async def _select(self, request: Request, channel: str) -> list[str] | None:
         """Storage ids of the chosen dead letters, or None for all of them."""
@@ -56,7 +56,7 @@ class DeadLetterRoutes:
         }
         unknown = [message_id for message_id in selection.ids if message_id not in letters]
         if unknown:
-            raise AdminError(404, "unknown_dead_letter", {"message_ids": unknown})
+            raise HttpRefusal(404, "unknown_dead_letter", {"message_ids": unknown})
         return [letters[message_id].dead_letter_id for message_id in selection.ids]
 
     async def replay(self, request: Request) -> JSONResponse:

@@ -15,7 +15,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from webhook_connect.cloud.admin.common import (
-    AdminError,
     existing_channel,
     json_body,
     validated,
@@ -23,6 +22,7 @@ from webhook_connect.cloud.admin.common import (
 from webhook_connect.cloud.buffers import ChannelSpec, Registry
 from webhook_connect.cloud.buffers.base import DEFAULT_GROUP, GroupInfo
 from webhook_connect.cloud.sessions import GROUP_NAME
+from webhook_connect.shared.exceptions import HttpRefusal
 
 
 class NewGroup(BaseModel):
@@ -56,7 +56,7 @@ def group_json(spec: ChannelSpec, info: GroupInfo) -> dict[str, Any]:
 def group_name(request: Request) -> str:
     name = str(request.path_params["group"])
     if not GROUP_NAME.match(name):
-        raise AdminError(422, "invalid", "group: 1-64 letters, digits, '.', '_' or '-'")
+        raise HttpRefusal(422, "invalid", "group: 1-64 letters, digits, '.', '_' or '-'")
     return name
 
 
@@ -77,7 +77,7 @@ class GroupRoutes:
         spec = await existing_channel(self.buffer, request)
         wanted: NewGroup = validated(NewGroup, await json_body(request))
         if await self.buffer.has_group(spec.name, wanted.group):
-            raise AdminError(409, "group_exists", f"group {wanted.group!r} exists already")
+            raise HttpRefusal(409, "group_exists", f"group {wanted.group!r} exists already")
         await self.buffer.join(spec.name, wanted.group)
         info = await self._find(spec, wanted.group)
         return JSONResponse({"group": None if info is None else group_json(spec, info)}, 201)
@@ -88,7 +88,7 @@ class GroupRoutes:
         before = await self._find(spec, name)
         disconnected = await self.buffer.drop_group(spec.name, name)
         if disconnected is None:
-            raise AdminError(404, "unknown_group", f"no group {name!r} on {spec.name!r}")
+            raise HttpRefusal(404, "unknown_group", f"no group {name!r} on {spec.name!r}")
         return JSONResponse(
             {
                 "dropped": name,

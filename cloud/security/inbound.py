@@ -1,8 +1,9 @@
 """What a check sees of one inbound webhook, and how it says no.
 
-Checks are plain async callables ``check(request) -> None`` that raise :class:`Rejected`. The
-request carries ``now`` so that time-dependent logic (timestamps, nonce lifetimes) never reads a
-clock itself and can be tested with any instant.
+Checks are plain async callables ``check(request) -> None`` that raise :class:`Rejected`
+(:class:`~webhook_connect.shared.exceptions.HttpRefusal`). The request carries ``now`` so that
+time-dependent logic (timestamps, nonce lifetimes) never reads a clock itself and can be tested
+with any instant.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from webhook_connect.cloud.security import jsondoc
+from webhook_connect.shared.exceptions import HttpRefusal
 
 Check = Callable[["InboundRequest"], Awaitable[None]]
 RawHeaders = list[tuple[bytes, bytes]]
@@ -73,21 +75,9 @@ class InboundRequest:
         return self._json
 
 
-class Rejected(Exception):
-    """A check refused the request: answer ``status`` with ``error`` and ``detail``."""
-
-    def __init__(
-        self,
-        status: int,
-        error: str,
-        detail: str,
-        headers: RawHeaders | None = None,
-    ) -> None:
-        super().__init__(f"{status} {error}: {detail}")
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.headers = headers or []
+# What a check raises to refuse the request: the cloud's one HTTP refusal, under the name the
+# checks have always used. Its headers are raw ASGI pairs (a challenge may be repeated).
+Rejected = HttpRefusal
 
 
 def unauthorized(detail: str, challenge: str | None = None) -> Rejected:
