@@ -12,6 +12,14 @@ WebhookConnectError
 │   ├── FrameError           a frame that does not parse (shared/frames.py; also a ValueError)
 │   └── ConnectorRefusal     the cloud refuses or ends a connector connection: the HTTP status
 │                            (SSE, long-poll, acks) and the WebSocket close code that say why
+├── ModuleError              an output module (shared/modules)
+│   ├── DeliveryError        a message not delivered (modules/base.py); ``retry`` says if worth it
+│   │   ├── Transient        the server is unreachable, busy or timed out: retried
+│   │   └── Permanent        the message itself was refused: not retried
+│   ├── UnknownModule        no module has this name (modules/registry.py)
+│   ├── MissingDriver        the module's driver is not installed (modules/registry.py)
+│   └── ModuleProtocolError  a server spoke its protocol wrongly or answered an error:
+│                            ClickHouseError, StompError, StompFrameError, PeerClosed (websocket)
 └── AdminClientError          the admin command-line clients could not do what was asked
     ├── CloudUnreachable     no HTTP answer from the cloud (refused, timed out, bad URL)
     └── AdminApiError        the admin API answered an error (status_code, error, detail)
@@ -124,6 +132,15 @@ class ConnectorRefusal(ConnectorProtocolError):
         self.close_code = close_code
         self.error = error
         self.reason = reason
+
+
+class ModuleError(WebhookConnectError):
+    """Something an output module (``shared/modules``) could not do."""
+
+
+class ModuleProtocolError(ModuleError):
+    """A server a module talks to answered an error or broke its protocol; the module turns
+    it into a :class:`~webhook_connect.shared.modules.base.Transient` or ``Permanent``."""
 
 
 class AdminClientError(WebhookConnectError):

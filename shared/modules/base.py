@@ -22,6 +22,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict
 
 from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.exceptions import ModuleError
 
 if (
     TYPE_CHECKING
@@ -34,7 +35,7 @@ T = TypeVar("T")
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
-class DeliveryError(Exception):
+class DeliveryError(ModuleError):
     """A module could not deliver a message; ``retry`` says whether another attempt may."""
 
     retry: ClassVar[bool] = True

@@ -21,6 +21,7 @@ from typing import Literal
 import httpx
 from pydantic import Field
 
+from webhook_connect.shared.exceptions import ModuleProtocolError
 from webhook_connect.shared.modules.base import DeliveryError, Permanent, Transient
 from webhook_connect.shared.modules.dbtable import Column, TableConfig
 from webhook_connect.shared.modules.dbwriter import RowT, ServerSettings, TableModule
@@ -38,7 +39,7 @@ ERROR_CODE = re.compile(r"Code: (\d+)")
 ESCAPES = ((b"\\", b"\\\\"), (b"\t", b"\\t"), (b"\n", b"\\n"), (b"\r", b"\\r"), (b"\0", b"\\0"))
 
 
-class ClickHouseError(Exception):
+class ClickHouseError(ModuleProtocolError):
     """The server answered a query with an error."""
 
     def __init__(self, status: int, code: int | None, text: str) -> None:

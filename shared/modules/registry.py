@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from webhook_connect.shared.exceptions import ModuleError
 from webhook_connect.shared.modules.base import Module
 
 # name -> ("python.module:Class", the extra that installs its driver, or None if none needed)
@@ -34,7 +35,7 @@ MODULES: dict[str, tuple[str, str | None]] = {
 }
 
 
-class MissingDriver(Exception):
+class MissingDriver(ModuleError):
     """The module is configured but its driver is not installed."""
 
     def __init__(self, name: str, extra: str | None, missing: str) -> None:
@@ -43,7 +44,7 @@ class MissingDriver(Exception):
         super().__init__(f"module {name!r} needs {missing!r}, which is not installed: {install}")
 
 
-class UnknownModule(Exception):
+class UnknownModule(ModuleError):
     """No module has this name."""
 
 

@@ -17,6 +17,8 @@ import re
 import ssl
 from dataclasses import dataclass
 
+from webhook_connect.shared.exceptions import ModuleProtocolError
+
 # The four escapes of STOMP 1.2 header values ("Value Encoding"); anything else is an error.
 ESCAPES = {"\\": "\\\\", "\r": "\\r", "\n": "\\n", ":": "\\c"}
 UNESCAPES = {"\\\\": "\\", "\\r": "\r", "\\n": "\n", "\\c": ":"}
@@ -28,11 +30,11 @@ UNESCAPED_COMMANDS = frozenset({"CONNECT", "CONNECTED"})
 MAX_FRAME_BYTES = 1 << 20
 
 
-class StompFrameError(Exception):
+class StompFrameError(ModuleProtocolError):
     """The bytes received are not STOMP."""
 
 
-class StompError(Exception):
+class StompError(ModuleProtocolError):
     """The broker answered with an ERROR frame."""
 
     def __init__(self, frame: Frame) -> None:

@@ -24,6 +24,7 @@ from websockets.protocol import State
 from websockets.typing import Data
 
 from webhook_connect.shared.config.connections import ConnectionEntry
+from webhook_connect.shared.exceptions import ModuleProtocolError
 from webhook_connect.shared.modules.attributes import json_envelope
 from webhook_connect.shared.modules.base import Message, Module, Permanent, Pools, Transient
 from webhook_connect.shared.policy import Outcome, classify_status
@@ -84,7 +85,7 @@ class Closed:
     code: int | None
 
 
-class PeerClosed(Exception):
+class PeerClosed(ModuleProtocolError):
     def __init__(self, code: int | None) -> None:
         self.code = code
         super().__init__(f"the peer closed the connection (code {code})")
