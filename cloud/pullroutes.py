@@ -23,6 +23,7 @@ from webhook_connect.cloud.sessions import (
     Connection,
     close_connection,
     find_connection,
+    hello,
     open_connection,
     request_token,
     settle,
@@ -31,7 +32,6 @@ from webhook_connect.shared.exceptions import ConnectorRefusal
 from webhook_connect.shared.frames import (
     NATIVE_SUBPROTOCOL,
     WireMessage,
-    encode_connected,
     encode_error,
     encode_heartbeat,
     native_json,
@@ -102,19 +102,18 @@ class PullRoutes:
         return StreamingResponse(
             self._events(connection, native),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                     "X-Connection-ID": connection.consumer},
-        )  # fmt: skip
+            headers={
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                "X-Connection-ID": connection.consumer,
+            },
+        )
 
     async def _events(self, connection: Connection, native: bool) -> AsyncIterator[bytes]:
         puller = Puller(self.buffer, connection, HEARTBEAT_SECONDS)
         session = puller.session
         try:
-            hello = encode_connected(
-                connection.consumer, connection.channel, time.time(), group=connection.group,
-                max_in_flight=connection.window, protocol="native" if native else "seed",
-            )  # fmt: skip
-            yield sse_event("connected", hello)
+            yield sse_event("connected", hello(connection, native, time.time()))
             while True:
                 messages = await puller.next_batch(SSE_BATCH, session.beat_at)
                 if messages:

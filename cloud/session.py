@@ -36,8 +36,10 @@ UNKNOWN_HELD = 1 << 30  # a counted window before its first count: assume full
 CLOSE_AUTH = 4001
 CLOSE_REMOVED = 4002
 
-REMOVED = ConnectorRefusal(410, CLOSE_REMOVED, "connection_closed", "connection removed")
-REVOKED = ConnectorRefusal(401, CLOSE_AUTH, "unauthorized", "token revoked or expired")
+# Why liveness ends a connection: (status, close code, error, reason) of a ConnectorRefusal,
+# made afresh each time (a raised exception keeps the frames it passed through).
+REMOVED = (410, CLOSE_REMOVED, "connection_closed", "connection removed")
+REVOKED = (401, CLOSE_AUTH, "unauthorized", "token revoked or expired")
 
 
 def liveness(
@@ -47,9 +49,9 @@ def liveness(
     operator disconnected it), or the token that opened it was revoked or expired by ``now``
     (wall-clock seconds). ``alive`` is what touching the record answered."""
     if not alive:
-        return REMOVED
+        return ConnectorRefusal(*REMOVED)
     if token_id and not token_in_force(list(tokens), token_id, now):
-        return REVOKED
+        return ConnectorRefusal(*REVOKED)
     return None
 
 

@@ -31,6 +31,7 @@ from webhook_connect.cloud.session import (
 )
 from webhook_connect.cloud.tokens import authenticate_connector, bearer_token, hash_token
 from webhook_connect.shared.exceptions import ConnectorRefusal, StorageError
+from webhook_connect.shared.frames import encode_connected
 
 logger = logging.getLogger("webhook_connect.sessions")
 
@@ -124,8 +125,12 @@ async def open_connection(
         raise unavailable(exc) from exc
     logger.info(
         "connector %s (%s) joined %r/%r over %s",
-        record.connection_id, connector_id, channel, group, transport,
-    )  # fmt: skip
+        record.connection_id,
+        connector_id,
+        channel,
+        group,
+        transport,
+    )
     return Connection(record, spec, window)
 
 
@@ -141,9 +146,11 @@ async def _check_group(buffer: Buffer, spec: ChannelSpec, group: str) -> None:
         raise unavailable(exc) from exc
     if not exists:
         raise ConnectorRefusal(
-            404, CLOSE_UNKNOWN_GROUP, "unknown_group",
+            404,
+            CLOSE_UNKNOWN_GROUP,
+            "unknown_group",
             f"unknown group {group!r}: not created on demand here",
-        )  # fmt: skip
+        )
 
 
 async def find_connection(
@@ -174,6 +181,18 @@ async def find_connection(
         )
     window = spec.max_in_flight
     return Connection(record, spec, window)
+
+
+def hello(connection: Connection, native: bool, now: float) -> bytes:
+    """The ``connected`` frame a WebSocket or SSE stream starts with (``now``: wall clock)."""
+    return encode_connected(
+        connection.consumer,
+        connection.channel,
+        now,
+        group=connection.group,
+        max_in_flight=connection.window,
+        protocol="native" if native else "seed",
+    )
 
 
 async def close_connection(buffer: Buffer, connection: Connection) -> None:
@@ -220,7 +239,12 @@ async def settle(buffer: Buffer, connection: Connection, plan: SettlePlan) -> Se
         raise unavailable(exc) from exc
     outcome = settle_outcome(plan, results, time.monotonic())
     logs.log_settled(
-        channel, group, consumer, outcome.settled,
-        ack=settlement.ack, retry=retry, reason="" if settlement.ack else reason,
-    )  # fmt: skip
+        channel,
+        group,
+        consumer,
+        outcome.settled,
+        ack=settlement.ack,
+        retry=retry,
+        reason="" if settlement.ack else reason,
+    )
     return outcome

@@ -26,6 +26,7 @@ from webhook_connect.cloud.sessions import (
     Connection,
     check_liveness,
     close_connection,
+    hello,
     open_connection,
     settle,
     unavailable,
@@ -36,7 +37,6 @@ from webhook_connect.shared.frames import (
     AckFrame,
     NackFrame,
     WireMessage,
-    encode_connected,
     encode_error,
     encode_heartbeat,
     encode_native_batch,
@@ -52,11 +52,6 @@ FRAME_BUDGET = 1024 * 1024  # native frames hold messages up to about this many 
 CLOSE_TIMEOUT = 5.0
 
 CLOSE_SLOW = 4408
-
-SLOW = ConnectorRefusal(408, CLOSE_SLOW, "slow_consumer", "slow consumer: not reading")
-BINARY = ConnectorRefusal(
-    400, CLOSE_BAD_REQUEST, "bad_request", "binary frames are not accepted here"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +144,8 @@ class StreamSession:
                     for message in messages:
                         await self.websocket.send_text(encode_seed_message(message).decode())
         except TimeoutError:
-            raise SLOW from None
+            reason = "slow consumer: not reading"
+            raise ConnectorRefusal(408, CLOSE_SLOW, "slow_consumer", reason) from None
         logs.log_redeliveries(self.group, self.consumer, messages)
 
     async def listen(self) -> None:
@@ -159,7 +155,8 @@ class StreamSession:
                 return
             text = message.get("text")
             if text is None:
-                raise BINARY
+                reason = "binary frames are not accepted here"
+                raise ConnectorRefusal(400, CLOSE_BAD_REQUEST, "bad_request", reason)
             try:
                 frame = parse_client_frame(text)
             except FrameError as exc:
@@ -223,11 +220,7 @@ class StreamEndpoint:
             await websocket.close(refused.close_code, refused.reason)
             return
         try:
-            hello = encode_connected(
-                connection.consumer, channel, time.time(), group=connection.group,
-                max_in_flight=connection.window, protocol="native" if native else "seed",
-            )  # fmt: skip
-            await websocket.send_text(hello.decode())
+            await websocket.send_text(hello(connection, native, time.time()).decode())
             await StreamSession(websocket, self.buffer, connection, native, self.settings).run()
         finally:
             await close_connection(self.buffer, connection)
