@@ -33,6 +33,7 @@ from webhook_connect.shared.frames import Settlement, WireMessage, sse_event
 WINDOW = 1000
 ACK_LAG = 1.0
 PING_SECONDS = 10.0
+# Laid out by kind (hop-by-hop headers, then the keys smee-client reads itself), not one a line.
 EXCLUDED = frozenset(
     {
         "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "expect",
@@ -87,13 +88,13 @@ class SmeeRoute:
         )
 
     async def _events(self, connection: Connection, seen: tuple[int, ...]) -> AsyncIterator[bytes]:
-        puller = Puller(self.buffer, connection)
+        puller = Puller(self.buffer, connection, PING_SECONDS)
+        session = puller.session
         sent: deque[tuple[float, list[str]]] = deque()
         try:
             yield sse_event("ready", b"{}")
-            ping_at = time.monotonic() + PING_SECONDS
             while True:
-                deadline = min(ping_at, time.monotonic() + ACK_LAG)
+                deadline = min(session.beat_at, time.monotonic() + ACK_LAG)
                 messages = await puller.next_batch(100, deadline)
                 # What the client says it has (Last-Event-ID after a reconnect) is done.
                 old = [m.message_id for m in messages if seen and position(m.message_id) <= seen]
@@ -107,9 +108,9 @@ class SmeeRoute:
                     sent.append((time.monotonic(), [m.message_id for m in fresh]))
                 while sent and sent[0][0] < time.monotonic() - ACK_LAG:
                     await self._ack(connection, sent.popleft()[1])
-                if time.monotonic() >= ping_at:
+                if session.heartbeat_due(time.monotonic()):
                     yield sse_event("ping", b"{}")
-                    ping_at = time.monotonic() + PING_SECONDS
+                    session.heartbeat_sent(time.monotonic())
         except ConnectorRefusal as refusal:
             yield sse_event("error", orjson.dumps({"error": refusal.error}))
         finally:
