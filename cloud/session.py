@@ -18,6 +18,9 @@ Two kinds of window share the object:
   replica, so storage knows what the consumer holds. The session keeps an upper bound: the
   last count from storage plus what was sent since, and asks for a new count only when the
   bound says the window may be half full or more.
+
+The rules it keeps are written in ``docs/SEMANTICS.md``: §3 the in-flight window, §4 settling,
+§6 liveness and revocation.
 """
 
 from __future__ import annotations
