@@ -40,6 +40,7 @@ logger = logging.getLogger("webhook_connect.cloud")
 HOUSEKEEPING_INTERVAL = 5.0
 PROVISION_RETRY_MAX = 5.0
 PROVISION_FIRST_WAIT = 3.0
+# Answered, never raised (a raised instance would keep the frames of its last raise).
 DOCS_DISABLED = HttpRefusal(404, "docs_disabled", "start the cloud with --public-docs")
 
 

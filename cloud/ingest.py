@@ -42,6 +42,7 @@ STORAGE_LOG_INTERVAL = 5.0  # an outage under load: one line per interval, not p
 RETRY_FULL = [(b"retry-after", b"5")]
 RETRY_UNAVAILABLE = [(b"retry-after", b"2")]
 CLOSE = [(b"connection", b"close")]
+# Answered, never raised: a raised instance would keep the frames of its last raise.
 UNKNOWN_WEBHOOK = Rejected(404, "unknown_webhook", "no webhook with this id")
 
 

@@ -42,7 +42,8 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 CHANNEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,135}$")
 
 
-# Answered (cloud/responses.py) without running the endpoint.
+# Answered (cloud/responses.py) without running the endpoint; never raised, so no instance
+# keeps the frames of a raise.
 ADMIN_DISABLED = HttpRefusal(404, "admin_disabled", "start the cloud with --admin-token to use it")
 UNAUTHORIZED = HttpRefusal(
     401,
