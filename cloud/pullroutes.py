@@ -17,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from webhook_connect.cloud import logs, metrics
 from webhook_connect.cloud.buffers import Buffer
 from webhook_connect.cloud.pull import HEARTBEAT_SECONDS, Puller
+from webhook_connect.cloud.responses import refusal_response
 from webhook_connect.cloud.session import remote_plan
 from webhook_connect.cloud.sessions import (
     NATIVE_HEADER,
@@ -28,7 +29,7 @@ from webhook_connect.cloud.sessions import (
     request_token,
     settle,
 )
-from webhook_connect.shared.exceptions import ConnectorRefusal
+from webhook_connect.shared.exceptions import ConnectorRefusal, HttpRefusal
 from webhook_connect.shared.frames import (
     NATIVE_SUBPROTOCOL,
     WireMessage,
@@ -57,14 +58,12 @@ def json_response(status: int, content: Any, headers: dict[str, str] | None = No
 
 
 def refused(refusal: ConnectorRefusal) -> Response:
-    headers = (
-        {"WWW-Authenticate": 'Bearer realm="webhook-connect"'} if refusal.status == 401 else None
-    )
-    if refusal.status in (429, 503):
-        headers = {"Retry-After": "5"}
-    return json_response(
-        refusal.status, {"error": refusal.error, "detail": refusal.reason}, headers
-    )
+    """A refused connector request, answered like every refused HTTP request."""
+    return refusal_response(refusal.as_http())
+
+
+def bad_request(status: int, error: str, detail: object) -> Response:
+    return refusal_response(HttpRefusal(status, error, detail))
 
 
 def is_native(request: Request) -> bool:
@@ -141,7 +140,7 @@ class PullRoutes:
                 params.get("max_messages", "10"), POLL_MAX_MESSAGES_RANGE, "max_messages"
             )
         except ValueError as exc:
-            return json_response(400, {"error": "bad_request", "detail": str(exc)})
+            return bad_request(400, "bad_request", str(exc))
         channel = request.path_params["channel"]
         connection_id = request.headers.get("x-connection-id") or params.get("connection_id")
         try:
@@ -189,18 +188,16 @@ class PullRoutes:
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_ACK_BODY:
-                return json_response(413, {"error": "body_too_large", "detail": MAX_ACK_BODY})
+                return bad_request(413, "body_too_large", MAX_ACK_BODY)
         try:
             frame = AckRequest.model_validate_json(body)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
-            return json_response(
-                400, {"error": "bad_request", "detail": f"{where}: {first['msg']}"}
-            )
+            return bad_request(400, "bad_request", f"{where}: {first['msg']}")
         ids = frame.ids()
         if not ids:
-            return json_response(400, {"error": "bad_request", "detail": "no message_id given"})
+            return bad_request(400, "bad_request", "no message_id given")
         try:
             connection = await self._ack_connection(request)
             done = await self._settle(connection, frame)
@@ -210,7 +207,7 @@ class PullRoutes:
         if frame.message_id is not None and not frame.message_ids:
             if unknown:
                 detail = "not in flight on this connection (unknown, foreign, or redelivered)"
-                return json_response(404, {"error": "unknown_message", "detail": detail})
+                return bad_request(404, "unknown_message", detail)
             return json_response(
                 200, {"status": "acknowledged" if frame.status == "ack" else "nacked"}
             )

@@ -133,6 +133,16 @@ class ConnectorRefusal(ConnectorProtocolError):
         self.error = error
         self.reason = reason
 
+    def as_http(self) -> HttpRefusal:
+        """The answer over HTTP (SSE, long-poll, acks): a 401 asks for a bearer token, and a
+        429 or 503 says when to try again."""
+        headers: list[tuple[bytes, bytes]] = []
+        if self.status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="webhook-connect"'))
+        elif self.status in (429, 503):
+            headers.append((b"retry-after", b"5"))
+        return HttpRefusal(self.status, self.error, self.reason, headers)
+
 
 class ModuleError(WebhookConnectError):
     """Something an output module (``shared/modules``) could not do."""
