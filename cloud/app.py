@@ -155,8 +155,10 @@ class CloudApp:
                     for group in await self.buffer.drop_idle_groups(spec.name):
                         logger.warning(
                             "dropped group %r of %r: no connection for %d s",
-                            group, spec.name, spec.group_idle_seconds,
-                        )  # fmt: skip
+                            group,
+                            spec.name,
+                            spec.group_idle_seconds,
+                        )
             except StorageError as exc:
                 logger.warning("housekeeping skipped: %s", exc)
             except Exception:  # never let one bad turn end upkeep for good

@@ -103,11 +103,18 @@ class DirectDelivery:
                 return
             logger.warning(
                 "direct delivery of %s (%s, attempt %d) failed: %s",
-                delivery.message_id, message.webhook_id, delivery.attempt, verdict.reason,
-            )  # fmt: skip
+                delivery.message_id,
+                message.webhook_id,
+                delivery.attempt,
+                verdict.reason,
+            )
             await self.buffer.nack(
-                channel, GROUP, delivery.message_id, retry=verdict.retry,
-                consumer=self._consumer, reason=verdict.reason,
-            )  # fmt: skip
+                channel,
+                GROUP,
+                delivery.message_id,
+                retry=verdict.retry,
+                consumer=self._consumer,
+                reason=verdict.reason,
+            )
         except StorageError as exc:  # the ack timeout brings it back
             logger.warning("settling %s failed: %s", delivery.message_id, exc)

@@ -108,15 +108,26 @@ def log_ingest(
     duration_ms = round((time.perf_counter() - started) * 1000, 3)
     key = "message_id" if status == 202 else "error"
     fields = {
-        "event": "ingest", "webhook_id": webhook_id, "channel": channel, "status": status,
-        key: outcome, "duration_ms": duration_ms, "client": client,
-    }  # fmt: skip
+        "event": "ingest",
+        "webhook_id": webhook_id,
+        "channel": channel,
+        "status": status,
+        key: outcome,
+        "duration_ms": duration_ms,
+        "client": client,
+    }
     ingest_logger.log(
         INGEST_LEVEL,
         "ingest %s -> %s: %d %s=%s in %.1f ms from %s",
-        webhook_id, channel, status, key, outcome, duration_ms, client,
+        webhook_id,
+        channel,
+        status,
+        key,
+        outcome,
+        duration_ms,
+        client,
         extra={"fields": fields},
-    )  # fmt: skip
+    )
 
 
 def log_settled(
@@ -138,16 +149,26 @@ def log_settled(
     for message_id, done in settled:
         if not done:
             continue
-        fields = {"event": event, "channel": channel, "message_id": message_id,
-                  "connection": consumer, "group": group}  # fmt: skip
+        fields = {
+            "event": event,
+            "channel": channel,
+            "message_id": message_id,
+            "connection": consumer,
+            "group": group,
+        }
         if not ack:
             fields["reason"] = reason
         delivery_logger.log(
             level,
             "%s %s on %s/%s by %s%s",
-            event, message_id, channel, group, consumer, f": {reason}" if reason else "",
+            event,
+            message_id,
+            channel,
+            group,
+            consumer,
+            f": {reason}" if reason else "",
             extra={"fields": fields},
-        )  # fmt: skip
+        )
 
 
 def log_redeliveries(group: str, consumer: str, messages: Iterable[WireMessage]) -> None:
@@ -156,11 +177,20 @@ def log_redeliveries(group: str, consumer: str, messages: Iterable[WireMessage])
         return
     for message in messages:
         if message.attempt > 1:
-            fields = {"event": "redelivery", "channel": message.channel,
-                      "message_id": message.message_id, "connection": consumer, "group": group,
-                      "attempt": message.attempt}  # fmt: skip
+            fields = {
+                "event": "redelivery",
+                "channel": message.channel,
+                "message_id": message.message_id,
+                "connection": consumer,
+                "group": group,
+                "attempt": message.attempt,
+            }
             delivery_logger.info(
                 "redelivery %s on %s/%s to %s (attempt %d)",
-                message.message_id, message.channel, group, consumer, message.attempt,
+                message.message_id,
+                message.channel,
+                group,
+                consumer,
+                message.attempt,
                 extra={"fields": fields},
-            )  # fmt: skip
+            )

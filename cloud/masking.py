@@ -18,26 +18,62 @@ from webhook_connect.shared.config import Webhook
 
 MASK = "***"
 SECRET_HEADERS = (
-    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
-    "x-auth-token", "x-access-token", "api-key", "x-hub-signature", "x-hub-signature-256",
-    "stripe-signature", "x-slack-signature", "x-shopify-hmac-sha256", "webhook-signature",
-    "svix-signature", "x-recaptcha-token", "x-webhook-signature", "x-signature",
-)  # fmt: skip
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "x-auth-token",
+    "x-access-token",
+    "api-key",
+    "x-hub-signature",
+    "x-hub-signature-256",
+    "stripe-signature",
+    "x-slack-signature",
+    "x-shopify-hmac-sha256",
+    "webhook-signature",
+    "svix-signature",
+    "x-recaptcha-token",
+    "x-webhook-signature",
+    "x-signature",
+)
 SECRET_PARAMETERS = (
-    "token", "access_token", "api_key", "apikey", "key", "secret", "password", "signature",
-    "sig", "auth_token", "client_secret",
-)  # fmt: skip
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "key",
+    "secret",
+    "password",
+    "signature",
+    "sig",
+    "auth_token",
+    "client_secret",
+)
 # Config keys whose string values are secrets, wherever they sit in an entry.
 SECRET_KEYS = frozenset(
     {
-        "secret", "password", "api_key", "channel_token", "client_secret", "consumer_secret",
-        "token_secret", "secret_key", "jwt_secret", "authorization",
+        "secret",
+        "password",
+        "api_key",
+        "channel_token",
+        "client_secret",
+        "consumer_secret",
+        "token_secret",
+        "secret_key",
+        "jwt_secret",
+        "authorization",
     }
-)  # fmt: skip
+)
 # In connections.json a URL or DSN may hold a password too.
 CONNECTION_SECRET_KEYS = SECRET_KEYS | {
-    "aws_secret_access_key", "aws_session_token", "sasl_plain_password", "pass", "url", "dsn",
-}  # fmt: skip
+    "aws_secret_access_key",
+    "aws_session_token",
+    "sasl_plain_password",
+    "pass",
+    "url",
+    "dsn",
+}
 MIN_LITERAL = 4  # shorter "secrets" would mask ordinary words
 
 

@@ -81,15 +81,31 @@ ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 
 # An accepted webhook takes about a millisecond (one fsync on SQLite, one round trip on Redis);
 # slow senders' large bodies and storage outages take seconds.
 INGEST_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
 # Process figures the whole server adds up (the others are the supervisor's own).
 SUMMED_PROCESS_FIGURES = frozenset(
     {
-        "process_cpu_seconds_total", "process_resident_memory_bytes",
-        "process_virtual_memory_bytes", "process_open_fds",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
     }
-)  # fmt: skip
+)
 SENT_TIMES_LIMIT = 100_000  # unacked pull deliveries remembered for ack latency
 
 # Multiprocess mode has no ``_created`` series; a single process should not differ.

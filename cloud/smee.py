@@ -36,10 +36,21 @@ PING_SECONDS = 10.0
 # Laid out by kind (hop-by-hop headers, then the keys smee-client reads itself), not one a line.
 EXCLUDED = frozenset(
     {
-        "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "expect",
-        "te", "trailer", "host", "content-length", "body", "query", "timestamp",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "te",
+        "trailer",
+        "host",
+        "content-length",
+        "body",
+        "query",
+        "timestamp",
     }
-)  # fmt: skip
+)
 
 
 def smee_payload(message: WireMessage) -> dict[str, Any]:

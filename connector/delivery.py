@@ -140,9 +140,13 @@ class HttpDeliverer:
             )
         except InvalidRequest as exc:
             return DeliveryResult(
-                Outcome.REJECTED, target.url, None, f"invalid_request: {exc}", 1,
+                Outcome.REJECTED,
+                target.url,
+                None,
+                f"invalid_request: {exc}",
+                1,
                 time.monotonic() - started,
-            )  # fmt: skip
+            )
         return DeliveryResult(
             classify_status(status), target.url, status, "", tries, time.monotonic() - started
         )

@@ -63,9 +63,12 @@ class Runner:
                 await transport.connect()
                 logger.info(
                     "connected to %s channel %r group %r as %s (%s)",
-                    settings.cloud_url, settings.channel, settings.group,
-                    transport.connection_id, settings.protocol,
-                )  # fmt: skip
+                    settings.cloud_url,
+                    settings.channel,
+                    settings.group,
+                    transport.connection_id,
+                    settings.protocol,
+                )
                 self._backoff.reset()
                 await self._serve(transport, stop)
             except Refused as exc:

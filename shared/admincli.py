@@ -58,19 +58,34 @@ def admin_options(command: CommandT) -> CommandT:
     """Add ``--cloud-url``, ``--admin-token`` and ``--json``, read back by ``connect()``."""
     options = [
         click.option(
-            "--cloud-url", metavar="URL", envvar=CLOUD_URL_ENV, default=DEFAULT_CLOUD_URL,
-            show_default=True, show_envvar=True, expose_value=False, callback=_remember,
+            "--cloud-url",
+            metavar="URL",
+            envvar=CLOUD_URL_ENV,
+            default=DEFAULT_CLOUD_URL,
+            show_default=True,
+            show_envvar=True,
+            expose_value=False,
+            callback=_remember,
             help="The cloud to administer.",
         ),
         click.option(
-            "--admin-token", metavar="TOKEN", envvar=ADMIN_TOKEN_ENV, show_envvar=True,
-            expose_value=False, callback=_remember, help="The cloud's --admin-token.",
+            "--admin-token",
+            metavar="TOKEN",
+            envvar=ADMIN_TOKEN_ENV,
+            show_envvar=True,
+            expose_value=False,
+            callback=_remember,
+            help="The cloud's --admin-token.",
         ),
         click.option(
-            "--json", "as_json", is_flag=True, expose_value=False, callback=_remember,
+            "--json",
+            "as_json",
+            is_flag=True,
+            expose_value=False,
+            callback=_remember,
             help="Print the API's JSON answer instead of text.",
         ),
-    ]  # fmt: skip
+    ]
     for option in reversed(options):
         command = option(command)
     return command
@@ -200,9 +215,12 @@ def update(name: str, **limits: Any) -> None:
 @channels.command()
 @click.argument("name")
 @click.option(
-    "--grace-seconds", type=click.IntRange(min=0), default=3600, show_default=True,
+    "--grace-seconds",
+    type=click.IntRange(min=0),
+    default=3600,
+    show_default=True,
     help="How long the old tokens keep working; 0 ends them now.",
-)  # fmt: skip
+)
 @click.option("--label", help="A label for the new token.")
 @admin_options
 def rotate(name: str, grace_seconds: int, label: str | None) -> None:
@@ -216,9 +234,11 @@ def rotate(name: str, grace_seconds: int, label: str | None) -> None:
 @channels.command("replay")
 @click.argument("name")
 @click.option(
-    "--since", required=True, metavar="TIME",
+    "--since",
+    required=True,
+    metavar="TIME",
     help="Unix seconds, or ISO 8601 with a zone (2026-12-01T09:00:00Z).",
-)  # fmt: skip
+)
 @click.option("--group", default="default", show_default=True, help="The group to deliver to.")
 @admin_options
 def replay_history(name: str, since: str, group: str) -> None:

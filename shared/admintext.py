@@ -15,9 +15,18 @@ Answer = dict[str, Any]
 
 # Fields the admin API (docs/ADMIN.md) sends as Unix seconds.
 TIME_FIELDS = frozenset(
-    {"created_at", "expires_at", "connected_at", "seen_at", "dead_at", "received_at",
-     "grace_until", "time", "last_seen"}
-)  # fmt: skip
+    {
+        "created_at",
+        "expires_at",
+        "connected_at",
+        "seen_at",
+        "dead_at",
+        "received_at",
+        "grace_until",
+        "time",
+        "last_seen",
+    }
+)
 # A missing expiry means the token never expires, not that the value is unknown.
 NEVER_FIELDS = frozenset({"expires_at"})
 SIZE_FIELDS = frozenset({"size"})
@@ -25,30 +34,66 @@ COLUMN_GAP = "  "
 BASE64_LINE = 76
 
 CHANNEL_COLUMNS = (
-    "name", "depth", "in_flight", "dead_letters", "connections", "max_queue_size",
-    "ttl_seconds", "max_delivery_attempts",
-)  # fmt: skip
+    "name",
+    "depth",
+    "in_flight",
+    "dead_letters",
+    "connections",
+    "max_queue_size",
+    "ttl_seconds",
+    "max_delivery_attempts",
+)
 TOKEN_COLUMNS = ("token_id", "label", "created_at", "expires_at")
 CONNECTION_COLUMNS = (
-    "connection_id", "connector_id", "group", "transport", "address", "connected_at",
-    "seen_at", "token_id", "in_flight",
-)  # fmt: skip
+    "connection_id",
+    "connector_id",
+    "group",
+    "transport",
+    "address",
+    "connected_at",
+    "seen_at",
+    "token_id",
+    "in_flight",
+)
 # expires_at of a group: when it is dropped unless a connection comes ("never" for none).
 GROUP_COLUMNS = (
-    "name", "backlog", "in_flight", "oldest_age_seconds", "connections", "last_seen",
+    "name",
+    "backlog",
+    "in_flight",
+    "oldest_age_seconds",
+    "connections",
+    "last_seen",
     "expires_at",
-)  # fmt: skip
+)
 DEAD_LETTER_COLUMNS = (
-    "message_id", "group", "reason", "attempts", "dead_at", "webhook_id", "method", "size",
-)  # fmt: skip
+    "message_id",
+    "group",
+    "reason",
+    "attempts",
+    "dead_at",
+    "webhook_id",
+    "method",
+    "size",
+)
 ATTEMPT_COLUMNS = (
-    "attempt", "time", "connector_id", "connection_id", "outcome", "status_code",
+    "attempt",
+    "time",
+    "connector_id",
+    "connection_id",
+    "outcome",
+    "status_code",
     "duration_seconds",
-)  # fmt: skip
+)
 # create, issue and rotate print these; the token itself last, where the eye lands.
 NEW_TOKEN_FIELDS = (
-    "token_id", "label", "created_at", "expires_at", "grace_until", "rotated", "token",
-)  # fmt: skip
+    "token_id",
+    "label",
+    "created_at",
+    "expires_at",
+    "grace_until",
+    "rotated",
+    "token",
+)
 TOKEN_WARNING = "The token is shown only this once (the cloud keeps only its hash): store it now."
 # The channel's field of webhook id -> ingest URL: a section of its own, not a key/value line.
 WEBHOOK_URLS = "webhook_urls"
@@ -156,12 +201,18 @@ def channel_report(answer: Answer) -> list[str]:
     extra = {name: value for name, value in stats.items() if name not in channel}
     return [
         *channel_fields({**channel, **extra}),
-        "", *webhook_url_lines(channel),
-        "", "counters:", *indented(key_values(counters)),
-        "", "tokens:", *indented(listing(answer.get("tokens", []), TOKEN_COLUMNS, "none")),
-        "", "connections:",
+        "",
+        *webhook_url_lines(channel),
+        "",
+        "counters:",
+        *indented(key_values(counters)),
+        "",
+        "tokens:",
+        *indented(listing(answer.get("tokens", []), TOKEN_COLUMNS, "none")),
+        "",
+        "connections:",
         *indented(listing(answer.get("connections", []), CONNECTION_COLUMNS, "none")),
-    ]  # fmt: skip
+    ]
 
 
 def dead_letter_report(answer: Answer) -> list[str]:
@@ -172,6 +223,13 @@ def dead_letter_report(answer: Answer) -> list[str]:
     headers = [f"{name}: {value}" for name, value in answer.get("headers", [])]
     body = base64.b64decode(answer.get("body_base64") or "")
     return [
-        *key_values(metadata), "", "delivery attempts:", *indented(attempts),
-        "", "headers:", *indented(headers), "", *body_lines(body),
-    ]  # fmt: skip
+        *key_values(metadata),
+        "",
+        "delivery attempts:",
+        *indented(attempts),
+        "",
+        "headers:",
+        *indented(headers),
+        "",
+        *body_lines(body),
+    ]

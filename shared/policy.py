@@ -15,11 +15,21 @@ RETRYABLE_STATUSES = frozenset({408, 425, 429})
 # Headers that describe one hop, not the message: never forwarded to a target.
 HOP_BY_HOP = frozenset(
     {
-        "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
-        "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-        "expect", "host", "content-length",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "host",
+        "content-length",
     }
-)  # fmt: skip
+)
 
 
 class Outcome(enum.Enum):

@@ -77,11 +77,19 @@ def module_cloud(
 # ``--dist loadgroup`` each runs on one xdist worker, so the server starts once, not per worker.
 SHARED_SERVER_FILES = frozenset(
     {
-        "test_postgresql.py", "test_mysql.py", "test_clickhouse.py", "test_rabbitmq.py",
-        "test_activemq.py", "test_mqtt.py", "test_s3.py", "test_sqs.py", "test_kafka.py",
-        "test_gcp_pubsub.py", "test_module_mode.py",
+        "test_postgresql.py",
+        "test_mysql.py",
+        "test_clickhouse.py",
+        "test_rabbitmq.py",
+        "test_activemq.py",
+        "test_mqtt.py",
+        "test_s3.py",
+        "test_sqs.py",
+        "test_kafka.py",
+        "test_gcp_pubsub.py",
+        "test_module_mode.py",
     }
-)  # fmt: skip
+)
 
 
 # The heaviest end-to-end scenarios (thousands of messages, killed processes) run every

@@ -73,7 +73,7 @@ def make_certificates(directory: Path) -> Certificates:
                 decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -265,9 +265,16 @@ class Nginx(Proxy):
             "}\n"
         )
         args = [
-            require(self.binary), "-p", str(self.workdir), "-e", str(self.workdir / "error.log"),
-            "-c", str(main), "-g", "daemon off;",
-        ]  # fmt: skip
+            require(self.binary),
+            "-p",
+            str(self.workdir),
+            "-e",
+            str(self.workdir / "error.log"),
+            "-c",
+            str(main),
+            "-g",
+            "daemon off;",
+        ]
         return args, dict(os.environ)
 
     def stop(self) -> None:

@@ -73,10 +73,24 @@ class RedisServer:
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory),
-            "--daemonize", "no", "--loglevel", "warning",
-        ]  # fmt: skip
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(self.directory),
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         wait_until(self._answers, what=f"redis-server on port {self.port}")
 
@@ -124,10 +138,20 @@ class Cloud:
 
     def start(self) -> None:
         args = [
-            sys.executable, "-m", "webhook_connect", "cloud", "--host", "127.0.0.1",
-            "--port", str(self.port), "--webhooks", str(self.webhooks),
-            "--storage", self.storage, *self.extra,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "webhook_connect",
+            "cloud",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--webhooks",
+            str(self.webhooks),
+            "--storage",
+            self.storage,
+            *self.extra,
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
@@ -189,9 +213,18 @@ class Sink:
 
     def start(self) -> None:
         args = [
-            sys.executable, "-m", "webhook_connect", "sink", "--port", str(self.port),
-            "--status", str(self.status), "--jsonl", str(self.records_path), "--quiet",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "webhook_connect",
+            "sink",
+            "--port",
+            str(self.port),
+            "--status",
+            str(self.status),
+            "--jsonl",
+            str(self.records_path),
+            "--quiet",
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)

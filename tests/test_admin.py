@@ -273,11 +273,15 @@ def test_a_dead_letter_shows_each_delivery_attempt(admin_cloud: Cloud, tmp_path:
     connector = ConnectorProcess(
         tmp_path,
         {
-            "protocol": "websocket", "cloud_url": admin_cloud.url, "channel": "dev",
-            "token": TOKEN, "connector_id": "on-prem-7", "state_dir": str(tmp_path / "state"),
+            "protocol": "websocket",
+            "cloud_url": admin_cloud.url,
+            "channel": "dev",
+            "token": TOKEN,
+            "connector_id": "on-prem-7",
+            "state_dir": str(tmp_path / "state"),
             "default_target": {"url": failing.url, "retry_max_attempts": 1},
         },
-    )  # fmt: skip
+    )
     with running(failing), contextlib.ExitStack() as stack:
         connector.start()
         stack.callback(connector.stop, signal.SIGKILL)
@@ -348,10 +352,27 @@ def test_history_is_replayed_from_a_point_in_time(admin_cloud: Cloud) -> None:
 
     iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 60))
     cli = subprocess.run(
-        [sys.executable, "-m", "webhook_connect", "channels", "replay", "dev", "--since", iso,
-         "--group", "audit", "--cloud-url", admin_cloud.url, "--admin-token", ADMIN],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "webhook_connect",
+            "channels",
+            "replay",
+            "dev",
+            "--since",
+            iso,
+            "--group",
+            "audit",
+            "--cloud-url",
+            admin_cloud.url,
+            "--admin-token",
+            ADMIN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert cli.returncode == 0, cli.stderr
     assert "replayed 4 message(s) to group audit" in cli.stdout
 

@@ -29,11 +29,13 @@ WEBHOOKS = {
         "module": "webhook_connect",
         "data_type": "blob",
         "module-config": {
-            "channel": "dev", "channel_token": DEV_TOKEN, "max_delivery_attempts": 1,
+            "channel": "dev",
+            "channel_token": DEV_TOKEN,
+            "max_delivery_attempts": 1,
             "retry_delay_seconds": 0,
         },
     },
-}  # fmt: skip
+}
 ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z")
 
 

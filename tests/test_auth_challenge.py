@@ -636,9 +636,12 @@ async def test_a_nonce_is_used_once_and_only_after_the_signature_verified() -> N
     memory = Memory()
     check = oauth_check(memory)
     url, headers, body = oauth_signed(OAUTH_URL, nonce="n-1")
-    forged_headers = {**headers, "Authorization": headers["Authorization"].replace(
-        "oauth_signature=\"", "oauth_signature=\"x"
-    )}  # fmt: skip
+    forged_headers = {
+        **headers,
+        "Authorization": headers["Authorization"].replace(
+            'oauth_signature="', 'oauth_signature="x'
+        ),
+    }
     assert (await rejection(check, inbound("POST", url, forged_headers, body))).detail == (
         "invalid OAuth signature"
     )

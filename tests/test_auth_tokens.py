@@ -52,8 +52,14 @@ RECAPTCHA_SECRET = "recaptcha-secret"
 FAR = 4_000_000_000  # an exp that real time will not reach during the tests
 
 INTROSPECTION: dict[str, dict[str, Any]] = {
-    "good": {"active": True, "scope": "webhooks:write read", "exp": NOW + 3600,
-             "iss": ISSUER, "aud": [AUDIENCE, "other"], "client_id": "provider"},
+    "good": {
+        "active": True,
+        "scope": "webhooks:write read",
+        "exp": NOW + 3600,
+        "iss": ISSUER,
+        "aud": [AUDIENCE, "other"],
+        "client_id": "provider",
+    },
     "read-only": {"active": True, "scope": "read", "exp": NOW + 3600},
     "expired": {"active": True, "scope": "webhooks:write", "exp": NOW - 10},
     "short-lived": {"active": True, "scope": "webhooks:write", "exp": NOW + 5},
@@ -62,7 +68,7 @@ INTROSPECTION: dict[str, dict[str, Any]] = {
     "stringly-active": {"active": "true", "scope": "webhooks:write"},
     "e2e-good": {"active": True, "scope": "webhooks:write", "exp": FAR},
     "e2e-inactive": {"active": False},
-}  # fmt: skip
+}
 SITEVERIFY: dict[str, dict[str, Any]] = {
     "human": {"success": True, "score": 0.9, "action": "submit", "hostname": "example.com"},
     "borderline": {"success": True, "score": 0.5, "action": "submit"},
@@ -217,10 +223,17 @@ def inbound(
     now: float = NOW,
 ) -> InboundRequest:
     return InboundRequest(
-        webhook_id="hook", method="POST", scheme="http", path="/webhook/hook", query_string="",
+        webhook_id="hook",
+        method="POST",
+        scheme="http",
+        path="/webhook/hook",
+        query_string="",
         raw_headers=[(name.lower().encode(), value.encode()) for name, value in headers],
-        body=body, peer=CLIENT, client=CLIENT, now=now,
-    )  # fmt: skip
+        body=body,
+        peer=CLIENT,
+        client=CLIENT,
+        now=now,
+    )
 
 
 def bearer(token: str, scheme: str = "Bearer") -> list[tuple[str, str]]:
@@ -275,11 +288,15 @@ def test_jwt_public_key_may_be_given_as_a_certificate() -> None:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer")])
     start = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
     certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(RSA_KEY.public_key()).serial_number(1)
-        .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=3650))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(RSA_KEY.public_key())
+        .serial_number(1)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=3650))
         .sign(RSA_KEY, hashes.SHA256())
-    )  # fmt: skip
+    )
     certificate_pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
     key = jwt_check.load_key(certificate_pem, ["RS256"])
     token = jwt.encode(claims(), RSA_KEY, algorithm="RS256")
@@ -300,8 +317,11 @@ def test_jwt_public_key_may_be_given_as_a_certificate() -> None:
         (jwt.encode(claims(iss=None), HS_SECRET, "HS256"), {}, "lacks the 'iss' claim"),
         (jwt.encode(claims(aud="someone-else"), HS_SECRET, "HS256"), {}, "wrong audience"),
         (jwt.encode(claims(), HS_SECRET, "HS256"), {"audience": None}, "unexpected audience"),
-        (jwt.encode(claims(), HS_SECRET, "HS256"), {"required_claims": ["jti"]},
-         "lacks the 'jti' claim"),
+        (
+            jwt.encode(claims(), HS_SECRET, "HS256"),
+            {"required_claims": ["jti"]},
+            "lacks the 'jti' claim",
+        ),
         (jwt.encode(claims(), HS_SECRET, "HS512"), {}, "algorithm not allowed"),
         (forge({"alg": "none", "typ": "JWT"}, claims(), None), {}, "algorithm not allowed"),
         (forge({"alg": "None"}, claims(), None), {}, "algorithm not allowed"),
@@ -310,7 +330,7 @@ def test_jwt_public_key_may_be_given_as_a_certificate() -> None:
         ("a.b.c", {}, "malformed token"),
     ],
     ids=lambda value: value if isinstance(value, str) and " " in value else "",
-)  # fmt: skip
+)
 async def test_jwt_refusals_name_the_reason(
     token: str, config: dict[str, Any], reason: str
 ) -> None:
@@ -362,9 +382,13 @@ async def test_jwt_signed_by_another_key_or_family_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "headers",
-    [[], [("Authorization", "Basic dXNlcjpwYXNz")], [("Authorization", "Bearer ")],
-     [("Authorization", "Bearer")]],
-)  # fmt: skip
+    [
+        [],
+        [("Authorization", "Basic dXNlcjpwYXNz")],
+        [("Authorization", "Bearer ")],
+        [("Authorization", "Bearer")],
+    ],
+)
 async def test_jwt_without_a_bearer_token_is_challenged(headers: list[tuple[str, str]]) -> None:
     rejection = await refused(jwt_check_for(), inbound(headers))
     assert (rejection.status, rejection.detail) == (401, "missing bearer token")
@@ -424,9 +448,12 @@ def test_jwt_lifetime_is_judged_at_the_given_instant() -> None:
 
 def introspecting(services: Services, path: str = "/introspect", **config: Any) -> Check:
     settings: dict[str, Any] = {
-        "introspection_endpoint": f"{AUTH_URL}{path}", "client_id": CLIENT_ID,
-        "client_secret": CLIENT_SECRET, "required_scope": ["webhooks:write"], **config,
-    }  # fmt: skip
+        "introspection_endpoint": f"{AUTH_URL}{path}",
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "required_scope": ["webhooks:write"],
+        **config,
+    }
     return oauth2.build(OAuth2Config(**settings), services)
 
 
@@ -704,24 +731,35 @@ async def test_recaptcha_verifier_down_is_503(services: Services) -> None:
 CHANNEL = {"channel": "dev", "channel_token": "auth-tokens-channel-token"}
 WEBHOOKS = {
     "jwt": {
-        "module": "webhook_connect", "module-config": CHANNEL,
+        "module": "webhook_connect",
+        "module-config": CHANNEL,
         "jwt": {"secret": RSA_PEM, "algorithm": "RS256", "issuer": ISSUER, "audience": AUDIENCE},
     },
     "oauth2": {
-        "module": "webhook_connect", "module-config": CHANNEL,
-        "oauth2": {"introspection_endpoint": f"{AUTH_URL}/introspect", "client_id": CLIENT_ID,
-                   "client_secret": CLIENT_SECRET, "required_scope": ["webhooks:write"]},
+        "module": "webhook_connect",
+        "module-config": CHANNEL,
+        "oauth2": {
+            "introspection_endpoint": f"{AUTH_URL}/introspect",
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "required_scope": ["webhooks:write"],
+        },
     },
     "oauth2-down": {
-        "module": "webhook_connect", "module-config": CHANNEL,
+        "module": "webhook_connect",
+        "module-config": CHANNEL,
         "oauth2": {"introspection_endpoint": f"{AUTH_URL}/broken"},
     },
     "recaptcha": {
-        "module": "webhook_connect", "module-config": CHANNEL,
-        "recaptcha": {"secret_key": RECAPTCHA_SECRET, "verify_url": f"{AUTH_URL}/siteverify",
-                      "expected_action": "submit"},
+        "module": "webhook_connect",
+        "module-config": CHANNEL,
+        "recaptcha": {
+            "secret_key": RECAPTCHA_SECRET,
+            "verify_url": f"{AUTH_URL}/siteverify",
+            "expected_action": "submit",
+        },
     },
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")

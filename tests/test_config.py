@@ -59,110 +59,203 @@ def test_placeholders_are_replaced_from_the_environment() -> None:
         ([], "", "expected a JSON object"),
         ({"gh": {"module": "nope"}}, "gh.module", "unknown module 'nope'"),
         ({"gh": {"module": "save_to_disk"}}, "gh.module-config.path", "required key is missing"),
-        ({"gh": {"module": "log", "module-config": {"colour": 1}}}, "gh.module-config.colour",
-         "unknown key"),
+        (
+            {"gh": {"module": "log", "module-config": {"colour": 1}}},
+            "gh.module-config.colour",
+            "unknown key",
+        ),
         ({"gh": {"data_type": "json"}}, "gh.module", "required key is missing"),
         ({"gh": {"chain": []}}, "gh.chain", "expected a list of 1 to 20 modules"),
-        ({"gh": {"chain": ["log", {"module": "nope"}]}}, "gh.chain[1].module",
-         "unknown module 'nope'"),
+        (
+            {"gh": {"chain": ["log", {"module": "nope"}]}},
+            "gh.chain[1].module",
+            "unknown module 'nope'",
+        ),
         ({"gh": {"chain": ["log", "webhook_connect"]}}, "gh.chain[1].module", "cannot be chained"),
-        ({"gh": {"chain": ["log"], "chain-config": {"execution": "later"}}},
-         "gh.chain-config.execution", "'sequential' or 'parallel'"),
-        ({"gh": {"module": "log", "transform": {"pick": ["a..b"]}}}, "gh.transform",
-         "bad field path 'a..b'"),
-        ({"gh": {"module": "log", "retry": {"max_attempts": 0}}}, "gh.retry.max_attempts",
-         "greater than 0"),
-        ({"gh": {"module": "http_webhook", "module-config": {
-            "url": "http://10.0.0.1/", "allowed_hosts": ["example.com"]}}},
-         "gh.module-config", "not in allowed_hosts"),
+        (
+            {"gh": {"chain": ["log"], "chain-config": {"execution": "later"}}},
+            "gh.chain-config.execution",
+            "'sequential' or 'parallel'",
+        ),
+        (
+            {"gh": {"module": "log", "transform": {"pick": ["a..b"]}}},
+            "gh.transform",
+            "bad field path 'a..b'",
+        ),
+        (
+            {"gh": {"module": "log", "retry": {"max_attempts": 0}}},
+            "gh.retry.max_attempts",
+            "greater than 0",
+        ),
+        (
+            {
+                "gh": {
+                    "module": "http_webhook",
+                    "module-config": {"url": "http://10.0.0.1/", "allowed_hosts": ["example.com"]},
+                }
+            },
+            "gh.module-config",
+            "not in allowed_hosts",
+        ),
         ({"gh": {"module": "webhook_connect"}}, "gh.module-config.channel", "required"),
         (
-            {"gh": {"module": "webhook_connect", "module-config": {
-                "channel": "dev", "channel_token": "t" * 10, "max_queue_size": "many"}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "module-config": {
+                        "channel": "dev",
+                        "channel_token": "t" * 10,
+                        "max_queue_size": "many",
+                    },
+                }
+            },
             "gh.module-config.max_queue_size",
             "valid integer",
         ),
         (
-            {"gh": {"module": "webhook_connect", "module-config": {
-                "channel": "a/b", "channel_token": "t" * 10}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "module-config": {"channel": "a/b", "channel_token": "t" * 10},
+                }
+            },
             "gh.module-config.channel",
             "should match pattern",
         ),
         (
-            {"gh": {"module": "webhook_connect", "module-config": {
-                "channel": "dev", "channel_token": "{$NOT_SET_ANYWHERE}"}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "module-config": {"channel": "dev", "channel_token": "{$NOT_SET_ANYWHERE}"},
+                }
+            },
             "gh.module-config.channel_token",
             "NOT_SET_ANYWHERE is not set",
         ),
         (
-            {"gh": {"module": "webhook_connect", "colour": "blue", "module-config": {
-                "channel": "dev", "channel_token": "t" * 10}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "colour": "blue",
+                    "module-config": {"channel": "dev", "channel_token": "t" * 10},
+                }
+            },
             "gh.colour",
             "unknown key",
         ),
         (
-            {"gh": {"module": "webhook_connect", "hmac": {"secret": "s", "algorithm": "md5"},
-                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "hmac": {"secret": "s", "algorithm": "md5"},
+                    "module-config": {"channel": "dev", "channel_token": "t" * 10},
+                }
+            },
             "gh.hmac.algorithm",
             "Input should be 'sha1', 'sha256' or 'sha512'",
         ),
         (
-            {"gh": {"module": "webhook_connect", "jwt": {"secret": "s", "algorithm": "none"},
-                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "jwt": {"secret": "s", "algorithm": "none"},
+                    "module-config": {"channel": "dev", "channel_token": "t" * 10},
+                }
+            },
             "gh.jwt.algorithm",
             "('none' is refused)",
         ),
         (
-            {"gh": {"module": "webhook_connect", "ip_whitelist": ["10.0.0.0/33"],
-                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "ip_whitelist": ["10.0.0.0/33"],
+                    "module-config": {"channel": "dev", "channel_token": "t" * 10},
+                }
+            },
             "gh.ip_whitelist",
             "'10.0.0.0/33' is not an IP address or CIDR range",
         ),
         (
-            {"gh": {"module": "webhook_connect", "json_schema": {
-                "$ref": "https://example.com/schema.json"},
-                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "json_schema": {"$ref": "https://example.com/schema.json"},
+                    "module-config": {"channel": "dev", "channel_token": "t" * 10},
+                }
+            },
             "gh.json_schema",
             "remote $ref 'https://example.com/schema.json' is not allowed",
         ),
         (
-            {"gh": {"module": "webhook_connect", "json_schema": {"type": "thing"},
-                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "json_schema": {"type": "thing"},
+                    "module-config": {"channel": "dev", "channel_token": "t" * 10},
+                }
+            },
             "gh.json_schema",
             "not a valid JSON Schema",
         ),
         (
-            {"gh": {"module": "webhook_connect", "digest_auth": {"username": "u",
-                "password": "p", "algorithm": "MD5-sess", "qop": ""},
-                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "digest_auth": {
+                        "username": "u",
+                        "password": "p",
+                        "algorithm": "MD5-sess",
+                        "qop": "",
+                    },
+                    "module-config": {"channel": "dev", "channel_token": "t" * 10},
+                }
+            },
             "gh.digest_auth",
             "MD5-sess needs qop 'auth'",
         ),
         (
-            {"gh": {"module": "webhook_connect", "provider": "github",
-                "module-config": {"channel": "dev", "channel_token": "t" * 10}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "provider": "github",
+                    "module-config": {"channel": "dev", "channel_token": "t" * 10},
+                }
+            },
             "gh",
             "provider 'github' needs 'hmac'",
         ),
         (
-            {"gh": {"module": "webhook_connect", "rate_limit": {"max_requests": 0,
-                "window_seconds": 1}, "module-config": {"channel": "dev",
-                "channel_token": "t" * 10}}},
+            {
+                "gh": {
+                    "module": "webhook_connect",
+                    "rate_limit": {"max_requests": 0, "window_seconds": 1},
+                    "module-config": {"channel": "dev", "channel_token": "t" * 10},
+                }
+            },
             "gh.rate_limit.max_requests",
             "greater than 0",
         ),
         (
             {
-                "a": {"module": "webhook_connect", "module-config": {
-                    "channel": "dev", "channel_token": "t" * 10}},
-                "b": {"module": "webhook_connect", "module-config": {
-                    "channel": "dev", "channel_token": "t" * 10, "ttl_seconds": 5}},
+                "a": {
+                    "module": "webhook_connect",
+                    "module-config": {"channel": "dev", "channel_token": "t" * 10},
+                },
+                "b": {
+                    "module": "webhook_connect",
+                    "module-config": {
+                        "channel": "dev",
+                        "channel_token": "t" * 10,
+                        "ttl_seconds": 5,
+                    },
+                },
             },
             "b.module-config.ttl_seconds",
             "already has ttl_seconds=86400",
         ),
     ],
-)  # fmt: skip
+)
 def test_a_bad_file_names_file_key_and_reason(
     tmp_path: Path, content: object, key_path: str, reason: str
 ) -> None:

@@ -36,9 +36,15 @@ WEBHOOKS = {
 }
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # The page refreshes every 2 s; leave room for a loaded machine.
 expect.set_options(timeout=15_000)
 # A nack reason is the connector's to choose; the page must show it as text, never run it.

@@ -515,10 +515,19 @@ class ComposeRedis(RedisServer):
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
-            self.binary, str(DEPLOY / "redis.conf"), "--port", str(self.port),
-            "--bind", "127.0.0.1", "--dir", str(self.directory), "--daemonize", "no",
-            "--loglevel", "warning",
-        ]  # fmt: skip
+            self.binary,
+            str(DEPLOY / "redis.conf"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         wait_until(self._answers, what=f"redis-server on port {self.port}")
 

@@ -69,11 +69,16 @@ def start_connector(
 ) -> ConnectorProcess:
     """The real connector on ``channel`` (group ``default``), delivering to ``sink``."""
     settings = {
-        "protocol": "websocket", "cloud_url": cloud.url, "channel": channel,
-        "token": TOKENS[channel], "connector_id": f"real-{channel}",
-        "state_dir": str(workdir / f"state-{channel}"), "reconnect_delay_seconds": 0.2,
-        "max_reconnect_delay_seconds": 1, "default_target": {"url": sink.url},
-    }  # fmt: skip
+        "protocol": "websocket",
+        "cloud_url": cloud.url,
+        "channel": channel,
+        "token": TOKENS[channel],
+        "connector_id": f"real-{channel}",
+        "state_dir": str(workdir / f"state-{channel}"),
+        "reconnect_delay_seconds": 0.2,
+        "max_reconnect_delay_seconds": 1,
+        "default_target": {"url": sink.url},
+    }
     process = ConnectorProcess(workdir, settings, f"connector-{channel}")
     started.append(process)
     process.start()
@@ -175,8 +180,11 @@ def test_a_stray_group_fills_the_channel_until_the_operator_drops_it(
         dropped = api(cloud, "DELETE", "/channels/dev/groups/typo")
         assert dropped.status_code == 200, dropped.text
         assert dropped.json() == {
-            "dropped": "typo", "backlog": FULL_AT, "disconnected": 0, "recreated": False,
-        }  # fmt: skip
+            "dropped": "typo",
+            "backlog": FULL_AT,
+            "disconnected": 0,
+            "recreated": False,
+        }
     else:
         printed = cli(cloud, "channels", "groups", "dev")
         assert printed.returncode == 0, printed.stderr
@@ -269,9 +277,11 @@ def test_group_settings_and_operations_are_validated(cloud: Cloud, tmp_path: Pat
         assert answer.status_code == 422, (body, answer.text)
         assert answer.json()["detail"].startswith(f"{field}: "), answer.text
     created = api(
-        cloud, "POST", "/channels", {"name": "api-made", "group_idle_seconds": 0,
-                                     "dynamic_groups": False},
-    )  # fmt: skip
+        cloud,
+        "POST",
+        "/channels",
+        {"name": "api-made", "group_idle_seconds": 0, "dynamic_groups": False},
+    )
     assert created.status_code == 201, created.text
     channel = created.json()["channel"]
     assert (channel["group_idle_seconds"], channel["dynamic_groups"]) == (0, False)
@@ -292,8 +302,12 @@ def test_group_settings_and_operations_are_validated(cloud: Cloud, tmp_path: Pat
     # Dropping the default group empties it; it exists again at once.
     assert post(cloud, "dev", b"waiting").status_code == 202
     dropped = api(cloud, "DELETE", "/channels/dev/groups/default")
-    assert dropped.json() == {"dropped": "default", "backlog": 1, "disconnected": 0,
-                              "recreated": True}  # fmt: skip
+    assert dropped.json() == {
+        "dropped": "default",
+        "backlog": 1,
+        "disconnected": 0,
+        "recreated": True,
+    }
     assert groups(cloud, "dev")["default"]["backlog"] == 0
 
 
@@ -311,10 +325,23 @@ def test_bad_group_settings_in_webhooks_json_stop_start_up(
     path = tmp_path / "webhooks.json"
     path.write_text(json.dumps({"dev": relay("dev", **settings)}))
     result = subprocess.run(
-        [sys.executable, "-m", "webhook_connect", "cloud", "--webhooks", str(path),
-         "--storage", f"sqlite:///{tmp_path / 'b.db'}", "--port", "1"],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "webhook_connect",
+            "cloud",
+            "--webhooks",
+            str(path),
+            "--storage",
+            f"sqlite:///{tmp_path / 'b.db'}",
+            "--port",
+            "1",
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert f"{path}: dev.module-config.{reason}" in line, line

@@ -190,9 +190,17 @@ def test_a_number_beyond_a_double_is_valid_json_stored_as_sent(module_cloud: Clo
 
 def cloud_cli(tmp_path: Path, webhooks: Path) -> subprocess.CompletedProcess[str]:
     args = [
-        sys.executable, "-m", "webhook_connect", "cloud", "--port", "1",
-        "--webhooks", str(webhooks), "--storage", f"sqlite:///{tmp_path / 'b.db'}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "webhook_connect",
+        "cloud",
+        "--port",
+        "1",
+        "--webhooks",
+        str(webhooks),
+        "--storage",
+        f"sqlite:///{tmp_path / 'b.db'}",
+    ]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
     return subprocess.run(args, capture_output=True, text=True, timeout=60, env=env, check=False)
 
@@ -222,7 +230,7 @@ def test_two_channels_with_one_token_are_a_configuration_error(tmp_path: Path) -
                     "module-config": {"channel": "beta", "channel_token": same},
                 },
             }
-        )  # fmt: skip
+        )
     )
     result = cloud_cli(tmp_path, path)
     assert result.returncode == 2
@@ -279,12 +287,16 @@ def test_log_masking_covers_case_configured_and_encoded_names(tmp_path: Path) ->
 def test_a_targets_headers_replace_the_senders(cloud: Cloud, sink: Sink, tmp_path: Path) -> None:
     """Connector HTTP mode: the configured header is the only one of its name (any case)."""
     settings = {
-        "cloud_url": cloud.url, "channel": "dev", "token": TOKEN,
-        "state_dir": str(tmp_path / "state"), "reconnect_delay_seconds": 0.2,
+        "cloud_url": cloud.url,
+        "channel": "dev",
+        "token": TOKEN,
+        "state_dir": str(tmp_path / "state"),
+        "reconnect_delay_seconds": 0.2,
         "default_target": {
-            "url": sink.url, "headers": {"Authorization": "Bearer local-target", "X-Tag": "ours"},
+            "url": sink.url,
+            "headers": {"Authorization": "Bearer local-target", "X-Tag": "ours"},
         },
-    }  # fmt: skip
+    }
     connector = ConnectorProcess(tmp_path, settings)
     try:
         connector.start()
@@ -308,11 +320,13 @@ def test_http_webhook_headers_replace_the_senders(tmp_path: Path, sink: Sink) ->
         "forward": {
             "module": "http_webhook",
             "module-config": {
-                "url": sink.url, "allowed_hosts": ["127.0.0.1"], "forward_headers": True,
+                "url": sink.url,
+                "allowed_hosts": ["127.0.0.1"],
+                "forward_headers": True,
                 "headers": {"X-Tag": "ours", "Content-Type": "application/vnd.ours+json"},
             },
         }
-    }  # fmt: skip
+    }
     path = tmp_path / "webhooks.json"
     path.write_text(json.dumps(webhooks))
     with running(Cloud(f"sqlite:///{tmp_path / 'b.db'}", path, tmp_path)) as cloud:

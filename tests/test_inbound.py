@@ -48,7 +48,7 @@ WEBHOOKS = {
             "algorithm": "sha512",
             "encoding": "base64",
         },
-    ),  # fmt: skip
+    ),
     "two": relay(
         authorization="Bearer two-methods-token",
         hmac={"secret": HMAC_SECRET, "header": "X-Signature", "algorithm": "sha1"},
@@ -387,13 +387,20 @@ def test_secrets_never_reach_the_logs_and_reach_the_sink_unchanged(tmp_path: Pat
         assert basic.status_code == 202
         assert post(cloud, "query", params={"api_key": secrets["query"]}).is_success
         assert post(cloud, "hmac", headers={"X-Hub-Signature-256": signature}).is_success
-        stored = httpx.get(f"{cloud.url}/connect/stream/dev/poll?timeout=1&max_messages=10",
-                           headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        stored = httpx.get(
+            f"{cloud.url}/connect/stream/dev/poll?timeout=1&max_messages=10",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
     log = cloud.log.read_text()
     assert "ASGI" in log  # trace logging was on, headers were printed
     basic_value = base64.b64encode(f"u:{secrets['password']}".encode()).decode()
-    for leaked in [*secrets.values(), "very-secret-bearer-1", "wrong-guess-5", basic_value,
-                   signature.removeprefix("sha256=")]:  # fmt: skip
+    for leaked in [
+        *secrets.values(),
+        "very-secret-bearer-1",
+        "wrong-guess-5",
+        basic_value,
+        signature.removeprefix("sha256="),
+    ]:
         assert leaked not in log, leaked
     # What is relayed is not masked.
     relayed = json.dumps(stored.json())

@@ -128,9 +128,12 @@ def test_metrics_match_what_was_sent_and_delivered(cloud: Cloud) -> None:
     )
     assert not any("nobody" in str(labels) for _, labels in samples)
     fast = value(
-        samples, "webhook_connect_ingest_duration_seconds_bucket", channel="dev",
-        status_class="2xx", le="30.0",
-    )  # fmt: skip
+        samples,
+        "webhook_connect_ingest_duration_seconds_bucket",
+        channel="dev",
+        status_class="2xx",
+        le="30.0",
+    )
     assert fast == 3
     # The Grafana dashboard only asks for series the cloud exports.
     dashboard = (REPO / "deploy" / "grafana-dashboard.json").read_text()
@@ -271,9 +274,12 @@ def test_json_logs_name_each_request_and_mask_secrets(tmp_path: Path) -> None:
     ok, refused = ingest
     assert ok["message_id"] == accepted.json()["message_id"]
     assert {k: ok[k] for k in ("level", "webhook_id", "channel", "status", "client")} == {
-        "level": "debug", "webhook_id": "guarded", "channel": "dev", "status": 202,
+        "level": "debug",
+        "webhook_id": "guarded",
+        "channel": "dev",
+        "status": 202,
         "client": "127.0.0.1",
-    }  # fmt: skip
+    }
     assert isinstance(ok["duration_ms"], float) and isinstance(ok["time"], str)
     assert refused["status"] == 401 and refused["error"] == "unauthorized"
     assert "message_id" not in refused

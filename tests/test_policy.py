@@ -31,12 +31,20 @@ from webhook_connect.shared.policy import (
 @pytest.mark.parametrize(
     ("status", "outcome"),
     [
-        (200, Outcome.DELIVERED), (204, Outcome.DELIVERED), (299, Outcome.DELIVERED),
-        (408, Outcome.RETRY), (429, Outcome.RETRY), (500, Outcome.RETRY), (503, Outcome.RETRY),
-        (301, Outcome.REJECTED), (400, Outcome.REJECTED), (401, Outcome.REJECTED),
-        (404, Outcome.REJECTED), (422, Outcome.REJECTED),
+        (200, Outcome.DELIVERED),
+        (204, Outcome.DELIVERED),
+        (299, Outcome.DELIVERED),
+        (408, Outcome.RETRY),
+        (429, Outcome.RETRY),
+        (500, Outcome.RETRY),
+        (503, Outcome.RETRY),
+        (301, Outcome.REJECTED),
+        (400, Outcome.REJECTED),
+        (401, Outcome.REJECTED),
+        (404, Outcome.REJECTED),
+        (422, Outcome.REJECTED),
     ],
-)  # fmt: skip
+)
 def test_statuses_are_classified_as_the_product_says(status: int, outcome: Outcome) -> None:
     assert classify_status(status) is outcome
 
@@ -77,12 +85,17 @@ def envelope(body: bytes = b'{"a": 1}') -> Envelope:
         path="/webhook/github",
         query_string="a=1&b=%2F",
         headers=(
-            ("Host", "cloud.example"), ("Content-Type", "application/json"),
-            ("Content-Length", "8"), ("Connection", "keep-alive"), ("X-Hub-Signature-256", "s"),
-            ("X-Dup", "1"), ("x-dup", "2"), ("X-Webhook-Connect-Attempt", "forged"),
+            ("Host", "cloud.example"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", "8"),
+            ("Connection", "keep-alive"),
+            ("X-Hub-Signature-256", "s"),
+            ("X-Dup", "1"),
+            ("x-dup", "2"),
+            ("X-Webhook-Connect-Attempt", "forged"),
         ),
         body=body,
-    )  # fmt: skip
+    )
 
 
 def test_native_frames_round_trip_every_byte() -> None:
@@ -140,10 +153,15 @@ def test_the_request_is_the_original_less_hop_by_hop_headers() -> None:
     assert request.url == "http://127.0.0.1:9000/hooks?static=1&a=1&b=%2F"
     assert request.body == b'{"a": 1}'
     assert request.headers == [
-        ("Content-Type", "application/json"), ("X-Hub-Signature-256", "s"), ("X-Dup", "1"),
-        ("x-dup", "2"), ("X-Extra", "yes"), ("X-Webhook-Connect-Message-Id", "1-0"),
-        ("X-Webhook-Connect-Attempt", "4"), ("X-Webhook-Connect-Channel", "dev"),
-    ]  # fmt: skip
+        ("Content-Type", "application/json"),
+        ("X-Hub-Signature-256", "s"),
+        ("X-Dup", "1"),
+        ("x-dup", "2"),
+        ("X-Extra", "yes"),
+        ("X-Webhook-Connect-Message-Id", "1-0"),
+        ("X-Webhook-Connect-Attempt", "4"),
+        ("X-Webhook-Connect-Channel", "dev"),
+    ]
     fixed = build_request(message, Target(url="http://h/", method="PUT"), attempt=1)
     assert fixed.method == "PUT"
 

@@ -259,16 +259,24 @@ async def test_stripe_refuses_a_stale_event_as_its_own_library_does() -> None:
 @pytest.mark.parametrize(
     ("provider", "headers", "detail"),
     [
-        ("slack", {"X-Slack-Signature": "v0=00", "X-Slack-Request-Timestamp": "soon"},
-         "malformed timestamp in X-Slack-Request-Timestamp"),
-        ("stripe", {"Stripe-Signature": "v1=00"},
-         "malformed Stripe-Signature header: no timestamp"),
+        (
+            "slack",
+            {"X-Slack-Signature": "v0=00", "X-Slack-Request-Timestamp": "soon"},
+            "malformed timestamp in X-Slack-Request-Timestamp",
+        ),
+        (
+            "stripe",
+            {"Stripe-Signature": "v1=00"},
+            "malformed Stripe-Signature header: no timestamp",
+        ),
         ("stripe", {"Stripe-Signature": "t=-5,v1=00"}, "malformed timestamp in Stripe-Signature"),
-        ("standard_webhooks", {"webhook-id": "m", "webhook-timestamp": "1e9",
-                               "webhook-signature": "v1,AA=="},
-         "malformed timestamp in webhook-timestamp"),
+        (
+            "standard_webhooks",
+            {"webhook-id": "m", "webhook-timestamp": "1e9", "webhook-signature": "v1,AA=="},
+            "malformed timestamp in webhook-timestamp",
+        ),
     ],
-)  # fmt: skip
+)
 async def test_a_malformed_timestamp_is_refused(
     provider: str, headers: dict[str, str], detail: str
 ) -> None:

@@ -119,9 +119,15 @@ def public_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
         f"sqlite:///{workdir / 'b.db'}",
         write_webhooks(workdir),
         workdir,
-        "--admin-token", ADMIN, "--public-url", PUBLIC + "/", "--log-format", "text",
-        "--workers", "2",
-    )  # fmt: skip
+        "--admin-token",
+        ADMIN,
+        "--public-url",
+        PUBLIC + "/",
+        "--log-format",
+        "text",
+        "--workers",
+        "2",
+    )
     with running(cloud):
         yield cloud
 
@@ -174,8 +180,11 @@ def test_without_a_public_url_the_address_in_use_is_shown(tmp_path: Path) -> Non
         f"sqlite:///{tmp_path / 'b.db'}",
         write_webhooks(tmp_path),
         tmp_path,
-        "--admin-token", ADMIN, "--log-format", "text",
-    )  # fmt: skip
+        "--admin-token",
+        ADMIN,
+        "--log-format",
+        "text",
+    )
     with running(cloud):
         # The admin API answers with the address the operator reached the cloud by.
         through = {**AS_ADMIN, "Host": "relay.internal:8443"}

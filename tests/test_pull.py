@@ -20,7 +20,9 @@ WEBHOOKS = {
         "module": "webhook_connect",
         "data_type": "blob",
         "module-config": {
-            "channel": "dev", "channel_token": TOKEN, "retry_delay_seconds": 0.2,
+            "channel": "dev",
+            "channel_token": TOKEN,
+            "retry_delay_seconds": 0.2,
             "max_in_flight": 3,
         },
     },
@@ -28,7 +30,7 @@ WEBHOOKS = {
         "module": "webhook_connect",
         "module-config": {"channel": "other", "channel_token": OTHER_TOKEN},
     },
-}  # fmt: skip
+}
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -184,18 +186,23 @@ def test_bad_acks_get_a_clear_4xx(cloud: Cloud) -> None:
         (httpx.post(url, content=b"[]", headers=headers), 400, "bad_request"),
         (httpx.post(url, json={"status": "ack"}, headers=headers), 400, "bad_request"),
         (httpx.post(url, json={"message_id": 5}, headers=headers), 400, "bad_request"),
-        (httpx.post(url, json={"message_id": "1", "status": "maybe"}, headers=headers), 400,
-         "bad_request"),
+        (
+            httpx.post(url, json={"message_id": "1", "status": "maybe"}, headers=headers),
+            400,
+            "bad_request",
+        ),
         (httpx.post(url, content=b"x" * 300_000, headers=headers), 413, "body_too_large"),
         (httpx.post(url, json={"message_id": "1"}, headers=AUTH), 400, "bad_request"),
-        (httpx.post(url, json={"message_id": "1"}, headers={"X-Connection-ID": connection_id}),
-         401, "unauthorized"),
+        (
+            httpx.post(url, json={"message_id": "1"}, headers={"X-Connection-ID": connection_id}),
+            401,
+            "unauthorized",
+        ),
         (ack(cloud, "f" * 32, message_id="1"), 404, "unknown_connection"),
         # A connection of channel "dev" is not reachable with the token of "other".
-        (ack(cloud, connection_id, token=OTHER_TOKEN, message_id="1"), 404,
-         "unknown_connection"),
+        (ack(cloud, connection_id, token=OTHER_TOKEN, message_id="1"), 404, "unknown_connection"),
         (ack(cloud, connection_id, message_id="123-4"), 404, "unknown_message"),
-    ]  # fmt: skip
+    ]
     for answer, status, error in cases:
         assert (answer.status_code, answer.json()["error"]) == (status, error), answer.text
     assert httpx.get(f"{cloud.url}/health").status_code == 200

@@ -256,8 +256,10 @@ def test_a_rejecting_target_dead_letters_the_message(
         [letter] = asyncio.run(dead())
         [attempt] = letter.delivery_attempts
         assert (attempt.attempt, attempt.connector, attempt.status_code) == (
-            1, "test-connector", 400
-        )  # fmt: skip
+            1,
+            "test-connector",
+            400,
+        )
         assert 0 < attempt.duration < 20
     finally:
         rejecting.stop()

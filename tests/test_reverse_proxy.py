@@ -146,9 +146,17 @@ def run_cloud_config(tmp_path: Path, value: str) -> subprocess.CompletedProcess[
     webhook["client_ip_header"] = value
     webhooks.write_text(json.dumps({"hook": webhook}))
     args = [
-        sys.executable, "-m", "webhook_connect", "cloud", "--webhooks", str(webhooks),
-        "--storage", f"sqlite:///{tmp_path / 'b.db'}", "--port", "1",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "webhook_connect",
+        "cloud",
+        "--webhooks",
+        str(webhooks),
+        "--storage",
+        f"sqlite:///{tmp_path / 'b.db'}",
+        "--port",
+        "1",
+    ]
     return subprocess.run(
         args,
         cwd=tmp_path,

@@ -32,9 +32,13 @@ class SmeeClient:
         if node is None or not SMEE.exists():
             raise RuntimeError("node or smee-client missing: run scripts/test (it installs them)")
         self.args = [
-            node, str(SMEE), "--url", f"{cloud.url}/smee/dev?token={TOKEN}",
-            "--target", f"{sink.url}hooks",
-        ]  # fmt: skip
+            node,
+            str(SMEE),
+            "--url",
+            f"{cloud.url}/smee/dev?token={TOKEN}",
+            "--target",
+            f"{sink.url}hooks",
+        ]
         self.log = workdir / "smee.log"
         self.process: subprocess.Popen[bytes] | None = None
 

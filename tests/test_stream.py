@@ -23,7 +23,9 @@ WEBHOOKS = {
         "module": "webhook_connect",
         "data_type": "blob",
         "module-config": {
-            "channel": "dev", "channel_token": TOKEN, "max_connections": 3,
+            "channel": "dev",
+            "channel_token": TOKEN,
+            "max_connections": 3,
             "retry_delay_seconds": 0.2,
         },
     },
@@ -32,7 +34,7 @@ WEBHOOKS = {
         "data_type": "blob",
         "module-config": {"channel": "other", "channel_token": OTHER_TOKEN},
     },
-}  # fmt: skip
+}
 
 
 def ws_url(cloud: Cloud, channel: str = "dev", token: str = TOKEN, **query: str) -> str:

@@ -51,9 +51,19 @@ BODY_SIZE = 1024
 WARMUP = 2  # seconds, before each measurement, not counted
 MAX_CONNECTIONS = 256  # open loop: the pool's cap
 COLUMNS = (
-    "backend", "auth", "mode", "offered", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms",
-    "max ms", "errors", "cloud CPU us/req", "other CPU s",
-)  # fmt: skip
+    "backend",
+    "auth",
+    "mode",
+    "offered",
+    "achieved req/s",
+    "p50 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "max ms",
+    "errors",
+    "cloud CPU us/req",
+    "other CPU s",
+)
 
 
 def make_body(size: int = BODY_SIZE) -> bytes:
@@ -220,12 +230,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{row['connections']} conn" if row["mode"] == "closed" else f"{row['offered_rate']}/s"
         )
         cpu = row.get("cloud_cpu_us_per_request")
-        lines.append((
-            row["backend"], row["auth"], f"{row['mode']} ({row['tool']})", offered,
-            f"{row['achieved_rate']:.0f}", ms(row["p50_ms"]), ms(row["p99_ms"]),
-            ms(row["p999_ms"]), ms(row["max_ms"]), str(row["non_202"] + row["failed"]),
-            "-" if cpu is None else f"{cpu:.0f}", f"{row['other_cpu_s']:.1f}",
-        ))  # fmt: skip
+        lines.append(
+            (
+                row["backend"],
+                row["auth"],
+                f"{row['mode']} ({row['tool']})",
+                offered,
+                f"{row['achieved_rate']:.0f}",
+                ms(row["p50_ms"]),
+                ms(row["p99_ms"]),
+                ms(row["p999_ms"]),
+                ms(row["max_ms"]),
+                str(row["non_202"] + row["failed"]),
+                "-" if cpu is None else f"{cpu:.0f}",
+                f"{row['other_cpu_s']:.1f}",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines
@@ -277,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     timing = "spinning (sqlite), sleeping ~1 ms batches (redis)" if prefix else "sleeping"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"pinning: {pinning}")
-    print(f"closed loop: {'wrk' if WRK.exists() else 'python'}; open loop: python on "
-          f"{event_loop}, {timing}; body {BODY_SIZE} B JSON; warm-up {WARMUP} s")  # fmt: skip
+    print(
+        f"closed loop: {'wrk' if WRK.exists() else 'python'}; open loop: python on "
+        f"{event_loop}, {timing}; body {BODY_SIZE} B JSON; warm-up {WARMUP} s"
+    )
     print(f"load average before start: {load}")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:

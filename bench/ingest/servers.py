@@ -80,10 +80,25 @@ def start_redis(directory: Path, prefix: list[str]) -> tuple[subprocess.Popen[by
     """Start redis-server with append-only persistence (fsync every second) in ``directory``."""
     port = free_port()
     args = [
-        *prefix, "/usr/bin/redis-server", "--port", str(port), "--bind", HOST, "--save", "",
-        "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(directory),
-        "--daemonize", "no", "--loglevel", "warning",
-    ]  # fmt: skip
+        *prefix,
+        "/usr/bin/redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        HOST,
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--dir",
+        str(directory),
+        "--daemonize",
+        "no",
+        "--loglevel",
+        "warning",
+    ]
     with (directory / "redis.log").open("ab") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
@@ -106,10 +121,22 @@ def start_cloud(
     """Start ``python -m webhook_connect cloud`` and wait until /health answers 200."""
     port = free_port()
     args = [
-        *prefix, sys.executable, "-m", "webhook_connect", "cloud", "--host", HOST,
-        "--port", str(port), "--webhooks", str(webhooks), "--storage", storage,
-        "--log-level", "warning",
-    ]  # fmt: skip
+        *prefix,
+        sys.executable,
+        "-m",
+        "webhook_connect",
+        "cloud",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--webhooks",
+        str(webhooks),
+        "--storage",
+        storage,
+        "--log-level",
+        "warning",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with log_path.open("ab") as log:
         process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

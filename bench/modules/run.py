@@ -45,8 +45,14 @@ def postgresql(workdir: Path) -> Iterator[tuple[dict[str, Any], Callable[[], int
 
     server = PostgresServer()
     server.start()
-    settings = {"type": "postgresql", "host": HOST, "port": server.port, "user": "postgres",
-                "database": "postgres", "pool_max_size": 8}  # fmt: skip
+    settings = {
+        "type": "postgresql",
+        "host": HOST,
+        "port": server.port,
+        "user": "postgres",
+        "database": "postgres",
+        "pool_max_size": 8,
+    }
 
     async def count() -> int:
         connection = await asyncpg.connect(host=HOST, port=server.port, user="postgres")
@@ -59,10 +65,13 @@ def postgresql(workdir: Path) -> Iterator[tuple[dict[str, Any], Callable[[], int
 
     try:
         yield (
-            {"connection": settings, "module": "postgresql",
-             "module-config": {"table": "webhook_events"}},
+            {
+                "connection": settings,
+                "module": "postgresql",
+                "module-config": {"table": "webhook_events"},
+            },
             lambda: asyncio.run(count()),
-        )  # fmt: skip
+        )
     finally:
         server.stop()
         shutil.rmtree(server.directory, ignore_errors=True)
@@ -90,10 +99,13 @@ def rabbitmq(workdir: Path) -> Iterator[tuple[dict[str, Any], Callable[[], int]]
 
     try:
         yield (
-            {"connection": {"type": "rabbitmq", "host": HOST, "port": server.port},
-             "module": "rabbitmq", "module-config": {"queue_name": "webhooks"}},
+            {
+                "connection": {"type": "rabbitmq", "host": HOST, "port": server.port},
+                "module": "rabbitmq",
+                "module-config": {"queue_name": "webhooks"},
+            },
             lambda: asyncio.run(count()),
-        )  # fmt: skip
+        )
     finally:
         server.close()
 
@@ -107,10 +119,13 @@ def redis(workdir: Path) -> Iterator[tuple[dict[str, Any], Callable[[], int]]]:
     client = redis_client.Redis.from_url(url)
     try:
         yield (
-            {"connection": {"type": "redis", "url": url}, "module": "redis_publish",
-             "module-config": {"channel": "webhooks", "mode": "stream"}},
+            {
+                "connection": {"type": "redis", "url": url},
+                "module": "redis_publish",
+                "module-config": {"channel": "webhooks", "mode": "stream"},
+            },
             lambda: int(client.xlen("webhooks")),
-        )  # fmt: skip
+        )
     finally:
         client.close()
         stop(process)
@@ -135,8 +150,12 @@ def drain(name: str, messages: int, concurrency: int) -> dict[str, Any]:
         redis_process, url = start_redis(workdir, [])
         processes.append(redis_process)
         webhooks = workdir / "webhooks.json"
-        channel = {"channel": "bench", "channel_token": TOKEN, "max_queue_size": 10_000_000,
-                   "max_in_flight": max(concurrency * 2, 100)}  # fmt: skip
+        channel = {
+            "channel": "bench",
+            "channel_token": TOKEN,
+            "max_queue_size": 10_000_000,
+            "max_in_flight": max(concurrency * 2, 100),
+        }
         webhooks.write_text(
             json.dumps({"bench": {"module": "webhook_connect", "module-config": channel}})
         )
@@ -152,20 +171,31 @@ def drain(name: str, messages: int, concurrency: int) -> dict[str, Any]:
                 step["connection"] = "target"
             (workdir / "hooks.json").write_text(json.dumps({"bench": step}))
             settings = {
-                "cloud_url": f"http://{HOST}:{port}", "channel": "bench", "token": TOKEN,
-                "max_concurrent_requests": concurrency, "state_dir": str(workdir / "state"),
+                "cloud_url": f"http://{HOST}:{port}",
+                "channel": "bench",
+                "token": TOKEN,
+                "max_concurrent_requests": concurrency,
+                "state_dir": str(workdir / "state"),
                 "webhooks_config": "hooks.json",
-            }  # fmt: skip
+            }
             if connection is not None:
                 settings["connections_config"] = "connections.json"
             (workdir / "connector.json").write_text(json.dumps(settings))
             log = (workdir / "connector.log").open("ab")
             env = {**os.environ, "PYTHONPATH": str(REPO)}
             connector = subprocess.Popen(
-                [sys.executable, "-m", "webhook_connect", "connector", "--config",
-                 str(workdir / "connector.json")],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "webhook_connect",
+                    "connector",
+                    "--config",
+                    str(workdir / "connector.json"),
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
             processes.append(connector)
             started = time.time()
             deadline = started + 300
@@ -180,8 +210,11 @@ def drain(name: str, messages: int, concurrency: int) -> dict[str, Any]:
             cpu = cpu_seconds(connector.pid)
             stop(connector)
             processes.remove(connector)
-        return {"messages": held, "msg_per_s": held / elapsed,
-                "connector_cpu_us_per_msg": cpu / held * 1e6}  # fmt: skip
+        return {
+            "messages": held,
+            "msg_per_s": held / elapsed,
+            "connector_cpu_us_per_msg": cpu / held * 1e6,
+        }
     finally:
         for process in reversed(processes):
             stop(process)
@@ -192,11 +225,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modules", default="postgresql,rabbitmq,redis,file")
     parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--concurrency", type=int, default=100,
-                        help="the connector's max_concurrent_requests")  # fmt: skip
+    parser.add_argument(
+        "--concurrency", type=int, default=100, help="the connector's max_concurrent_requests"
+    )
     args = parser.parse_args()
-    print(f"module drain: {args.messages} messages of ~1 KB JSON, one connector (websocket), "
-          f"max_concurrent_requests {args.concurrency}, cloud on Redis")  # fmt: skip
+    print(
+        f"module drain: {args.messages} messages of ~1 KB JSON, one connector (websocket), "
+        f"max_concurrent_requests {args.concurrency}, cloud on Redis"
+    )
     for name in args.modules.split(","):
         result = drain(name, args.messages, args.concurrency)
         rate, cpu = result["msg_per_s"], result["connector_cpu_us_per_msg"]

@@ -203,17 +203,20 @@ class Rig:
         self.processes.append(redis)
         webhooks = self.workdir / "webhooks.json"
         module_config = {
-            "channel": "bench", "channel_token": TOKEN, "max_queue_size": 10_000_000,
+            "channel": "bench",
+            "channel_token": TOKEN,
+            "max_queue_size": 10_000_000,
             "max_in_flight": self.max_in_flight,
-        }  # fmt: skip
+        }
         webhooks.write_text(
             json.dumps({"bench": {"module": "webhook_connect", "module-config": module_config}})
         )
         cloud, self.cloud_port = start_cloud(url, webhooks, self.workdir / "cloud.log", [])
         self.processes.append(cloud)
         self.sink_port = free_port()
-        sink = subprocess.Popen([sys.executable, str(Path(__file__).with_name("sink.py")),
-                                 str(self.sink_port)])  # fmt: skip
+        sink = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("sink.py")), str(self.sink_port)]
+        )
         self.processes.append(sink)
         deadline = time.monotonic() + 10
         while True:
@@ -244,8 +247,10 @@ class Rig:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.connector = subprocess.Popen(
             [sys.executable, "-m", "webhook_connect", "connector", "--config", str(config)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 20
         while "connected to" not in (self.workdir / "connector.log").read_text():
             if time.monotonic() > deadline or self.connector.poll() is not None:
@@ -329,19 +334,25 @@ def main() -> None:
 
 
 def report(protocol: str, results: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"relay benchmark over {protocol} (Redis storage, one connector, "
-          f"max_concurrent_requests={args.max_concurrent}, max_in_flight={args.max_in_flight}, "
-          "1 KB JSON)")  # fmt: skip
+    print(
+        f"relay benchmark over {protocol} (Redis storage, one connector, "
+        f"max_concurrent_requests={args.max_concurrent}, max_in_flight={args.max_in_flight}, "
+        "1 KB JSON)"
+    )
     d = results["drain"]
-    print(f"  drain {d['messages']} msgs: {d['msg_per_s']:.0f} msg/s, "
-          f"connector CPU {d['connector_cpu_us_per_msg']:.0f} us/msg, "
-          f"duplicates {d['duplicates']}")  # fmt: skip
+    print(
+        f"  drain {d['messages']} msgs: {d['msg_per_s']:.0f} msg/s, "
+        f"connector CPU {d['connector_cpu_us_per_msg']:.0f} us/msg, "
+        f"duplicates {d['duplicates']}"
+    )
     for key, r in results.items():
         if key.startswith("steady"):
-            print(f"  offered {r['offered_per_s']:.0f}/s: delivered {r['delivered']} "
-                  f"({r['delivered_per_s']:.0f}/s), POST-sent->sink p50 {r['p50_ms']:.2f} ms, "
-                  f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms, "
-                  f"connector CPU {r['connector_cpu_us_per_msg']:.0f} us/msg")  # fmt: skip
+            print(
+                f"  offered {r['offered_per_s']:.0f}/s: delivered {r['delivered']} "
+                f"({r['delivered_per_s']:.0f}/s), POST-sent->sink p50 {r['p50_ms']:.2f} ms, "
+                f"p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.1f} ms, "
+                f"connector CPU {r['connector_cpu_us_per_msg']:.0f} us/msg"
+            )
 
 
 if __name__ == "__main__":

@@ -120,11 +120,17 @@ def encode_attempts(attempts: list[DeliveryAttempt]) -> bytes:
     """The storage form of an attempt log, as the Redis scripts write it too (times in ms)."""
     return orjson.dumps(
         [
-            [a.attempt, round(a.time * 1000), a.connection, a.connector, a.outcome,
-             round(a.duration * 1000)]
+            [
+                a.attempt,
+                round(a.time * 1000),
+                a.connection,
+                a.connector,
+                a.outcome,
+                round(a.duration * 1000),
+            ]
             for a in attempts[-ATTEMPTS_KEPT:]
         ]
-    )  # fmt: skip
+    )
 
 
 def decode_attempts(raw: bytes | str | None) -> tuple[DeliveryAttempt, ...]:
@@ -134,11 +140,15 @@ def decode_attempts(raw: bytes | str | None) -> tuple[DeliveryAttempt, ...]:
         return ()
     return tuple(
         DeliveryAttempt(
-            int(n), t / 1000, str(connection), connector if isinstance(connector, str) else "",
-            str(outcome), duration / 1000,
+            int(n),
+            t / 1000,
+            str(connection),
+            connector if isinstance(connector, str) else "",
+            str(outcome),
+            duration / 1000,
         )
         for n, t, connection, connector, outcome, duration in rows
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True, slots=True)

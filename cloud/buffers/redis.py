@@ -74,9 +74,16 @@ def channel_keys(channel: str) -> list[str]:
     """The keys of one channel, in the order every script expects them."""
     tag = "{" + channel + "}"
     return [
-        f"wc:{tag}:s", f"wc:{tag}:cfg", f"wc:{tag}:stats", f"wc:{tag}:dlq", f"wc:{tag}:conns",
-        f"wc:{tag}:events", f"wc:{tag}:history", f"wc:{tag}:attempts", f"wc:{tag}:groups",
-    ]  # fmt: skip
+        f"wc:{tag}:s",
+        f"wc:{tag}:cfg",
+        f"wc:{tag}:stats",
+        f"wc:{tag}:dlq",
+        f"wc:{tag}:conns",
+        f"wc:{tag}:events",
+        f"wc:{tag}:history",
+        f"wc:{tag}:attempts",
+        f"wc:{tag}:groups",
+    ]
 
 
 def _storage_errors(cls: type[T]) -> type[T]:

@@ -27,9 +27,22 @@ from webhook_connect.shared.exceptions import (
 # The sections of redis_scripts.lua. (Names wrapped by length: one a line would make the list
 # the longest thing in the module.)
 SCRIPT_NAMES = (
-    "append", "read", "ack", "nack", "release", "housekeep", "depth", "connect", "touch", "hit",
-    "groups", "dropgroup", "idlegroups", "join", "hasgroup",
-)  # fmt: skip
+    "append",
+    "read",
+    "ack",
+    "nack",
+    "release",
+    "housekeep",
+    "depth",
+    "connect",
+    "touch",
+    "hit",
+    "groups",
+    "dropgroup",
+    "idlegroups",
+    "join",
+    "hasgroup",
+)
 
 # The error codes of the scripts' replies.
 CHANNEL_FULL = "WC_CHANNEL_FULL"  # + " <limit> <group> <backlog>": the group holding the most

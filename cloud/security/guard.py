@@ -39,12 +39,18 @@ METHODS = {
 }
 # What OpenAPI and logs call each method.
 SCHEMES = {
-    "authorization": "authorization header", "basic_auth": "HTTP Basic",
-    "header_auth": "API key in a header", "query_auth": "API key in the query",
-    "hmac": "HMAC body signature", "jwt": "JWT bearer token", "oauth2": "OAuth 2.0 bearer token",
-    "digest_auth": "HTTP Digest", "oauth1": "OAuth 1.0 signature", "recaptcha": "reCAPTCHA",
+    "authorization": "authorization header",
+    "basic_auth": "HTTP Basic",
+    "header_auth": "API key in a header",
+    "query_auth": "API key in the query",
+    "hmac": "HMAC body signature",
+    "jwt": "JWT bearer token",
+    "oauth2": "OAuth 2.0 bearer token",
+    "digest_auth": "HTTP Digest",
+    "oauth1": "OAuth 1.0 signature",
+    "recaptcha": "reCAPTCHA",
     "ip_whitelist": "IP allow-list",
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)

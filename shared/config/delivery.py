@@ -141,8 +141,9 @@ def build_plan(
         steps = []
         for index, item in enumerate(chain):
             item_path = f"{path}.chain[{index}]"
-            step = _model(StepConfig, {"module": item} if isinstance(item, str) else item,
-                          source, item_path)  # fmt: skip
+            step = _model(
+                StepConfig, {"module": item} if isinstance(item, str) else item, source, item_path
+            )
             if step is None:
                 raise ConfigError(source, item_path, "expected a module name or object")
             steps.append(_step(step, entry_retry, entry_transform, source, item_path, connections))

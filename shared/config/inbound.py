@@ -24,9 +24,17 @@ from pydantic import (
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 JWT_ALGORITHMS = (
-    *HMAC_ALGORITHMS, "RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
-    "PS256", "PS384", "PS512",
-)  # fmt: skip
+    *HMAC_ALGORITHMS,
+    "RS256",
+    "RS384",
+    "RS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "PS256",
+    "PS384",
+    "PS512",
+)
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 PARAMETER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 PROVIDERS = ("github", "stripe", "slack", "shopify", "standard_webhooks")

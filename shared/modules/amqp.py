@@ -39,8 +39,12 @@ class PublishedProperties(aiormq.spec.Basic.Properties):
 
     def marshal(self) -> bytes:
         content_type, headers, mode, message_id, timestamp = (
-            self.content_type, self.headers, self.delivery_mode, self.message_id, self.timestamp
-        )  # fmt: skip
+            self.content_type,
+            self.headers,
+            self.delivery_mode,
+            self.message_id,
+            self.timestamp,
+        )
         if (
             OTHER_PROPERTIES(self) != UNSET
             or (headers is not None and type(headers) is not dict)

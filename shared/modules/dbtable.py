@@ -44,24 +44,57 @@ IDENTIFIER = re.compile(_NAME)
 TABLE_NAME = re.compile(rf"{_NAME}(?:\.{_NAME})?")
 
 FieldType = Literal[
-    "string", "text", "integer", "int", "float", "number", "boolean", "bool",
-    "datetime", "timestamp", "date", "time", "json",
-]  # fmt: skip
+    "string",
+    "text",
+    "integer",
+    "int",
+    "float",
+    "number",
+    "boolean",
+    "bool",
+    "datetime",
+    "timestamp",
+    "date",
+    "time",
+    "json",
+]
 # The CWM's aliases, folded onto one name each.
 _ALIASES = {"int": "integer", "number": "float", "bool": "boolean", "timestamp": "datetime"}
 # The CWM's MySQL shorthand ({"column": "VARCHAR(255)"}) maps SQL type names onto field types.
 _SQL_TYPES = {
-    "VARCHAR": "string", "CHAR": "string", "TEXT": "text", "MEDIUMTEXT": "text",
-    "LONGTEXT": "text", "INT": "integer", "INTEGER": "integer", "BIGINT": "integer",
-    "SMALLINT": "integer", "FLOAT": "float", "DOUBLE": "float", "DECIMAL": "float",
-    "BOOL": "boolean", "BOOLEAN": "boolean", "DATETIME": "datetime", "TIMESTAMP": "datetime",
-    "DATE": "date", "TIME": "time", "JSON": "json",
-}  # fmt: skip
+    "VARCHAR": "string",
+    "CHAR": "string",
+    "TEXT": "text",
+    "MEDIUMTEXT": "text",
+    "LONGTEXT": "text",
+    "INT": "integer",
+    "INTEGER": "integer",
+    "BIGINT": "integer",
+    "SMALLINT": "integer",
+    "FLOAT": "float",
+    "DOUBLE": "float",
+    "DECIMAL": "float",
+    "BOOL": "boolean",
+    "BOOLEAN": "boolean",
+    "DATETIME": "datetime",
+    "TIMESTAMP": "datetime",
+    "DATE": "date",
+    "TIME": "time",
+    "JSON": "json",
+}
 
 STANDARD_COLUMNS = (
-    "message_id", "webhook_id", "channel", "received_at", "method", "path", "query_string",
-    "headers", "payload", "body",
-)  # fmt: skip
+    "message_id",
+    "webhook_id",
+    "channel",
+    "received_at",
+    "method",
+    "path",
+    "query_string",
+    "headers",
+    "payload",
+    "body",
+)
 RELATIONAL_COLUMNS = ("message_id", "webhook_id", "received_at")
 
 

@@ -61,9 +61,12 @@ class HttpWebhookModule(Module[HttpWebhookConfig]):
         client = await self.pools.get("http", _open_client, _close_client)
         try:
             answer = await client.request(
-                config.method, config.url, content=message.body,
-                headers=self._headers(message), timeout=config.timeout,
-            )  # fmt: skip
+                config.method,
+                config.url,
+                content=message.body,
+                headers=self._headers(message),
+                timeout=config.timeout,
+            )
         except httpx.TimeoutException as exc:
             raise Transient(f"timeout: {exc}") from exc
         except httpx.HTTPError as exc:
@@ -76,9 +79,9 @@ class HttpWebhookModule(Module[HttpWebhookConfig]):
 
     def _headers(self, message: Message) -> list[tuple[str, str]]:
         config = self.config
-        allowed = None if config.allowed_headers is None else {
-            h.lower() for h in config.allowed_headers
-        }  # fmt: skip
+        allowed = (
+            None if config.allowed_headers is None else {h.lower() for h in config.allowed_headers}
+        )
         # A configured header replaces the sender's of the same name (any case), not joins it.
         configured = {name.lower() for name in config.headers}
         out: list[tuple[str, str]] = []

@@ -18,12 +18,30 @@ from webhook_connect.shared.modules.base import Message, Module
 REDACTED = "[REDACTED]"
 SENSITIVE = frozenset(
     {
-        "password", "passwd", "pwd", "secret", "token", "api_key", "apikey", "access_token",
-        "refresh_token", "authorization", "auth", "credential", "credentials", "private_key",
-        "session", "cookie", "set-cookie", "database_url", "connection_string", "client_secret",
-        "proxy-authorization", "x-api-key",
+        "password",
+        "passwd",
+        "pwd",
+        "secret",
+        "token",
+        "api_key",
+        "apikey",
+        "access_token",
+        "refresh_token",
+        "authorization",
+        "auth",
+        "credential",
+        "credentials",
+        "private_key",
+        "session",
+        "cookie",
+        "set-cookie",
+        "database_url",
+        "connection_string",
+        "client_secret",
+        "proxy-authorization",
+        "x-api-key",
     }
-)  # fmt: skip
+)
 MAX_DEPTH = 10
 
 

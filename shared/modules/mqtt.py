@@ -35,8 +35,12 @@ logger = logging.getLogger("webhook_connect.modules.mqtt")
 
 # An MQTT string (topic, user property) is at most 65535 bytes of UTF-8.
 MQTT_STRING_MAX = 65535
-VERSIONS = {"3.1": aiomqtt.ProtocolVersion.V31, "3.1.1": aiomqtt.ProtocolVersion.V311,
-            "5": aiomqtt.ProtocolVersion.V5, "5.0": aiomqtt.ProtocolVersion.V5}  # fmt: skip
+VERSIONS = {
+    "3.1": aiomqtt.ProtocolVersion.V31,
+    "3.1.1": aiomqtt.ProtocolVersion.V311,
+    "5": aiomqtt.ProtocolVersion.V5,
+    "5.0": aiomqtt.ProtocolVersion.V5,
+}
 
 
 def _check_topic(value: str | None) -> str | None:

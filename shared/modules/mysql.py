@@ -27,19 +27,48 @@ from webhook_connect.shared.modules.dbtable import Column, SqlTableConfig
 from webhook_connect.shared.modules.dbwriter import RowT, ServerSettings, TableModule
 
 SQL_TYPES = {
-    "string": "VARCHAR(255)", "text": "LONGTEXT", "integer": "BIGINT", "float": "DOUBLE",
-    "boolean": "BOOLEAN", "datetime": "DATETIME(6)", "date": "DATE", "time": "TIME(6)",
-    "json": "JSON", "bytes": "LONGBLOB",
-}  # fmt: skip
+    "string": "VARCHAR(255)",
+    "text": "LONGTEXT",
+    "integer": "BIGINT",
+    "float": "DOUBLE",
+    "boolean": "BOOLEAN",
+    "datetime": "DATETIME(6)",
+    "date": "DATE",
+    "time": "TIME(6)",
+    "json": "JSON",
+    "bytes": "LONGBLOB",
+}
 # Server errors a later attempt may get past: too many connections (1040, 1203, 1226), out of
 # memory (1041), handshake and host (1042, 1043, 1129, 1130), access (1044, 1045) and unknown
 # database (1049) until an operator fixes them, shutdown (1053), aborted or killed connection
 # (1152, 1927), network (1158-1161), lock wait and deadlock (1205, 1213), read-only (1290,
 # 1836). Client errors (2000-2999: cannot connect, server gone, lost connection) too.
-TRANSIENT_CODES = frozenset({
-    1040, 1041, 1042, 1043, 1044, 1045, 1049, 1053, 1129, 1130, 1152, 1158, 1159, 1160,
-    1161, 1203, 1205, 1213, 1226, 1290, 1836, 1927,
-})  # fmt: skip
+TRANSIENT_CODES = frozenset(
+    {
+        1040,
+        1041,
+        1042,
+        1043,
+        1044,
+        1045,
+        1049,
+        1053,
+        1129,
+        1130,
+        1152,
+        1158,
+        1159,
+        1160,
+        1161,
+        1203,
+        1205,
+        1213,
+        1226,
+        1290,
+        1836,
+        1927,
+    }
+)
 NO_SUCH_TABLE = 1146
 # Appended to the server's sql_mode: bad values are errors, not warnings and truncation.
 STRICT = (

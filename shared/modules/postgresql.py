@@ -24,10 +24,17 @@ from webhook_connect.shared.modules.dbtable import Column, SqlTableConfig
 from webhook_connect.shared.modules.dbwriter import RowT, ServerSettings, TableModule
 
 SQL_TYPES = {
-    "string": "TEXT", "text": "TEXT", "integer": "BIGINT", "float": "DOUBLE PRECISION",
-    "boolean": "BOOLEAN", "datetime": "TIMESTAMPTZ", "date": "DATE", "time": "TIME",
-    "json": "JSONB", "bytes": "BYTEA",
-}  # fmt: skip
+    "string": "TEXT",
+    "text": "TEXT",
+    "integer": "BIGINT",
+    "float": "DOUBLE PRECISION",
+    "boolean": "BOOLEAN",
+    "datetime": "TIMESTAMPTZ",
+    "date": "DATE",
+    "time": "TIME",
+    "json": "JSONB",
+    "bytes": "BYTEA",
+}
 # SQLSTATE classes a later attempt may get past: connection (08), authorization (28), rollback
 # (40), insufficient resources (53), object state such as a lock (55), operator intervention,
 # e.g. a shutdown (57), system (58), internal (XX). The rest (data 22, integrity 23, undefined

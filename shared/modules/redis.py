@@ -63,8 +63,12 @@ FUNCTION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
 # NOSCRIPT: the server restarted between the pipeline's SCRIPT LOAD and its EVALSHA.
 TRANSIENT_REPLIES = ("BUSY", "MISCONF", "NOREPLICAS")
 TRANSIENT_REPLY_TYPES = (
-    OutOfMemoryError, ReadOnlyError, TryAgainError, ClusterDownError, NoScriptError,
-)  # fmt: skip
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+    ClusterDownError,
+    NoScriptError,
+)
 
 # Atomic enqueue. KEYS: job hash, queue list, set of queues. ARGV: job id, field, value, ...
 # The push comes before the hash so a queue of the wrong type fails before anything is written.
@@ -102,9 +106,14 @@ class RedisSettings(BaseModel):
         if self.url is not None:
             return Redis.from_url(self.url, **options)
         return Redis(
-            host=self.host, port=self.port, db=self.db, username=self.username,
-            password=self.password, ssl=self.ssl, **options,
-        )  # fmt: skip
+            host=self.host,
+            port=self.port,
+            db=self.db,
+            username=self.username,
+            password=self.password,
+            ssl=self.ssl,
+            **options,
+        )
 
 
 def failure(exc: Exception) -> DeliveryError:

@@ -24,9 +24,13 @@ def transform_message(config: TransformConfig, message: Message) -> Message:
         raise Permanent("transform needs a JSON object body")
     body = orjson.dumps(transform(config, payload))
     return Message(
-        message.message_id, message.webhook_id, message.channel, message.attempt,
-        message.envelope, body,
-    )  # fmt: skip
+        message.message_id,
+        message.webhook_id,
+        message.channel,
+        message.attempt,
+        message.envelope,
+        body,
+    )
 
 
 def transform(config: TransformConfig, payload: dict[str, Any]) -> Any:

@@ -110,9 +110,11 @@ class Link:
                 return self._ws
             await self.aclose()
             ws = await connect(
-                self.url, additional_headers=self.headers, open_timeout=self.timeout,
+                self.url,
+                additional_headers=self.headers,
+                open_timeout=self.timeout,
                 close_timeout=self.timeout,
-            )  # fmt: skip
+            )
             self._ws, self._reader = ws, asyncio.create_task(self._read(ws))
             return ws
 

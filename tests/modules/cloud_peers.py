@@ -123,19 +123,31 @@ class PubSubStandIn:
     def key_file(self, private_pem: str | None = None) -> Path:
         path = self.workdir / f"key-{free_port()}.json"
         account = {
-            "type": "service_account", "project_id": "proj", "private_key_id": "kid-1",
-            "private_key": private_pem or self.private_pem, "client_email": SERVICE_ACCOUNT,
-            "token_uri": f"{self.url}/token", "client_id": "1",
-        }  # fmt: skip
+            "type": "service_account",
+            "project_id": "proj",
+            "private_key_id": "kid-1",
+            "private_key": private_pem or self.private_pem,
+            "client_email": SERVICE_ACCOUNT,
+            "token_uri": f"{self.url}/token",
+            "client_id": "1",
+        }
         path.write_text(json.dumps(account))
         return path
 
     def start(self) -> None:
         args = [
-            sys.executable, "-m", "tests.modules.pubsub_standin", "--port", str(self.port),
-            "--public-key", str(self.public_key), "--client-email", SERVICE_ACCOUNT,
-            "--key-id", "kid-1",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "tests.modules.pubsub_standin",
+            "--port",
+            str(self.port),
+            "--public-key",
+            str(self.public_key),
+            "--client-email",
+            SERVICE_ACCOUNT,
+            "--key-id",
+            "kid-1",
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with (self.workdir / "standin.log").open("ab") as log:
             self.process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=log)

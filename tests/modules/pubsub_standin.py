@@ -155,9 +155,13 @@ class PubSub:
             if jwt.get_unverified_header(assertion).get("kid") != self.key_id:
                 raise jwt.InvalidTokenError("unknown key id")
             claims = jwt.decode(
-                assertion, self.public_key, algorithms=["RS256"], audience=str(request.url),
-                issuer=self.client_email, options={"require": ["exp", "iat", "iss", "aud"]},
-            )  # fmt: skip
+                assertion,
+                self.public_key,
+                algorithms=["RS256"],
+                audience=str(request.url),
+                issuer=self.client_email,
+                options={"require": ["exp", "iat", "iss", "aud"]},
+            )
         except jwt.InvalidTokenError as exc:
             return JSONResponse({"error": "invalid_grant", "error_description": str(exc)}, 400)
         if (

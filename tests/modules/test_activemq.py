@@ -67,9 +67,13 @@ class ActiveMQServer:
 
     def connection(self, password: str = "secret") -> ConnectionEntry:
         return ConnectionEntry(
-            type="activemq", host="127.0.0.1", port=self.port, username="writer",
-            password=password, connect_timeout=3,
-        )  # fmt: skip
+            type="activemq",
+            host="127.0.0.1",
+            port=self.port,
+            username="writer",
+            password=password,
+            connect_timeout=3,
+        )
 
     def start(self) -> None:
         conf = self.directory / "conf"
@@ -78,12 +82,22 @@ class ActiveMQServer:
         data = self.directory / "data"
         xml.write_text(BROKER_XML.format(data=data, port=self.port))
         args = [
-            self.java, "-Xms64m", "-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC",
-            "-Djava.awt.headless=true", f"-Dactivemq.home={ACTIVEMQ_HOME}",
-            f"-Dactivemq.base={self.directory}", f"-Dactivemq.conf={conf}",
-            f"-Dactivemq.data={data}", f"-Djava.io.tmpdir={self.directory}",
-            "-jar", str(ACTIVEMQ_HOME / "bin" / "activemq.jar"), "start", f"xbean:file:{xml}",
-        ]  # fmt: skip
+            self.java,
+            "-Xms64m",
+            "-Xmx256m",
+            "-XX:TieredStopAtLevel=1",
+            "-XX:+UseSerialGC",
+            "-Djava.awt.headless=true",
+            f"-Dactivemq.home={ACTIVEMQ_HOME}",
+            f"-Dactivemq.base={self.directory}",
+            f"-Dactivemq.conf={conf}",
+            f"-Dactivemq.data={data}",
+            f"-Djava.io.tmpdir={self.directory}",
+            "-jar",
+            str(ACTIVEMQ_HOME / "bin" / "activemq.jar"),
+            "start",
+            f"xbean:file:{xml}",
+        ]
         with (self.directory / "broker.log").open("ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         wait_until(self._answers, timeout=60, what=f"activemq on port {self.port}")
@@ -112,8 +126,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ActiveMQServer]
 
 def message(body: bytes, number: int = 1, *extra: tuple[str, str]) -> Message:
     headers = (("Content-Type", "application/json"), ("X-Trace", "a:b"), *extra)
-    envelope = Envelope("orders", "stripe", 1_700_000_000.25, "POST", "/webhook/stripe", "a=1",
-                        headers, body)  # fmt: skip
+    envelope = Envelope(
+        "orders", "stripe", 1_700_000_000.25, "POST", "/webhook/stripe", "a=1", headers, body
+    )
     return Message.of(f"msg-{number}", 1, envelope)
 
 
@@ -184,8 +199,9 @@ async def test_bodies_arrive_byte_exact_with_metadata(broker: ActiveMQServer, po
     assert second["channel"] == "orders"
     assert second["received-at"] == "2023-11-14T22:13:20.250000Z"
     assert json.loads(second["headers"]) == [
-        ["Content-Type", "application/json"], ["X-Trace", "a:b"],
-    ]  # fmt: skip
+        ["Content-Type", "application/json"],
+        ["X-Trace", "a:b"],
+    ]
 
 
 async def test_a_topic(broker: ActiveMQServer, pools: Pools) -> None:
@@ -260,8 +276,10 @@ async def test_broker_down_is_transient_and_the_module_reconnects(
     await late.pools.aclose()
     got = await (await Subscriber.open(broker, "/queue/ok.survivor")).messages(3)
     assert [(h["webhook-connect-message-id"], body) for h, body in got] == [
-        ("msg-1", BINARY), ("msg-4", JSON), ("msg-5", JSON),
-    ]  # fmt: skip
+        ("msg-1", BINARY),
+        ("msg-4", JSON),
+        ("msg-5", JSON),
+    ]
 
 
 async def test_an_overdue_receipt_is_transient(broker: ActiveMQServer, pools: Pools) -> None:

@@ -91,9 +91,13 @@ class ClickHouseServer:
 
     def connection(self) -> ConnectionEntry:
         return ConnectionEntry(
-            type="clickhouse", host="127.0.0.1", port=self.port, user="relay", password="s3cret",
+            type="clickhouse",
+            host="127.0.0.1",
+            port=self.port,
+            user="relay",
+            password="s3cret",
             database="default",
-        )  # fmt: skip
+        )
 
 
 @pytest.fixture(scope="module")

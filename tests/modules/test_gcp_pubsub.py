@@ -181,8 +181,10 @@ async def test_a_refused_message_is_permanent_and_spares_its_batch(
     assert "schema validation" in str(outcomes[1])
     assert [outcomes[0], outcomes[2], outcomes[3]] == [None, None, None]
     assert sorted(m["attributes"]["message-id"] for m in standin.pull("typed")) == [
-        "m-0", "m-2", "m-3"
-    ]  # fmt: skip
+        "m-0",
+        "m-2",
+        "m-3",
+    ]
 
 
 async def test_large_headers_are_left_out_with_a_note(
@@ -291,9 +293,12 @@ def test_the_assertion_is_what_google_expects() -> None:
         options={"verify_exp": False},
     )
     assert claims == {
-        "iss": SERVICE_ACCOUNT, "scope": "scope-a", "aud": "https://oauth2.googleapis.com/token",
-        "iat": 1_000_000, "exp": 1_003_600,
-    }  # fmt: skip
+        "iss": SERVICE_ACCOUNT,
+        "scope": "scope-a",
+        "aud": "https://oauth2.googleapis.com/token",
+        "iat": 1_000_000,
+        "exp": 1_003_600,
+    }
     token = AccessToken("t", expires_at=1_003_600)
     assert token.is_fresh(1_003_600 - REFRESH_MARGIN - 1)
     assert not token.is_fresh(1_003_600 - REFRESH_MARGIN)

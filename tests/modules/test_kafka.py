@@ -66,9 +66,15 @@ class TansuBroker:
     def start(self) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
         args = [
-            self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
-        ]  # fmt: skip
+            self.binary,
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         wait_until(self._listening, what=f"tansu on port {self.port}")
@@ -84,9 +90,12 @@ class TansuBroker:
         args = [self.binary, "topic", "create", name, "--broker", broker]
         with self.log.open("ab") as log:
             subprocess.run(
-                [*args, "--partitions", str(partitions)], stdout=log, stderr=log, check=True,
+                [*args, "--partitions", str(partitions)],
+                stdout=log,
+                stderr=log,
+                check=True,
                 timeout=10,
-            )  # fmt: skip
+            )
 
     def _listening(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -114,9 +123,12 @@ def connection(bootstrap: str, **extra: Any) -> ConnectionEntry:
     # Tansu 0.6 answers InitProducerId (api 22) v0, the only version aiokafka sends, with
     # UNKNOWN_SERVER_ERROR, so idempotence is off here; acks=all still applies.
     return ConnectionEntry(
-        type="kafka", bootstrap_servers=bootstrap, enable_idempotence=False,
-        timeout_seconds=TIMEOUT, **extra,
-    )  # fmt: skip
+        type="kafka",
+        bootstrap_servers=bootstrap,
+        enable_idempotence=False,
+        timeout_seconds=TIMEOUT,
+        **extra,
+    )
 
 
 def make_module(pools: Pools, bootstrap: str, config: dict[str, Any], **conn: Any) -> KafkaModule:
@@ -125,9 +137,15 @@ def make_module(pools: Pools, bootstrap: str, config: dict[str, Any], **conn: An
 
 def message(message_id: str, body: bytes, headers: tuple[tuple[str, str], ...] = ()) -> Message:
     envelope = Envelope(
-        channel="orders", webhook_id="shop", received_at=1733184000.25, method="POST",
-        path="/webhook/shop", query_string="a=1&b=%C3%A9", headers=headers, body=body,
-    )  # fmt: skip
+        channel="orders",
+        webhook_id="shop",
+        received_at=1733184000.25,
+        method="POST",
+        path="/webhook/shop",
+        query_string="a=1&b=%C3%A9",
+        headers=headers,
+        body=body,
+    )
     return Message.of(message_id, 1, envelope)
 
 

@@ -39,14 +39,16 @@ def cloud(workdir: Path, rejecting: Sink) -> Iterator[Cloud]:
         "files": {"module": "webhook_connect", "data_type": "blob", "module-config": CHANNEL},
         # Delivered by the cloud itself:
         "archive": {
-            "module": "save_to_disk", "data_type": "blob",
+            "module": "save_to_disk",
+            "data_type": "blob",
             "module-config": {"path": str(workdir / "archive"), "file_extension": ".bin"},
         },
         "bounce": {
-            "module": "http_webhook", "retry": {"max_attempts": 1},
+            "module": "http_webhook",
+            "retry": {"max_attempts": 1},
             "module-config": {"url": rejecting.url, "allowed_hosts": ["127.0.0.1"]},
         },
-    }  # fmt: skip
+    }
     path = workdir / "webhooks.json"
     path.write_text(json.dumps(webhooks))
     storage = f"sqlite:///{workdir / 'buffer.db'}"
@@ -61,9 +63,13 @@ def connector(cloud: Cloud, tmp_path: Path) -> Iterator[Any]:
     def start(hooks: dict[str, Any]) -> ConnectorProcess:
         (tmp_path / "hooks.json").write_text(json.dumps(hooks))
         settings = {
-            "cloud_url": cloud.url, "channel": "dev", "token": TOKEN, "connector_id": "on-prem",
-            "state_dir": str(tmp_path / "state"), "webhooks_config": "hooks.json",
-        }  # fmt: skip
+            "cloud_url": cloud.url,
+            "channel": "dev",
+            "token": TOKEN,
+            "connector_id": "on-prem",
+            "state_dir": str(tmp_path / "state"),
+            "webhooks_config": "hooks.json",
+        }
         process = ConnectorProcess(tmp_path, settings)
         started.append(process)
         process.start()
@@ -107,11 +113,15 @@ def test_a_chain_delivers_byte_exact_and_transformed(
 ) -> None:
     with running(Sink(tmp_path)) as sink:
         shaped = forward(sink.url, transform={"pick": ["order.id"], "wrap": "event"})
-        connector({
-            "orders": {"chain": [disk(tmp_path / "a"), shaped],
-                       "chain-config": {"execution": "parallel"}},
-            "*": disk(tmp_path / "b"),
-        })  # fmt: skip
+        connector(
+            {
+                "orders": {
+                    "chain": [disk(tmp_path / "a"), shaped],
+                    "chain-config": {"execution": "parallel"},
+                },
+                "*": disk(tmp_path / "b"),
+            }
+        )
         body = b'{"order": {"id": 7, "total": "9.99"}, "note": "caf\xc3\xa9"}'
         order = post(cloud, "orders", body)
         blob = post(cloud, "files", EVERY_BYTE)
@@ -127,10 +137,16 @@ def test_a_module_whose_server_is_down_is_retried_until_it_is_back(
     cloud: Cloud, connector: Any, tmp_path: Path
 ) -> None:
     port = free_port()
-    process = connector({
-        "orders": {"chain": [disk(tmp_path / "once", "{uuid}"),
-                             forward(f"http://127.0.0.1:{port}/", retry={"max_attempts": 1})]},
-    })  # fmt: skip
+    process = connector(
+        {
+            "orders": {
+                "chain": [
+                    disk(tmp_path / "once", "{uuid}"),
+                    forward(f"http://127.0.0.1:{port}/", retry={"max_attempts": 1}),
+                ]
+            },
+        }
+    )
     post(cloud, "orders", b'{"n": 1}')
     wait_until(lambda: "retry" in process.output(), 20, "a failed attempt")
     with running(Sink(tmp_path, port=port)) as sink:

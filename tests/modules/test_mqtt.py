@@ -41,9 +41,13 @@ class MosquittoServer:
 
     def connection(self, version: str = "5") -> ConnectionEntry:
         return ConnectionEntry(
-            type="mqtt", host="127.0.0.1", port=self.port, mqtt_version=version,
-            connect_timeout=3, keepalive=5,
-        )  # fmt: skip
+            type="mqtt",
+            host="127.0.0.1",
+            port=self.port,
+            mqtt_version=version,
+            connect_timeout=3,
+            keepalive=5,
+        )
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -84,8 +88,9 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoSer
 
 def message(body: bytes, number: int = 1) -> Message:
     headers = (("Content-Type", "application/json"), ("X-Trace", "a"), ("X-Trace", "b\xe9"))
-    envelope = Envelope("orders", "stripe", 1_700_000_000.25, "POST", "/webhook/stripe", "a=1",
-                        headers, body)  # fmt: skip
+    envelope = Envelope(
+        "orders", "stripe", 1_700_000_000.25, "POST", "/webhook/stripe", "a=1", headers, body
+    )
     return Message.of(f"msg-{number}", 1, envelope)
 
 
@@ -140,8 +145,10 @@ async def test_bodies_arrive_byte_exact_with_user_properties(
     assert properties["channel"] == "orders"
     assert properties["received-at"] == "2023-11-14T22:13:20.250000Z"
     assert json.loads(properties["headers"]) == [
-        ["Content-Type", "application/json"], ["X-Trace", "a"], ["X-Trace", "b\xe9"],
-    ]  # fmt: skip
+        ["Content-Type", "application/json"],
+        ["X-Trace", "a"],
+        ["X-Trace", "b\xe9"],
+    ]
     assert getattr(second.properties, "ContentType", None) == "application/json"
 
 

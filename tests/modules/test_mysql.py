@@ -40,20 +40,32 @@ class MariaDBServer:
         self.socket = str(directory / "mariadb.sock")
         self.process: subprocess.Popen[bytes] | None = None
         subprocess.run(
-            ["mariadb-install-db", "--no-defaults", f"--datadir={directory / 'data'}",
-             "--auth-root-authentication-method=normal", "--skip-test-db", "--user=root",
-             *NO_SYNC],
-            check=True, capture_output=True,
-        )  # fmt: skip
+            [
+                "mariadb-install-db",
+                "--no-defaults",
+                f"--datadir={directory / 'data'}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--user=root",
+                *NO_SYNC,
+            ],
+            check=True,
+            capture_output=True,
+        )
 
     def start(self) -> None:
         args = [
-            shutil.which("mariadbd") or "/usr/sbin/mariadbd", "--no-defaults",
-            f"--datadir={self.directory / 'data'}", f"--socket={self.socket}",
-            f"--port={self.port}", "--bind-address=127.0.0.1", "--user=root",
+            shutil.which("mariadbd") or "/usr/sbin/mariadbd",
+            "--no-defaults",
+            f"--datadir={self.directory / 'data'}",
+            f"--socket={self.socket}",
+            f"--port={self.port}",
+            "--bind-address=127.0.0.1",
+            "--user=root",
             f"--pid-file={self.directory / 'mariadb.pid'}",
-            f"--log-error={self.directory / 'error.log'}", "--innodb-buffer-pool-size=32M",
-        ]  # fmt: skip
+            f"--log-error={self.directory / 'error.log'}",
+            "--innodb-buffer-pool-size=32M",
+        ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         wait_until(self._ready, timeout=30, what=f"mariadbd on port {self.port}")
         admin = pymysql.connect(unix_socket=self.socket, user="root", autocommit=True)
@@ -76,9 +88,14 @@ class MariaDBServer:
 
     def connection(self, kind: str = "mysql") -> ConnectionEntry:
         return ConnectionEntry(
-            type=kind, host="127.0.0.1", port=self.port, user="relay", password="s3cret",
-            database="webhooks", pool_max_size=4,
-        )  # fmt: skip
+            type=kind,
+            host="127.0.0.1",
+            port=self.port,
+            user="relay",
+            password="s3cret",
+            database="webhooks",
+            pool_max_size=4,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +113,13 @@ async def started(server: MariaDBServer, pools: Pools, **config: Any) -> MySQLMo
 def rows(server: MariaDBServer, sql: str) -> list[dict[str, Any]]:
     """Read with PyMySQL over TCP, as the ``relay`` user: not the module's connection."""
     connection = pymysql.connect(
-        host="127.0.0.1", port=server.port, user="relay", password="s3cret", database="webhooks",
+        host="127.0.0.1",
+        port=server.port,
+        user="relay",
+        password="s3cret",
+        database="webhooks",
         cursorclass=pymysql.cursors.DictCursor,
-    )  # fmt: skip
+    )
     try:
         with connection.cursor() as cursor:
             cursor.execute(sql)

@@ -117,10 +117,17 @@ async def test_each_step_gets_its_own_transform() -> None:
     entry = {
         "chain": [
             step("raw"),
-            step("shaped", transform={"pick": ["a.b"], "rename": {"a.b": "id"},
-                                      "add": {"source": "shop"}, "wrap": "event"}),
+            step(
+                "shaped",
+                transform={
+                    "pick": ["a.b"],
+                    "rename": {"a.b": "id"},
+                    "add": {"source": "shop"},
+                    "wrap": "event",
+                },
+            ),
         ]
-    }  # fmt: skip
+    }
     [verdict] = await deliver(entry)
     assert verdict.delivered
     assert dict(WRITES) == {
@@ -147,11 +154,14 @@ async def test_an_unknown_webhook_dead_letters_unless_a_wildcard_takes_it() -> N
 def test_transform_rules() -> None:
     payload = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
     assert transform(TransformConfig(pick=("a.c", "d", "missing")), payload) == {
-        "a": {"c": [1, 2]}, "d": "x",
-    }  # fmt: skip
+        "a": {"c": [1, 2]},
+        "d": "x",
+    }
     assert transform(TransformConfig(rename={"a.b": "b", "zz": "y"}), payload) == {
-        "a": {"c": [1, 2]}, "d": "x", "b": 1,
-    }  # fmt: skip
+        "a": {"c": [1, 2]},
+        "d": "x",
+        "b": 1,
+    }
     assert transform(TransformConfig(add={"meta.source": "shop"}, wrap="data"), {"d": 1}) == {
         "data": {"d": 1, "meta": {"source": "shop"}}
     }

@@ -45,16 +45,36 @@ class PostgresServer:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         subprocess.run(
-            [BIN / "initdb", "-D", self.directory / "data", "-A", "trust", "-U", "postgres",
-             "--no-sync"],
-            user="postgres", group="postgres", check=True, capture_output=True,
-        )  # fmt: skip
+            [
+                BIN / "initdb",
+                "-D",
+                self.directory / "data",
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+            user="postgres",
+            group="postgres",
+            check=True,
+            capture_output=True,
+        )
 
     def start(self) -> None:
         args = [
-            BIN / "postgres", "-D", self.directory / "data", "-k", self.directory,
-            "-p", str(self.port), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=on",
-        ]  # fmt: skip
+            BIN / "postgres",
+            "-D",
+            self.directory / "data",
+            "-k",
+            self.directory,
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=on",
+        ]
         with (self.directory / "server.log").open("ab") as log:
             self.process = subprocess.Popen(
                 args, user="postgres", group="postgres", stdout=log, stderr=subprocess.STDOUT
@@ -73,9 +93,13 @@ class PostgresServer:
 
     def connection(self) -> ConnectionEntry:
         return ConnectionEntry(
-            type="postgresql", host="127.0.0.1", port=self.port, user="postgres",
-            database="postgres", pool_max_size=4,
-        )  # fmt: skip
+            type="postgresql",
+            host="127.0.0.1",
+            port=self.port,
+            user="postgres",
+            database="postgres",
+            pool_max_size=4,
+        )
 
 
 @pytest.fixture(scope="module")

@@ -125,8 +125,9 @@ def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]
 
 def message(body: bytes, number: int = 1, content_type: str = "application/json") -> Message:
     headers = (("Content-Type", content_type), ("X-Trace", "a"), ("X-Trace", "b\xe9"))
-    envelope = Envelope("orders", "stripe", 1_700_000_000.25, "POST", "/webhook/stripe", "a=1",
-                        headers, body)  # fmt: skip
+    envelope = Envelope(
+        "orders", "stripe", 1_700_000_000.25, "POST", "/webhook/stripe", "a=1", headers, body
+    )
     return Message.of(f"msg-{number}", 1, envelope)
 
 
@@ -190,8 +191,10 @@ async def test_bodies_arrive_byte_exact_with_metadata(rabbit: RabbitMQServer, po
     assert headers["received-at"] == "2023-11-14T22:13:20.250000Z"
     assert second.timestamp is not None and second.timestamp.timestamp() == 1_700_000_000
     assert json.loads(str(headers["headers"])) == [
-        ["Content-Type", "application/json"], ["X-Trace", "a"], ["X-Trace", "b\xe9"],
-    ]  # fmt: skip
+        ["Content-Type", "application/json"],
+        ["X-Trace", "a"],
+        ["X-Trace", "b\xe9"],
+    ]
 
 
 async def test_the_queue_is_declared_durable(rabbit: RabbitMQServer, pools: Pools) -> None:
@@ -324,8 +327,10 @@ async def test_broker_down_is_transient_and_the_module_reconnects(
     await late.pools.aclose()
     got = await consume(rabbit.url, "survivor", 3)
     assert [(m.message_id, m.body) for m in got] == [
-        ("msg-1", BINARY), ("msg-4", JSON), ("msg-5", JSON),
-    ]  # fmt: skip
+        ("msg-1", BINARY),
+        ("msg-4", JSON),
+        ("msg-5", JSON),
+    ]
 
 
 STAMP = datetime.fromtimestamp(1_700_000_000.9999996, UTC)  # rounds up to the next second

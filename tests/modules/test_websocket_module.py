@@ -45,9 +45,12 @@ class Peer:
 
     async def start(self) -> None:
         self.server = await serve(
-            self._handle, "127.0.0.1", self.port, max_size=self.max_size,
+            self._handle,
+            "127.0.0.1",
+            self.port,
+            max_size=self.max_size,
             process_request=self._check,
-        )  # fmt: skip
+        )
 
     def _check(self, connection: ServerConnection, request: Request) -> Response | None:
         self.handshakes.append(request)

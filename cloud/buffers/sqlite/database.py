@@ -24,9 +24,17 @@ ADDED_COLUMNS = (
 # Every table with a ``channel`` column: what deleting a channel clears. (Kept wrapped by
 # length: one name a line would make a list of names the longest thing in the module.)
 CHANNEL_TABLES = (
-    "tokens", "messages", "groups", "pending", "dead_letters", "counters", "connections",
-    "events", "history", "delivered_by",
-)  # fmt: skip
+    "tokens",
+    "messages",
+    "groups",
+    "pending",
+    "dead_letters",
+    "counters",
+    "connections",
+    "events",
+    "history",
+    "delivered_by",
+)
 
 
 def schema() -> str:
