@@ -22,7 +22,12 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.envelope import (
+    WIRE_KEYS,
+    Envelope,
+    envelope_fields,
+    envelope_from_fields,
+)
 from webhook_connect.shared.exceptions import FrameError as FrameError  # raised here
 
 NATIVE_SUBPROTOCOL = "webhook-connect.v1"
@@ -52,6 +57,11 @@ class _Frame(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+def nack_reason(note: str, retry: bool) -> str:
+    """The reason stored with a nack: the connector's own, else what it asked for."""
+    return note or ("nack_retry" if retry else "nack")
+
+
 @dataclass(frozen=True, slots=True)
 class Settlement:
     """What a connector says about messages it was sent, from any transport: acked, or
@@ -65,7 +75,7 @@ class Settlement:
     @property
     def reason(self) -> str:
         """The reason stored with a nack: the connector's, else what it asked for."""
-        return self.note or ("nack_retry" if self.retry else "nack")
+        return nack_reason(self.note, self.retry)
 
 
 class AckFrame(_Frame):
@@ -217,19 +227,12 @@ def encode_seed_message(message: WireMessage) -> bytes:
 
 
 def native_meta(message: WireMessage) -> dict[str, Any]:
-    envelope = message.envelope
+    """A native message's fields but the body: the envelope's under the protocol's names."""
     return {
         "message_id": message.message_id,
         "sequence": message.sequence,
         "attempt": message.attempt,
-        "channel": message.channel,
-        "webhook_id": envelope.webhook_id,
-        "timestamp": envelope.received_at,
-        "method": envelope.method,
-        "path": envelope.path,
-        "query": envelope.query_string,
-        "headers": envelope.headers,
-        "client": envelope.client,
+        **envelope_fields(message.envelope, WIRE_KEYS),
     }
 
 
@@ -269,22 +272,14 @@ def decode_native_batch(frame: bytes) -> list[WireMessage]:
 
 
 def native_json(message: WireMessage) -> dict[str, Any]:
-    """A byte-exact message as JSON (native SSE and long-poll): the body in base64."""
+    """A byte-exact message as JSON (native SSE and long-poll): the body in base64, the time
+    received both as ISO text (``timestamp``, as in seed frames) and as seconds."""
     envelope = message.envelope
     return {
         "type": "webhook",
-        "message_id": message.message_id,
-        "sequence": message.sequence,
-        "attempt": message.attempt,
-        "channel": message.channel,
-        "webhook_id": envelope.webhook_id,
+        **native_meta(message),
         "timestamp": iso_time(envelope.received_at),
         "received_at": envelope.received_at,
-        "method": envelope.method,
-        "path": envelope.path,
-        "query": envelope.query_string,
-        "headers": envelope.headers,
-        "client": envelope.client,
         "body_b64": binascii.b2a_base64(envelope.body, newline=False).decode(),
     }
 
@@ -300,16 +295,6 @@ def decode_native_json(data: Any) -> WireMessage:
 
 def _wire_message(meta: Any, received_at: float, body: bytes) -> WireMessage:
     """A message from native meta fields (binary frame or JSON); KeyError if one is missing."""
-    envelope = Envelope(
-        channel=meta["channel"],
-        webhook_id=meta["webhook_id"],
-        received_at=received_at,
-        method=meta["method"],
-        path=meta["path"],
-        query_string=meta["query"],
-        headers=tuple((k, v) for k, v in meta["headers"]),
-        body=body,
-        client=meta.get("client", ""),
-    )
+    envelope = envelope_from_fields({**meta, "timestamp": received_at}, body, WIRE_KEYS)
     ids = (meta["message_id"], meta["sequence"], meta["attempt"], meta["channel"])
     return WireMessage(*ids, envelope)

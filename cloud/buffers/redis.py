@@ -52,6 +52,7 @@ from webhook_connect.cloud.buffers.scripts import (
 from webhook_connect.cloud.notifier import Notifier
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.exceptions import StorageError, UnknownChannel
+from webhook_connect.shared.frames import nack_reason
 
 logger = logging.getLogger("webhook_connect.redis")
 
@@ -368,7 +369,7 @@ class RedisBuffer:
     ) -> bool:
         if not STREAM_ID.match(message_id):
             return False
-        reason = reason or ("nack_retry" if retry else "nack")
+        reason = nack_reason(reason, retry)
         return await self._settle(
             "nack", channel, group, message_id, consumer, "1" if retry else "0", reason
         )

@@ -37,6 +37,7 @@ from webhook_connect.cloud.notifier import Notifier
 from webhook_connect.shared.coalescer import Coalescer
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.exceptions import StorageError, StorageUnavailable
+from webhook_connect.shared.frames import nack_reason
 
 T = TypeVar("T")
 
@@ -219,7 +220,7 @@ class SQLiteBuffer:
         consumer: str = "",
         reason: str = "",
     ) -> bool:
-        reason = reason or ("nack_retry" if retry else "nack")
+        reason = nack_reason(reason, retry)
         now = self._clock()
         return await self._run(queue.nack, channel, group, message_id, consumer, retry, reason, now)
 
