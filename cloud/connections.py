@@ -32,7 +32,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -150,11 +149,13 @@ class Admission(Generic[K]):
     evict: K | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
-    # Requests whose head is complete and whose response is not; a WebSocket is busy for good.
-    busy: int = 0
-    stream: bool = False
+    busy: int = 0  # requests whose head arrived and whose answer is not complete
+    stream: bool = False  # a WebSocket or an upgrade: never timed out or evicted
+    due: float = math.inf  # when the running deadline ends (inf: none runs)
+    why: str = ""  # which deadline runs
+    idle: int = 0  # > 0: evictable, and the order in which it became so
 
 
 @dataclass
@@ -162,14 +163,13 @@ class ConnectionTable(Generic[K]):
     """Which connections are open, which deadline each runs against, and whom the cap evicts.
 
     Pure: the event loop reports what happened with the time, and asks what has expired.
+    Every request reports four steps, so each is a dict lookup and a few attribute writes; the
+    rare questions (what expired, whom to evict at the cap) scan the table instead.
     """
 
     limits: ConnectionLimits
     _entries: dict[K, _Entry] = field(default_factory=dict)
-    # Deadline and reason of every connection running against one.
-    _deadlines: dict[K, tuple[float, str]] = field(default_factory=dict)
-    # Connections with no request in progress, the longest-standing first: whom the cap closes.
-    _idle: OrderedDict[K, None] = field(default_factory=OrderedDict)
+    _ticks: int = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -177,17 +177,22 @@ class ConnectionTable(Generic[K]):
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
+    def _tick(self) -> int:
+        self._ticks += 1
+        return self._ticks
+
     def open(self, key: K, now: float) -> Admission[K]:
         """An HTTP connection was accepted; it must send its head within ``header_timeout``."""
         evict = None
         if len(self._entries) >= self.limits.max_open:
-            if not self._idle:
+            idle = [(entry.idle, k) for k, entry in self._entries.items() if entry.idle]
+            if not idle:
                 return Admission(admitted=False)
-            evict, _ = self._idle.popitem(last=False)
+            evict = min(idle, key=lambda pair: pair[0])[1]
             self.closed(evict)
-        self._entries[key] = _Entry()
-        self._deadlines[key] = (now + self.limits.header_timeout, HEADER_TIMEOUT)
-        self._idle[key] = None
+        self._entries[key] = _Entry(
+            due=now + self.limits.header_timeout, why=HEADER_TIMEOUT, idle=self._tick()
+        )
         return Admission(admitted=True, evict=evict)
 
     def open_stream(self, key: K) -> None:
@@ -197,8 +202,9 @@ class ConnectionTable(Generic[K]):
     def message_begun(self, key: K, now: float) -> None:
         """The first byte of a request arrived. On a fresh connection the head's deadline has
         run since connect; on a kept-alive one it starts now."""
-        if key in self._entries and key not in self._deadlines:
-            self._deadlines[key] = (now + self.limits.header_timeout, HEADER_TIMEOUT)
+        entry = self._entries.get(key)
+        if entry is not None and entry.due == math.inf and not entry.stream:
+            entry.due, entry.why = now + self.limits.header_timeout, HEADER_TIMEOUT
 
     def head_complete(self, key: K, now: float, *, upgrade: bool = False) -> None:
         """The request head is complete: the body's deadline starts (none for an upgrade)."""
@@ -206,16 +212,18 @@ class ConnectionTable(Generic[K]):
         if entry is None:
             return
         entry.busy += 1
-        self._idle.pop(key, None)
+        entry.idle = 0
         if upgrade:
             entry.stream = True
-            self._deadlines.pop(key, None)
+            entry.due = math.inf
         else:
-            self._deadlines[key] = (now + self.limits.body_timeout, BODY_TIMEOUT)
+            entry.due, entry.why = now + self.limits.body_timeout, BODY_TIMEOUT
 
     def message_complete(self, key: K) -> None:
         """The whole body arrived: no deadline until the next request begins."""
-        self._deadlines.pop(key, None)
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.due = math.inf
 
     def response_complete(self, key: K) -> None:
         """An answer was sent in full; with none outstanding the connection may be evicted."""
@@ -224,19 +232,16 @@ class ConnectionTable(Generic[K]):
             return
         entry.busy = max(0, entry.busy - 1)
         if entry.busy == 0:
-            self._idle[key] = None
-            self._idle.move_to_end(key)
+            entry.idle = self._tick()
 
     def closed(self, key: K) -> None:
         """The connection is gone (or handed over): forget it."""
         self._entries.pop(key, None)
-        self._deadlines.pop(key, None)
-        self._idle.pop(key, None)
 
     def expired(self, now: float) -> list[tuple[K, str]]:
         """Connections past their deadline, with the deadline's name; they stay in the table
         until :meth:`closed`."""
-        return [(key, why) for key, (due, why) in self._deadlines.items() if due <= now]
+        return [(key, entry.why) for key, entry in self._entries.items() if entry.due <= now]
 
 
 class Guarded(Protocol):

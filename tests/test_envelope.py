@@ -76,3 +76,11 @@ def test_a_missing_field_is_a_key_error() -> None:
     del fields["path"]
     with pytest.raises(KeyError):
         envelope_from_fields(fields, b"")
+
+
+def test_the_key_tables_list_every_field_in_order() -> None:
+    # envelope_fields' fast path zips a table's keys with the fields in FIELD_NAMES order.
+    from webhook_connect.shared.envelope import FIELD_NAMES, NAMES, STORAGE_KEYS, WIRE_KEYS
+
+    for table in (NAMES, STORAGE_KEYS, WIRE_KEYS):
+        assert tuple(table) == FIELD_NAMES

@@ -23,6 +23,10 @@ CAPACITY = 10_000  # addresses remembered per process; a flood from more forgets
 
 def source_key(client: str) -> str:
     """What one source is counted as: the address, or its /64 for IPv6."""
+    if ":" not in client:
+        # IPv4 as the server or the client address header gave it: already canonical (the
+        # ipaddress module accepts nothing else), and on every request, so not parsed again.
+        return client
     try:
         address = ipaddress.ip_address(client)
     except ValueError:
