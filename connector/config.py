@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
+from webhook_connect.shared.config import aliases
 from webhook_connect.shared.config.connections import load_connections
 from webhook_connect.shared.config.delivery import DeliveryPlan, load_plans
 from webhook_connect.shared.config.loading import load_json_file, validate_model
@@ -115,6 +116,8 @@ def load_connector_settings(
     data: Any = {} if path is None else load_json_file(path, environ)
     if not isinstance(data, dict):
         raise ConfigError(source, "", "expected a JSON object")
+    # The Core Webhook Module's key names are taken as ours (shared/config/aliases.py).
+    data = aliases.connector_settings(data, ConnectorSettings.model_fields, source)
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
     settings = validate_model(ConnectorSettings, data, source, "")
     http_mode = settings.default_target is not None or bool(settings.targets)

@@ -59,11 +59,6 @@ def test_placeholders_are_replaced_from_the_environment() -> None:
         ([], "", "expected a JSON object"),
         ({"gh": {"module": "nope"}}, "gh.module", "unknown module 'nope'"),
         ({"gh": {"module": "save_to_disk"}}, "gh.module-config.path", "required key is missing"),
-        (
-            {"gh": {"module": "log", "module-config": {"colour": 1}}},
-            "gh.module-config.colour",
-            "unknown key",
-        ),
         ({"gh": {"data_type": "json"}}, "gh.module", "required key is missing"),
         ({"gh": {"chain": []}}, "gh.chain", "expected a list of 1 to 20 modules"),
         (
@@ -131,17 +126,6 @@ def test_placeholders_are_replaced_from_the_environment() -> None:
             },
             "gh.module-config.channel_token",
             "NOT_SET_ANYWHERE is not set",
-        ),
-        (
-            {
-                "gh": {
-                    "module": "webhook_connect",
-                    "colour": "blue",
-                    "module-config": {"channel": "dev", "channel_token": "t" * 10},
-                }
-            },
-            "gh.colour",
-            "unknown key",
         ),
         (
             {
@@ -353,7 +337,6 @@ CONNECTOR = {
         ({"protocol": "carrier-pigeon"}, "protocol", "websocket"),
         ({"default_target": {"url": "localhost:9000"}}, "default_target.url", "http or https"),
         ({"max_concurrent_requests": 0}, "max_concurrent_requests", "greater than 0"),
-        ({"colour": "blue"}, "colour", "unknown key"),
     ],
 )
 def test_a_bad_connector_config_exits_2_naming_the_key(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from webhook_connect.shared.config import aliases
 from webhook_connect.shared.config.loading import load_json_file, validate_model
 from webhook_connect.shared.exceptions import ConfigError
 
@@ -30,5 +31,11 @@ def load_connections(
     if not isinstance(tree, dict):
         raise ConfigError(source, "", "expected a JSON object of named connections")
     return {
-        name: validate_model(ConnectionEntry, entry, source, name) for name, entry in tree.items()
+        name: validate_model(
+            ConnectionEntry,
+            aliases.connection_entry(entry, source, name) if isinstance(entry, dict) else entry,
+            source,
+            name,
+        )
+        for name, entry in aliases.drop_comments(tree).items()
     }

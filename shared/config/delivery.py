@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from webhook_connect.shared.config import aliases
 from webhook_connect.shared.config.connections import ConnectionEntry
 from webhook_connect.shared.config.loading import config_error_from, load_json_file
 from webhook_connect.shared.exceptions import ConfigError
@@ -126,6 +127,8 @@ def build_plan(
     Every module named is imported now, so a missing driver or a bad ``module-config`` stops
     start-up with the file, the key and the reason.
     """
+    raw, connections = _inline_connection(raw, path, connections)
+    entry_keys = {key: raw[key] for key in aliases.ENTRY_MODULE_KEYS if key in raw}
     entry_retry = _model(RetryConfig, raw.get("retry"), source, f"{path}.retry")
     entry_transform = _model(TransformConfig, raw.get("transform"), source, f"{path}.transform")
     if "chain" in raw:
@@ -142,11 +145,18 @@ def build_plan(
         for index, item in enumerate(chain):
             item_path = f"{path}.chain[{index}]"
             step = _model(
-                StepConfig, {"module": item} if isinstance(item, str) else item, source, item_path
+                StepConfig,
+                {"module": item} if isinstance(item, str) else _step_object(item),
+                source,
+                item_path,
             )
             if step is None:
                 raise ConfigError(source, item_path, "expected a module name or object")
-            steps.append(_step(step, entry_retry, entry_transform, source, item_path, connections))
+            steps.append(
+                _step(
+                    step, entry_retry, entry_transform, source, item_path, connections, entry_keys
+                )
+            )
         return DeliveryPlan(tuple(steps), settings.execution, settings.continue_on_error)
     single = {
         key: raw[key]
@@ -156,7 +166,26 @@ def build_plan(
     step = _model(StepConfig, single, source, path)
     if step is None:
         raise ConfigError(source, f"{path}.module", "required key is missing")
-    return DeliveryPlan((_step(step, entry_retry, entry_transform, source, path, connections),))
+    only = _step(step, entry_retry, entry_transform, source, path, connections, entry_keys)
+    return DeliveryPlan((only,))
+
+
+def _step_object(item: Any) -> Any:
+    return aliases.drop_comments(item) if isinstance(item, dict) else item
+
+
+def _inline_connection(
+    raw: Mapping[str, Any], path: str, connections: Mapping[str, ConnectionEntry]
+) -> tuple[Mapping[str, Any], Mapping[str, ConnectionEntry]]:
+    """An entry's ``redis`` object (the Core Webhook Module's ``redis_publish`` without a named
+    connection) becomes a connection of its own, named after the entry."""
+    settings, config = aliases.redis_block(raw)
+    if not settings or "connection" in raw:
+        return raw, connections
+    name = f"{path}.redis"
+    entry = ConnectionEntry.model_validate(settings)
+    merged = {**config, **(raw.get("module-config") or {})}
+    return {**raw, "connection": name, "module-config": merged}, {**connections, name: entry}
 
 
 def _step(
@@ -166,6 +195,7 @@ def _step(
     source: str,
     path: str,
     connections: Mapping[str, ConnectionEntry],
+    entry_keys: Mapping[str, Any] | None = None,
 ) -> Step:
     if step.module == RELAY_MODULE:
         reason = "webhook_connect relays to connectors: it cannot be chained or used here"
@@ -174,8 +204,21 @@ def _step(
         cls = module_class(step.module)
     except (UnknownModule, MissingDriver) as exc:
         raise ConfigError(source, f"{path}.module", str(exc)) from None
+    module_config = module_config_of(
+        cls.Config, step.module, {**(entry_keys or {}), "module-config": step.module_config}
+    )
+    module_config = aliases.keep_known(
+        module_config,
+        accepted_keys(cls.Config),
+        source,
+        f"{path}.module-config",
+        aliases.MODULE_NOT_APPLIED.get(step.module),
+    )
+    bare = aliases.bare_function_warning(step.module, module_config)
+    if bare is not None:
+        aliases.warn(source, f"{path}.module-config.function", bare)
     try:
-        config = cls.Config.model_validate(step.module_config)
+        config = cls.Config.model_validate(module_config)
     except ValidationError as exc:
         raise config_error_from(exc, source, f"{path}.module-config") from None
     connection = None
@@ -215,6 +258,26 @@ def _step(
     )
 
 
+def accepted_keys(model: type[BaseModel]) -> set[str]:
+    """The keys a model takes: its field names and their aliases."""
+    keys = set(model.model_fields)
+    for field in model.model_fields.values():
+        if field.alias:
+            keys.add(field.alias)
+        choices = getattr(field.validation_alias, "choices", None)
+        keys.update(choice for choice in choices or () if isinstance(choice, str))
+        if isinstance(field.validation_alias, str):
+            keys.add(field.validation_alias)
+    return keys
+
+
+def module_config_of(
+    config: type[BaseModel], module: str, raw: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The ``module-config`` of an entry or step in our names (shared/config/aliases.py)."""
+    return aliases.entry_module_config(raw, module, accepted_keys(config))
+
+
 def _model(model: type[M], data: Any, source: str, path: str) -> M | None:
     if data is None:
         return None
@@ -239,7 +302,7 @@ def load_plans(
     if not isinstance(tree, dict) or not tree:
         raise ConfigError(source, "", "expected a JSON object of webhooks keyed by id")
     plans: dict[str, DeliveryPlan] = {}
-    for webhook_id, raw in tree.items():
+    for webhook_id, raw in aliases.drop_comments(tree).items():
         if not isinstance(raw, dict):
             raise ConfigError(source, webhook_id, "expected an object")
         if "chain" not in raw and "module" not in raw:

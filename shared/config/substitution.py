@@ -8,6 +8,7 @@ from typing import Any
 
 from webhook_connect.shared.exceptions import ConfigError
 
+SECRET_STORES = ("vault", "etcd")
 PLACEHOLDER = re.compile(r"\{\$([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
 
 
@@ -44,6 +45,16 @@ def _substitute_string(text: str, environ: Mapping[str, str], source: str, path:
         name, default = match.group(1), match.group(2)
         if name in environ:
             return environ[name]
+        if name in SECRET_STORES:
+            # The Core Webhook Module's {$vault:path#field} / {$etcd:...}: without this the
+            # reference would read as a variable with a default, and the default, not the
+            # secret, would be used.
+            raise ConfigError(
+                source,
+                path,
+                f"{match.group(0)} reads a secret from {name}, which is not supported: "
+                "use an environment variable",
+            )
         if default is not None:
             return default
         raise ConfigError(

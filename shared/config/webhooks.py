@@ -9,8 +9,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
+from webhook_connect.shared.config import aliases
 from webhook_connect.shared.config.connections import ConnectionEntry
-from webhook_connect.shared.config.delivery import RELAY_MODULE, DeliveryPlan, build_plan
+from webhook_connect.shared.config.delivery import (
+    RELAY_MODULE,
+    DeliveryPlan,
+    accepted_keys,
+    build_plan,
+)
 from webhook_connect.shared.config.inbound import InboundSecurity, RateLimitConfig
 from webhook_connect.shared.config.loading import load_json_file, validate_model
 from webhook_connect.shared.exceptions import ConfigError
@@ -95,16 +101,27 @@ def load_webhooks(
     if not isinstance(tree, dict):
         raise ConfigError(source, "", "expected a JSON object of webhooks keyed by id")
     webhooks: dict[str, Webhook] = {}
-    for webhook_id, raw in tree.items():
+    for webhook_id, raw in aliases.drop_comments(tree).items():
         if not re.match(WEBHOOK_ID_PATTERN, webhook_id):
             raise ConfigError(
                 source, webhook_id, "webhook id must be 1-128 letters, digits, '.', '_' or '-'"
             )
+        raw = _entry_in_our_terms(raw, source, webhook_id)
         entry = validate_model(WebhookEntry, raw, source, webhook_id)
         _check_entry(entry, webhook_id, source, connections or {})
         if entry.module == RELAY_MODULE and entry.chain is None:
+            settings = aliases.keep_known(
+                entry.module_config,
+                accepted_keys(WebhookConnectSettings),
+                source,
+                f"{webhook_id}.module-config",
+            )
+            if "rate_limit" in settings:
+                settings["rate_limit"] = aliases.rate_limit(
+                    settings["rate_limit"], source, f"{webhook_id}.module-config.rate_limit"
+                )
             relay = validate_model(
-                WebhookConnectSettings, entry.module_config, source, f"{webhook_id}.module-config"
+                WebhookConnectSettings, settings, source, f"{webhook_id}.module-config"
             )
             webhooks[webhook_id] = Webhook(webhook_id=webhook_id, entry=entry, relay=relay)
             continue
@@ -139,13 +156,32 @@ def _check_entry(
 ) -> None:
     if entry.module is None and entry.chain is None:
         raise ConfigError(source, f"{webhook_id}.module", "required key is missing")
-    if entry.model_extra:
-        key = next(iter(entry.model_extra))
-        raise ConfigError(source, f"{webhook_id}.{key}", "unknown key")
+    for key in entry.model_extra or {}:
+        # Read by the module or its connection (shared/config/delivery.py), not by us here.
+        if key not in (*aliases.ENTRY_MODULE_KEYS, "redis"):
+            aliases.warn(source, f"{webhook_id}.{key}", aliases.UNKNOWN)
     if entry.connection is not None and entry.connection not in connections:
         raise ConfigError(
             source, f"{webhook_id}.connection", f"no connection named {entry.connection!r}"
         )
+
+
+def _entry_in_our_terms(raw: Any, source: str, webhook_id: str) -> Any:
+    """An entry of the Core Webhook Module's file in our terms (shared/config/aliases.py):
+    comments dropped, ``rate_limit.enabled`` applied, ``credential_cleanup`` reported."""
+    if not isinstance(raw, dict):
+        return raw
+    entry = aliases.drop_comments(raw)
+    if "rate_limit" in entry:
+        entry["rate_limit"] = aliases.rate_limit(
+            entry["rate_limit"], source, f"{webhook_id}.rate_limit"
+        )
+    if "credential_cleanup" in entry:
+        cleanup = entry.pop("credential_cleanup")
+        if not (isinstance(cleanup, dict) and cleanup.get("enabled") is False):
+            path = f"{webhook_id}.credential_cleanup"
+            aliases.warn(source, path, aliases.CREDENTIAL_CLEANUP_WARNING)
+    return entry
 
 
 def _check_channels_agree(webhooks: Mapping[str, Webhook], source: str) -> None:

@@ -12,6 +12,7 @@ and does not queue it twice, as long as rq keeps it (``result_ttl``, 500 s by de
 
 from __future__ import annotations
 
+import builtins
 import logging
 import pickle
 import uuid
@@ -57,8 +58,11 @@ RQ_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 # rq's default serializer is pickle; protocol 4 is readable by any Python 3.4+ worker.
 PICKLE_PROTOCOL = 4
 JOB_ID_NAMESPACE = uuid.UUID("6f1c1d2e-8f0a-4a51-9c1b-3e6a7d2b9f40")
-# A dotted import path, as an rq worker resolves it: a bare name would only reach builtins.
-FUNCTION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$"
+# A dotted import path, as an rq worker resolves it. A bare name (the Core Webhook Module's
+# examples use one) is accepted as written, with a warning (shared/config/aliases.py), unless
+# it names a builtin: an rq worker resolves a bare name only among builtins, and "eval" or
+# "exec" would run the payload.
+FUNCTION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 # Error replies that mean "busy or failing over, try later"; any other refusal is permanent.
 # NOSCRIPT: the server restarted between the pipeline's SCRIPT LOAD and its EVALSHA.
 TRANSIENT_REPLIES = ("BUSY", "MISCONF", "NOREPLICAS")
@@ -218,6 +222,11 @@ class RQConfig(BaseModel):
     def _no_dunder(cls, function: str) -> str:
         if "__" in function:
             raise ValueError("must not name a dunder (__...__) module or attribute")
+        if "." not in function and hasattr(builtins, function):
+            raise ValueError(
+                f"should match pattern 'module.function': the bare name {function!r} would "
+                f"run builtins.{function}"
+            )
         return function
 
 
