@@ -14,6 +14,7 @@ Native binary frame: one or more records, each ``u32 meta length | meta JSON | u
 from __future__ import annotations
 
 import binascii
+import json
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -291,6 +292,69 @@ def decode_native_json(data: Any) -> WireMessage:
         return _wire_message(data, data["received_at"], body)
     except (KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise FrameError(f"malformed message: {exc!r}") from None
+
+
+# The Core Webhook Module's cloud, read by our connector -----------------------------------------
+
+
+def seed_body(payload: Any) -> bytes:
+    """The body a seed ``payload`` stands for: text as it is, anything else as JSON the way
+    Python's ``json.dumps`` writes it (what that project's own connector sends its target).
+    The original bytes are gone by then: only the parsed value travelled."""
+    if isinstance(payload, str):
+        return payload.encode()
+    if payload is None:
+        return b""
+    return json.dumps(payload).encode()
+
+
+def _seed_time(value: Any, now: float) -> float:
+    if not isinstance(value, str):
+        return now
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return now
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def decode_seed_message(data: Any, channel: str, now: float) -> WireMessage:
+    """A seed ``webhook`` frame (or SSE event) as a message: flat, as the Core Webhook Module's
+    cloud sends it, or with the request under ``data``, as its specification draws it.
+
+    It carries no method, path, query or attempt: ``POST`` to ``/webhook/<webhook_id>``, no
+    query and attempt 1 stand in; ``now`` stands in for a missing or unreadable timestamp.
+    :class:`FrameError` when there is no message id to acknowledge it by."""
+    if not isinstance(data, dict):
+        raise FrameError("a webhook frame must be a JSON object")
+    message_id = data.get("message_id")
+    if not isinstance(message_id, str) or not message_id or len(message_id) > 200:
+        raise FrameError(f"webhook frame without a usable message_id: {message_id!r}")
+    inner = data.get("data")
+    request = inner if isinstance(inner, dict) else data
+    webhook_id = request.get("webhook_id", data.get("webhook_id", ""))
+    raw_headers = request.get("headers")
+    headers = [
+        (str(name), str(value))
+        for name, value in (raw_headers.items() if isinstance(raw_headers, dict) else ())
+    ]
+    payload = request.get("payload")
+    if isinstance(payload, dict | list) and not any(
+        name.lower() == "content-type" for name, _ in headers
+    ):
+        headers.append(("Content-Type", "application/json"))  # as its connector would set
+    sequence = data.get("sequence")
+    envelope = Envelope(
+        channel=channel,
+        webhook_id=str(webhook_id or ""),
+        received_at=_seed_time(request.get("timestamp", data.get("timestamp")), now),
+        method="POST",
+        path=f"/webhook/{webhook_id}",
+        query_string="",
+        headers=tuple(headers),
+        body=seed_body(payload),
+    )
+    return WireMessage(message_id, sequence if type(sequence) is int else 0, 1, channel, envelope)
 
 
 def _wire_message(meta: Any, received_at: float, body: bytes) -> WireMessage:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from urllib.parse import urlencode
+
 import orjson
 
 from webhook_connect.connector.config import ConnectorSettings
@@ -39,12 +42,12 @@ class HttpSide:
             query += f"&max_in_flight={self.settings.window}"
         return query
 
-    async def post_ack(self, payload: dict[str, object]) -> None:
+    async def post_ack(self, payload: dict[str, object], query: str = "") -> None:
         """POST /connect/ack; a lost ack only means a redelivery, which the log skips."""
         try:
             response = await self.client.request(
                 "POST",
-                f"{self.base}/connect/ack",
+                f"{self.base}/connect/ack{query}",
                 [*self.headers(), ("Content-Type", "application/json")],
                 orjson.dumps(payload),
                 ACK_TIMEOUT,
@@ -64,11 +67,37 @@ def check_refused(response: Response) -> None:
         raise Disconnected("the cloud forgot this connection")
 
 
-async def ack_all(side: HttpSide, message_ids: list[str]) -> None:
-    await side.post_ack({"message_ids": message_ids, "status": "ack"})
+async def ack_all(side: HttpSide, message_ids: list[str], *, seed: bool = False) -> None:
+    if not seed:
+        await side.post_ack({"message_ids": message_ids, "status": "ack"})
+        return
+    await asyncio.gather(
+        *(seed_settle(side, message_id, {"status": "ack"}) for message_id in message_ids)
+    )
 
 
-async def nack_one(side: HttpSide, message_id: str, *, retry: bool, reason: str) -> None:
+async def nack_one(
+    side: HttpSide, message_id: str, *, retry: bool, reason: str, seed: bool = False
+) -> None:
+    if seed:
+        fields = {"status": "nack", "retry": "true" if retry else "false"}
+        await seed_settle(side, message_id, fields, reason)
+        return
     await side.post_ack(
         {"message_id": message_id, "status": "nack", "retry": retry, "reason": reason}
     )
+
+
+async def seed_settle(
+    side: HttpSide, message_id: str, fields: dict[str, str], reason: str = ""
+) -> None:
+    """One ack or nack the way the Core Webhook Module's cloud reads it: its ack route takes
+    ``message_id``, ``status`` and ``retry`` from the query string, one message per request.
+    The same fields go in a JSON body too, the form its specification draws."""
+    query = urlencode({"message_id": message_id, **fields})
+    body: dict[str, object] = {"message_id": message_id, **fields}
+    if "retry" in fields:
+        body["retry"] = fields["retry"] == "true"
+    if reason:
+        body["reason"] = reason
+    await side.post_ack(body, f"?{query}")

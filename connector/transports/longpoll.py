@@ -9,12 +9,18 @@ import orjson
 
 from webhook_connect.connector.config import ConnectorSettings
 from webhook_connect.connector.httpclient import HttpClientError
-from webhook_connect.connector.transports.base import Disconnected
+from webhook_connect.connector.transports.base import Disconnected, Refused
 from webhook_connect.connector.transports.http import HttpSide, ack_all, check_refused, nack_one
 from webhook_connect.shared.frames import FrameError, WireMessage, decode_native_json
 
 POLL_SECONDS = 25
 POLL_BATCH = 100
+# The Core Webhook Module's cloud answers polls in the seed dialect and forgets the connection
+# as it answers, so an ack can never reach it and every message would come back forever.
+SEED_POLL = (
+    "the cloud answers polls in the seed dialect (the Core Webhook Module's cloud), whose "
+    "long-poll cannot take acks: use protocol websocket or sse with it"
+)
 
 
 class LongPollTransport:
@@ -42,6 +48,8 @@ class LongPollTransport:
             raise Disconnected(f"poll answered HTTP {response.status}: {response.body[:200]!r}")
         try:
             data = orjson.loads(response.body)
+            if any(isinstance(m, dict) and "body_b64" not in m for m in data["messages"]):
+                raise Refused(SEED_POLL)
             side.connection_id = str(data["connection_id"])
             return [decode_native_json(m) for m in data["messages"]]
         except (orjson.JSONDecodeError, KeyError, TypeError, FrameError) as exc:

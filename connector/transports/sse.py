@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import ssl
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import quote, urlsplit
 
@@ -19,9 +21,19 @@ import orjson
 from webhook_connect.connector.config import ConnectorSettings
 from webhook_connect.connector.transports.base import Disconnected, Refused, tls_context
 from webhook_connect.connector.transports.http import REFUSING_STATUSES, HttpSide, ack_all, nack_one
-from webhook_connect.shared.frames import FrameError, WireMessage, decode_native_json
+from webhook_connect.shared.frames import (
+    FrameError,
+    WireMessage,
+    decode_native_json,
+    decode_seed_message,
+)
+
+logger = logging.getLogger("webhook_connect.connector")
 
 SILENCE_LIMIT = 20.0  # the cloud sends a heartbeat every 5 s: this long without one is a dead link
+# The Core Webhook Module's cloud sends one every 30 s by default (a channel setting it does
+# not announce): three of those.
+SEED_SILENCE_LIMIT = 90.0
 CONNECT_TIMEOUT = 10.0
 Event = tuple[bytes, bytes, bytes]  # event type, data, id
 
@@ -91,6 +103,8 @@ class SseTransport:
         self._stream: _StreamProtocol | None = None
         self._last_event_id = b""
         self._ready: collections.deque[Event] = collections.deque()
+        self.native = True
+        self._silence_limit = SILENCE_LIMIT
         # The cloud may sit under a path of its proxy (cloud_url https://host/hooks): the
         # stream's request line is written here, so the prefix must be too.
         prefix = urlsplit(self._side.base).path.rstrip("/")
@@ -136,16 +150,27 @@ class SseTransport:
         event, data, _ = await self._next_event()
         if event != b"connected":
             raise Disconnected(f"unexpected first event {event!r}")
-        self._side.connection_id = str(orjson.loads(data)["connection_id"])
+        try:
+            hello = orjson.loads(data)
+            self._side.connection_id = str(hello["connection_id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise Disconnected(f"bad connected event from the cloud: {exc!r}") from exc
+        # Our cloud says which dialect it chose; one that does not is the seed dialect's
+        # (the Core Webhook Module's cloud): its events, its ack form, its heartbeat pace.
+        self.native = hello.get("protocol") == "native"
+        if not self.native:
+            self._silence_limit = SEED_SILENCE_LIMIT
+            logger.info("the cloud speaks the seed dialect: bodies arrive as it re-encodes them")
 
     async def _next_event(self) -> Event:
         assert self._stream is not None
         while not self._ready:
             try:
-                async with asyncio.timeout(SILENCE_LIMIT):
+                async with asyncio.timeout(self._silence_limit):
                     item = await self._stream.events.get()
             except TimeoutError:
-                raise Disconnected(f"nothing from the cloud for {SILENCE_LIMIT:.0f}s") from None
+                silence = self._silence_limit
+                raise Disconnected(f"nothing from the cloud for {silence:.0f}s") from None
             if isinstance(item, Exception):
                 raise item
             self._ready.extend(item)
@@ -157,22 +182,32 @@ class SseTransport:
     async def messages(self) -> AsyncIterator[WireMessage]:
         while True:
             event, data, _ = await self._next_event()
-            if event == b"webhook":
+            if event == b"webhook" and not self.native:
+                try:
+                    yield decode_seed_message(
+                        orjson.loads(data), self._settings.channel, time.time()
+                    )
+                except (orjson.JSONDecodeError, FrameError) as exc:
+                    # Without an id it can be neither acked nor nacked: say so and read on.
+                    logger.warning("skipped an event from the cloud: %s", exc)
+            elif event == b"webhook":
                 try:
                     yield decode_native_json(orjson.loads(data))
                 except (orjson.JSONDecodeError, FrameError) as exc:
                     raise Disconnected(f"bad event from the cloud: {exc}") from exc
             elif event == b"error":
                 detail = orjson.loads(data)
+                if not isinstance(detail, dict):
+                    raise Disconnected(f"the cloud ended the stream: {data[:200]!r}")
                 if detail.get("error") == "unauthorized":
                     raise Refused(f"the cloud refused the token: {detail.get('detail')}")
                 raise Disconnected(f"the cloud ended the stream: {detail.get('detail')}")
 
     async def ack(self, message_ids: list[str]) -> None:
-        await ack_all(self._side, message_ids)
+        await ack_all(self._side, message_ids, seed=not self.native)
 
     async def nack(self, message_id: str, *, retry: bool, reason: str = "") -> None:
-        await nack_one(self._side, message_id, retry=retry, reason=reason)
+        await nack_one(self._side, message_id, retry=retry, reason=reason, seed=not self.native)
 
     async def aclose(self) -> None:
         if self._stream is not None and self._stream.transport is not None:

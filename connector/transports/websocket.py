@@ -1,9 +1,12 @@
-"""WebSocket transport, native dialect: byte-exact binary message frames, batched acks."""
+"""WebSocket transport: the native dialect (byte-exact binary message frames, batched acks),
+or the seed dialect when the cloud does not choose the native subprotocol, which is how the
+Core Webhook Module's cloud answers (JSON ``webhook`` frames, one ack per frame)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import quote, urlencode
 
@@ -18,6 +21,7 @@ from webhook_connect.shared.frames import (
     FrameError,
     WireMessage,
     decode_native_batch,
+    decode_seed_message,
     encode_acks,
     encode_nack,
 )
@@ -43,6 +47,7 @@ class WebSocketTransport:
         self._settings = settings
         self._ws: ClientConnection | None = None
         self.connection_id = ""
+        self.native = True
 
     async def connect(self) -> None:
         settings = self._settings
@@ -74,8 +79,11 @@ class WebSocketTransport:
         if hello.get("type") != "connected":
             raise Disconnected(f"unexpected first frame {hello.get('type')!r}")
         self.connection_id = str(hello.get("connection_id", ""))
-        if self._ws.subprotocol != NATIVE_SUBPROTOCOL:
-            raise Refused("the cloud does not speak the native protocol (webhook-connect.v1)")
+        # A cloud that did not pick the subprotocol speaks the seed dialect (the Core Webhook
+        # Module's cloud): read its frames and ack one id at a time, so agents can move first.
+        self.native = self._ws.subprotocol == NATIVE_SUBPROTOCOL
+        if not self.native:
+            logger.info("the cloud speaks the seed dialect: bodies arrive as it re-encodes them")
 
     async def _receive_text(self) -> dict[str, object]:
         assert self._ws is not None
@@ -111,12 +119,32 @@ class WebSocketTransport:
                 for message in batch:
                     yield message
                 continue
-            data = orjson.loads(frame)
-            if data.get("type") == "error":
+            try:
+                data = orjson.loads(frame)
+            except orjson.JSONDecodeError as exc:
+                raise Disconnected(f"bad frame from the cloud: {exc}") from exc
+            if not isinstance(data, dict):
+                continue
+            kind = data.get("type")
+            if kind == "webhook" and not self.native:
+                try:
+                    yield decode_seed_message(data, self._settings.channel, time.time())
+                except FrameError as exc:
+                    # Without an id it can be neither acked nor nacked; reconnecting would
+                    # not change the frame, so say so and read on.
+                    logger.warning("skipped a frame from the cloud: %s", exc)
+            elif kind == "heartbeat" and not self.native:
+                # The seed cloud's own connector answers each heartbeat; do as it does.
+                await self._send(b'{"type":"heartbeat"}')
+            elif kind == "error":
                 logger.debug("cloud: %s", data)
 
     async def ack(self, message_ids: list[str]) -> None:
-        await self._send(encode_acks(message_ids))
+        if self.native:
+            await self._send(encode_acks(message_ids))
+            return
+        for message_id in message_ids:  # the seed dialect reads only ``message_id``
+            await self._send(orjson.dumps({"type": "ack", "message_id": message_id}))
 
     async def nack(self, message_id: str, *, retry: bool, reason: str = "") -> None:
         await self._send(encode_nack(message_id, retry=retry, reason=reason))
