@@ -11,6 +11,8 @@ What it speaks, and nothing more:
   sends ``ack`` / ``nack`` (``retry``) with one ``message_id`` each, and ``heartbeat``.
 * ``GET /connect/stream/{channel}/sse``: the same events as SSE (``event:`` and ``data:``); a
   bad token is ``401``.
+* ``GET /connect/stream/{channel}/poll``: the next message in a ``messages`` list, or ``204``;
+  the connection is forgotten as the answer leaves.
 * ``POST /connect/ack?message_id=…&status=ack|nack&retry=true|false`` with ``Authorization``
   and ``X-Connection-ID``; the body is not read. A missing ``message_id`` or connection header
   is ``422``; an unknown connection or a message it does not hold is ``404``.
@@ -89,7 +91,7 @@ class Standin:
         return token == self.token
 
     def open(self, protocol: str) -> Connection:
-        prefix = "wsc" if protocol == "websocket" else "sse"
+        prefix = {"websocket": "wsc", "sse": "sse"}.get(protocol, "poll")
         connection = Connection(f"{prefix}_{uuid.uuid4().hex[:12]}", protocol)
         self.connections[connection.connection_id] = connection
         self.events.append({"kind": "connected", "connection_id": connection.connection_id})
@@ -262,6 +264,23 @@ async def _sse_events(state: Standin, connection: Connection) -> AsyncIterator[s
         state.close(connection)
 
 
+async def poll(request: Request) -> Response:
+    """Long-poll as its cloud serves it: seed messages, and the connection forgotten as the
+    answer leaves (what it held stays in flight, so no ack can ever settle it)."""
+    state: Standin = request.app.state.standin
+    authorization = request.headers.get("authorization")
+    if not state.token_ok(authorization, request.query_params.get("token")):
+        return JSONResponse({"detail": "Invalid channel token"}, status_code=401)
+    connection = state.open("long_poll")
+    state.connections.pop(connection.connection_id)
+    wait = float(request.query_params.get("timeout", "30"))
+    message = await state.next_for(connection, wait)
+    if message is None:
+        return Response(status_code=204)
+    body = {"messages": [state.frame(message)], "connection_id": connection.connection_id}
+    return JSONResponse({**body, "channel": state.channel, "timestamp": now_iso()})
+
+
 async def ack(request: Request) -> Response:
     state: Standin = request.app.state.standin
     body = (await request.body()).decode("utf-8", "replace")
@@ -315,6 +334,7 @@ def build_app(state: Standin) -> Starlette:
             Route("/webhook/{webhook_id}", ingest, methods=["POST"]),
             WebSocketRoute("/connect/stream/{channel}", stream),
             Route("/connect/stream/{channel}/sse", sse),
+            Route("/connect/stream/{channel}/poll", poll),
             Route("/connect/ack", ack, methods=["POST"]),
             Route("/health", health),
             Route("/standin/events", events),

@@ -203,6 +203,21 @@ def test_a_wrong_token_is_fatal_with_a_clear_line(
     assert "refused" in connector.output()
 
 
+def test_long_poll_against_it_stops_with_a_clear_line(
+    sink: Sink, connectors: Connectors, tmp_path: Path
+) -> None:
+    """Its long-poll forgets the connection as it answers, so no ack could ever settle a
+    message: the connector says so and stops instead of delivering it again forever."""
+    with running(CoreCloudStandin(tmp_path, "dev", TOKEN)) as standin:
+        standin.post("github", b"{}", {"Content-Type": "application/json"})
+        connector = start_connector(
+            connectors, standin.url, sink, tmp_path, "long_poll", wait=False
+        )
+        assert connector.wait() == 1
+    assert "use protocol websocket or sse" in connector.output()
+    assert sink.records() == []
+
+
 # The seed frame read as a message (pure) ------------------------------------------------------
 
 
