@@ -29,6 +29,18 @@ MODULE_NOT_APPLIED: Mapping[str, Mapping[str, str]] = {
         "format": "not applied: each message is written as one JSON file",
         "append": "not applied: each message is written to a file of its own under 'path'",
     },
+    "mqtt": {
+        key: "not applied: Shelly and Tasmota message formats are not built; the message is "
+        "published to 'topic' as the module's 'format' says"
+        for key in (
+            "shelly_gen2_format",
+            "device_id",
+            "tasmota_format",
+            "tasmota_type",
+            "device_name",
+            "command",
+        )
+    },
 }
 CREDENTIAL_CLEANUP_WARNING = (
     "not applied: credentials in payloads and headers reach the modules unchanged "

@@ -80,7 +80,7 @@ def step_config(webhook: Webhook, index: int = 0) -> dict[str, Any]:
     return webhook.plan.steps[index].config.model_dump()
 
 
-@pytest.mark.parametrize("folder", ["examples", "compose", "integration", "kubernetes"])
+@pytest.mark.parametrize("folder", ["examples", "compose", "integration", "kubernetes", "docs"])
 def test_every_cloud_file_loads(folder: str, warnings: Warnings) -> None:
     webhooks = cloud_files(folder)
     tree = json.loads((FILES / folder / "webhooks.json").read_text())
@@ -185,6 +185,28 @@ def test_integration_shapes_keep_their_meaning() -> None:
     publish = webhooks["i_publish_retry"].plan
     assert publish is not None and publish.steps[0].retry.max_attempts == 4
     assert webhooks["i_print"].plan is not None
+
+
+def test_forms_of_their_documentation(warnings: Warnings) -> None:
+    webhooks = cloud_files("docs")
+    digest = webhooks["d_digest"].entry.digest_auth
+    assert digest is not None and (digest.username, digest.realm) == ("digest_user", "Compat API")
+    oauth1 = webhooks["d_oauth1"].entry.oauth1
+    assert oauth1 is not None and (oauth1.token_secret, oauth1.timestamp_window) == ("", 120)
+    introspect = webhooks["d_oauth2_introspect"].entry.oauth2
+    assert introspect is not None
+    assert introspect.introspection_endpoint == "https://auth.example.org/introspect"
+    jwt = webhooks["d_oauth2_jwt"].entry.oauth2
+    assert jwt is not None and (jwt.jwt_secret, jwt.verify_exp) == ("compat_jwt_secret", True)
+    mqtt = step_config(webhooks["d_mqtt"])
+    assert (mqtt["topic"], mqtt["qos"], mqtt["topic_prefix"]) == ("compat/events", 1, "compat")
+    assert step_config(webhooks["d_tasmota"])["qos"] == 2
+    for webhook_id, key in [("d_shelly", "shelly_gen2_format"), ("d_tasmota", "tasmota_type")]:
+        [line] = warnings.about(f"{webhook_id}.module-config.{key}")
+        assert "not applied: Shelly and Tasmota" in line
+    postgres = step_config(webhooks["d_postgres_cleanup"])
+    assert (postgres["upsert"], postgres["upsert_key"]) == (True, "event_id")
+    assert len(warnings.about("d_postgres_cleanup.credential_cleanup")) == 1
 
 
 def test_a_null_authorization_means_none() -> None:
