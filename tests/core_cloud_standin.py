@@ -149,6 +149,8 @@ class Standin:
         return True
 
     def frame(self, message: dict[str, Any]) -> dict[str, Any]:
+        if "raw" in message:  # a frame a test wrote by hand, sent as it is
+            return dict(message["raw"])
         request = {key: message[key] for key in ("webhook_id", "timestamp", "headers", "payload")}
         head = {"type": "webhook", "message_id": message["message_id"]}
         head["sequence"] = message["sequence"]
@@ -256,7 +258,7 @@ async def _sse_events(state: Standin, connection: Connection) -> AsyncIterator[s
                 continue
             frame = state.frame(message)
             if state.shape == "nested":  # as its specification draws it: an id line, no type
-                del frame["type"]
+                frame.pop("type", None)
                 yield f"event: webhook\nid: {message['message_id']}\ndata: {json.dumps(frame)}\n\n"
             else:
                 yield f"event: webhook\ndata: {json.dumps(frame)}\n\n"
@@ -307,6 +309,16 @@ async def ack(request: Request) -> Response:
     return JSONResponse({"status": "ok", "message_id": message_id})
 
 
+async def raw(request: Request) -> Response:
+    """Test hook: queue a ``webhook`` frame exactly as given (a malformed one, say); it stays
+    in flight under a key of the stand-in's own, since it may have no id to be acked by."""
+    state: Standin = request.app.state.standin
+    key = f"raw_{uuid.uuid4().hex[:8]}"
+    state.queue.append({"message_id": key, "raw": await request.json()})
+    state.arrived.set()
+    return JSONResponse({"key": key})
+
+
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "healthy"})
 
@@ -337,6 +349,7 @@ def build_app(state: Standin) -> Starlette:
             Route("/connect/stream/{channel}/poll", poll),
             Route("/connect/ack", ack, methods=["POST"]),
             Route("/health", health),
+            Route("/standin/raw", raw, methods=["POST"]),
             Route("/standin/events", events),
             Route("/standin/state", snapshot),
         ]
@@ -394,6 +407,10 @@ class CoreCloudStandin:
     def state(self) -> dict[str, list[str]]:
         answer: dict[str, list[str]] = httpx.get(f"{self.url}/standin/state", timeout=5).json()
         return answer
+
+    def post_raw(self, frame: dict[str, Any]) -> None:
+        answer = httpx.post(f"{self.url}/standin/raw", json=frame)
+        assert answer.status_code == 200, answer.text
 
     def post(self, webhook_id: str, body: bytes, headers: dict[str, str]) -> str:
         answer = httpx.post(f"{self.url}/webhook/{webhook_id}", content=body, headers=headers)

@@ -203,6 +203,21 @@ def test_a_wrong_token_is_fatal_with_a_clear_line(
     assert "refused" in connector.output()
 
 
+def test_a_frame_without_a_message_id_is_skipped_and_the_stream_goes_on(
+    standin: CoreCloudStandin, sink: Sink, connectors: Connectors, protocol: str, tmp_path: Path
+) -> None:
+    connector = start_connector(connectors, standin.url, sink, tmp_path, protocol)
+    nameless = {"type": "webhook", "sequence": 1, "webhook_id": "github", "headers": {}}
+    standin.post_raw({**nameless, "payload": {"no": "id"}})
+    standin.post_raw({**nameless, "message_id": 42, "payload": {"bad": "id"}})
+    good = standin.post("github", b'{"ok": 1}', {"Content-Type": "application/json"})
+    wait_until(lambda: len(standin.events("ack")) == 1, 20, "the good message's ack")
+    assert [message_id_of(r) for r in sink.records()] == [good]
+    output = connector.output()
+    assert output.count("skipped a") == 2 and "without a usable message_id" in output
+    assert output.count("connected to") == 1, "a bad frame must not cost the connection"
+
+
 def test_long_poll_against_it_stops_with_a_clear_line(
     sink: Sink, connectors: Connectors, tmp_path: Path
 ) -> None:
