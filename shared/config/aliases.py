@@ -70,6 +70,11 @@ CONNECTOR_NOT_APPLIED: Mapping[str, str] = {
     "etcd_prefix": "not applied: configuration from etcd is not supported",
     "namespace": "not applied: configuration from etcd is not supported",
 }
+# connections.json key renames, per connection type: theirs -> ours.
+CONNECTION_RENAMES: Mapping[str, Mapping[str, str]] = {
+    kind: {"access_key_id": "aws_access_key_id", "secret_access_key": "aws_secret_access_key"}
+    for kind in ("s3", "aws_sqs", "aws")
+}
 UNKNOWN = "unknown key, ignored"
 
 
@@ -176,8 +181,11 @@ def rate_limit(value: Any, source: str, path: str) -> Any:
 
 
 def connection_entry(tree: Mapping[str, Any], source: str, path: str) -> dict[str, Any]:
-    """A ``connections.json`` entry in our terms (gcp ``credentials``)."""
+    """A ``connections.json`` entry in our terms (aws key names, gcp ``credentials``)."""
     entry = drop_comments(tree)
+    for theirs, ours in CONNECTION_RENAMES.get(str(entry.get("type")), {}).items():
+        if theirs in entry and ours not in entry:
+            entry[ours] = entry.pop(theirs)
     if entry.get("type") == "gcp_pubsub" and "credentials" in entry:
         credentials = entry.pop("credentials")
         if isinstance(credentials, str) and credentials:

@@ -204,6 +204,12 @@ def test_forms_of_their_documentation(warnings: Warnings) -> None:
     for webhook_id, key in [("d_shelly", "shelly_gen2_format"), ("d_tasmota", "tasmota_type")]:
         [line] = warnings.about(f"{webhook_id}.module-config.{key}")
         assert "not applied: Shelly and Tasmota" in line
+    s3 = webhooks["d_s3"].plan
+    assert s3 is not None and s3.steps[0].connection is not None
+    assert (s3.steps[0].connection.model_extra or {})["aws_access_key_id"] == "compat_key"
+    chain = webhooks["d_chain_parallel"].plan
+    assert chain is not None and chain.execution == "parallel"
+    assert [step.retry.max_attempts for step in chain.steps] == [5, 5]
     postgres = step_config(webhooks["d_postgres_cleanup"])
     assert (postgres["upsert"], postgres["upsert_key"]) == (True, "event_id")
     assert len(warnings.about("d_postgres_cleanup.credential_cleanup")) == 1
