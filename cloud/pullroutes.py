@@ -32,7 +32,9 @@ from webhook_connect.cloud.sessions import (
 from webhook_connect.shared.exceptions import ConnectorRefusal, HttpRefusal
 from webhook_connect.shared.frames import (
     NATIVE_SUBPROTOCOL,
+    FrameError,
     WireMessage,
+    ack_request_from_query,
     encode_error,
     encode_heartbeat,
     native_json,
@@ -149,7 +151,11 @@ class PullRoutes:
                 if connection.channel != channel:
                     raise ConnectorRefusal(404, 0, "unknown_connection", "no such connection here")
             else:
-                connection = await open_connection(self.buffer, request, channel, "long_poll")
+                # A seed poll without an id may be the Core Webhook Module's connector, which
+                # never sends one: continue its connection. The native connector always does.
+                connection = await open_connection(
+                    self.buffer, request, channel, "long_poll", resume=not is_native(request)
+                )
             puller = Puller(self.buffer, connection)
             # The connection lives across polls: each poll counts as a sign of life.
             waiting = asyncio.ensure_future(
@@ -190,11 +196,17 @@ class PullRoutes:
             if len(body) > MAX_ACK_BODY:
                 return bad_request(413, "body_too_large", MAX_ACK_BODY)
         try:
-            frame = AckRequest.model_validate_json(body)
+            # No body: the ack is in the query (the Core Webhook Module's connector acks so).
+            if body:
+                frame = AckRequest.model_validate_json(body)
+            else:
+                frame = ack_request_from_query(request.query_params.multi_items())
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             return bad_request(400, "bad_request", f"{where}: {first['msg']}")
+        except FrameError as exc:
+            return bad_request(400, "bad_request", str(exc))
         ids = frame.ids()
         if not ids:
             return bad_request(400, "bad_request", "no message_id given")

@@ -80,9 +80,19 @@ def request_token(connection: HTTPConnection) -> str | None:
 
 
 async def open_connection(
-    buffer: Buffer, connection: HTTPConnection, channel: str, transport: str
+    buffer: Buffer,
+    connection: HTTPConnection,
+    channel: str,
+    transport: str,
+    *,
+    resume: bool = False,
 ) -> Connection:
-    """Authenticate, check limits, register the connection and its group."""
+    """Authenticate, check limits, register the connection and its group.
+
+    With ``resume`` (a seed long-poll that names no connection), a live long-poll connection
+    of the same token, group, connector id and client host is continued instead of a new one
+    registered (:func:`resumed_poll`).
+    """
     params: QueryParams = connection.query_params
     group = params.get("group", "smee" if transport == "smee" else DEFAULT_GROUP)
     connector_id = connection.headers.get("x-connector-id") or params.get("connector_id", "")
@@ -104,6 +114,15 @@ async def open_connection(
     if requested.isdigit() and 0 < int(requested) < window:
         window = int(requested)
     client = connection.client
+    if resume:
+        try:
+            live = await buffer.list_connections(channel)
+        except StorageError as exc:
+            raise unavailable(exc) from exc
+        host = client.host if client else ""
+        found = resumed_poll(live, group, auth.token_id, connector_id, host)
+        if found is not None:
+            return Connection(found, spec, window)
     record = ConnectionRecord(
         connection_id=uuid.uuid4().hex,
         channel=channel,
@@ -132,6 +151,36 @@ async def open_connection(
         transport,
     )
     return Connection(record, spec, window)
+
+
+def resumed_poll(
+    live: list[ConnectionRecord], group: str, token_id: str, connector_id: str, host: str
+) -> ConnectionRecord | None:
+    """The long-poll connection a poll without ``X-Connection-ID`` continues, if any.
+
+    The Core Webhook Module's connector never sends the id back on its polls (it reads it
+    only to name its acks). A new connection per poll would hold each batch until its ack
+    timeout and fill ``max_connections`` after a few polls; so such a poll is taken to come
+    from the connector that polled before with the same token, group, ``X-Connector-ID``
+    and client host (the port changes with every pooled HTTP connection). The most recently
+    seen one wins. Connectors that share all four share one connection: one window, acks
+    accepted from either.
+    """
+    matches = [
+        r
+        for r in live
+        if r.transport == "long_poll"
+        and r.group == group
+        and r.token_id == token_id
+        and r.connector_id == connector_id
+        and _host(r.address) == host
+    ]
+    return max(matches, key=lambda r: r.seen_at, default=None)
+
+
+def _host(address: str) -> str:
+    """The host of a ``host:port`` address (IPv6 hosts keep their colons)."""
+    return address.rpartition(":")[0]
 
 
 async def _check_group(buffer: Buffer, spec: ChannelSpec, group: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import binascii
 import json
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -117,6 +118,29 @@ class AckRequest(_Frame):
     def settlement(self) -> Settlement:
         ack = self.status == "ack"
         return Settlement(tuple(self.ids()), ack=ack, retry=self.retry, note=self.reason)
+
+
+# The fields an ack or nack may carry as query parameters instead of a JSON body.
+ACK_QUERY_FIELDS = ("message_id", "status", "retry", "reason")
+
+
+def ack_request_from_query(pairs: Iterable[tuple[str, str]]) -> AckRequest:
+    """An ack or nack given as query parameters and no body, the form the Core Webhook
+    Module's connector sends (``?message_id=…&status=ack``, ``&status=nack&retry=false``).
+
+    The same model as a JSON body checks it, so a missing or malformed field gets the same
+    answer either way; ``retry`` is read as ``true``/``false`` text. Parameters it does not
+    know are ignored, as unknown JSON fields are. :class:`FrameError` if a field is repeated,
+    pydantic's ``ValidationError`` if one is malformed.
+    """
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in ACK_QUERY_FIELDS:
+            continue
+        if name in fields:
+            raise FrameError(f"{name}: given more than once")
+        fields[name] = value
+    return AckRequest.model_validate(fields)
 
 
 class HeartbeatFrame(_Frame):
