@@ -157,6 +157,7 @@ def build_plan(
                     step, entry_retry, entry_transform, source, item_path, connections, entry_keys
                 )
             )
+        _report_unused(entry_keys, steps, source, path)
         return DeliveryPlan(tuple(steps), settings.execution, settings.continue_on_error)
     single = {
         key: raw[key]
@@ -167,7 +168,18 @@ def build_plan(
     if step is None:
         raise ConfigError(source, f"{path}.module", "required key is missing")
     only = _step(step, entry_retry, entry_transform, source, path, connections, entry_keys)
+    _report_unused(entry_keys, [only], source, path)
     return DeliveryPlan((only,))
+
+
+def _report_unused(
+    entry_keys: Mapping[str, Any], steps: list[Step], source: str, path: str
+) -> None:
+    """An entry-level ``queue_name`` / ``topic`` that no module of the entry takes."""
+    for key in entry_keys:
+        if not any(key in type(step.config).model_fields for step in steps):
+            reason = f"ignored: no module of this entry takes {key!r}"
+            aliases.warn(source, f"{path}.{key}", reason)
 
 
 def _step_object(item: Any) -> Any:

@@ -215,6 +215,15 @@ def test_forms_of_their_documentation(warnings: Warnings) -> None:
     assert len(warnings.about("d_postgres_cleanup.credential_cleanup")) == 1
 
 
+def test_an_entry_key_no_module_takes_is_reported(tmp_path: Path, warnings: Warnings) -> None:
+    path = tmp_path / "webhooks.json"
+    path.write_text(json.dumps({"gh": {"module": "log", "topic": "nowhere"}}))
+    load_webhooks(path, {}, {})
+    assert warnings.lines == [
+        f"configuration warning: {path}: gh.topic: ignored: no module of this entry takes 'topic'"
+    ]
+
+
 def test_a_null_authorization_means_none() -> None:
     assert cloud_files("kubernetes")["k_health"].entry.authorization is None
 
