@@ -19,7 +19,7 @@ from webhook_connect.shared.exceptions import ConfigError
 from webhook_connect.shared.limits import ChannelLimits, limit_values
 
 DEFAULT_STORAGE = "sqlite:///webhook-connect.db"
-STORAGE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+STORAGE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://", "amqp://", "amqps://")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("auto", "json", "text")  # auto: text on a terminal, JSON lines elsewhere
 # Slow and idle client connections (cloud/connections.py).
@@ -74,6 +74,21 @@ def channel_spec(name: str, limits: ChannelLimits) -> ChannelSpec:
     return ChannelSpec(name=name, **limit_values(limits))
 
 
+def _check_storage(storage: str) -> None:
+    """Refuse a storage URL no backend takes, or an ``amqp://`` one without its registry."""
+    if not storage.startswith(STORAGE_SCHEMES):
+        raise ConfigError(
+            "--storage", "", f"unsupported URL {storage!r}: use sqlite:///FILE or redis://HOST:PORT"
+        )
+    if storage.startswith(("amqp://", "amqps://")):
+        from webhook_connect.cloud.buffers.rabbitmq import split_url
+
+        try:
+            split_url(storage)  # RabbitMQ needs its companion registry store
+        except ValueError as exc:
+            raise ConfigError("--storage", "registry", str(exc)) from None
+
+
 def build_cloud_config(
     *,
     host: str = "127.0.0.1",
@@ -94,10 +109,7 @@ def build_cloud_config(
 ) -> CloudConfig:
     """Validate options and load the files they name; raise :class:`ConfigError` on a problem."""
     storage = storage_url or DEFAULT_STORAGE
-    if not storage.startswith(STORAGE_SCHEMES):
-        raise ConfigError(
-            "--storage", "", f"unsupported URL {storage!r}: use sqlite:///FILE or redis://HOST:PORT"
-        )
+    _check_storage(storage)
     if not 0 < port < 65536:
         raise ConfigError("--port", "", f"{port} is not a TCP port")
     if workers < 1:

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
 
+from tests.modules.test_rabbitmq import RabbitMQServer
 from tests.servers import Cloud, RedisServer, Sink, running
 from webhook_connect.cloud.buffers import Buffer, open_buffer
 
@@ -27,11 +31,31 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     yield redis_server.url
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+# RabbitMQ (a first cut, docs/STORAGE-RABBITMQ.md) joins the backends with WC_TEST_RABBITMQ=1.
+BACKENDS = ["sqlite", "redis"] + (["rabbitmq"] if os.environ.get("WC_TEST_RABBITMQ") else [])
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]:
+    """One private rabbitmq-server node per test session, stopped by PID."""
+    server = RabbitMQServer(tmp_path_factory.mktemp("rabbitmq"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(params=BACKENDS)
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each backend in turn: a fresh SQLite file, or the session's flushed Redis."""
+    """Each backend in turn: a fresh SQLite file, the session's flushed Redis, or the session's
+    RabbitMQ under names of this test's own (its registry a fresh SQLite file)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'buffer.db'}"
+    if request.param == "rabbitmq":
+        server: RabbitMQServer = request.getfixturevalue("rabbitmq_server")
+        registry = quote(f"sqlite:///{tmp_path / 'registry.db'}", safe="")
+        return f"{server.url}?registry={registry}&prefix=t{uuid.uuid4().hex[:12]}"
     return str(request.getfixturevalue("redis_url"))
 
 

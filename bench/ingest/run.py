@@ -19,6 +19,7 @@ It is a benchmark, not a test: it asserts nothing beyond the cloud answering at 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -29,9 +30,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import quote
 
 if not __package__:  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -43,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 WEBHOOKS = HERE / "webhooks.json"
 WRK_SCRIPT = HERE / "post.lua"
 WRK = Path("/usr/bin/wrk")
-BACKENDS = ("sqlite", "redis")
+BACKENDS = ("sqlite", "redis", "rabbitmq")
 HOST = servers.HOST
 AUTHS = ("none", "hmac", "jwt")
 PATHS = {"none": "/webhook/bench", "hmac": "/webhook/bench_hmac", "jwt": "/webhook/bench_jwt"}
@@ -181,10 +184,16 @@ def bench_backend(
     with tempfile.TemporaryDirectory(prefix=f"bench-ingest-{backend}-") as tmp:
         directory = Path(tmp)
         started: list[subprocess.Popen[bytes]] = []
+        cleanup = contextlib.ExitStack()
         try:
             if backend == "redis":
                 redis, storage = servers.start_redis(directory, prefixes[1])
                 started.append(redis)
+            elif backend == "rabbitmq":  # the messages in RabbitMQ, the registry in Redis
+                redis, registry = servers.start_redis(directory, prefixes[1])
+                started.append(redis)
+                broker = cleanup.enter_context(rabbitmq(directory))
+                storage = f"{broker}?registry={quote(registry, safe='')}"
             else:
                 storage = f"sqlite:///{directory / 'bench.db'}"
             cloud, port = servers.start_cloud(
@@ -217,7 +226,21 @@ def bench_backend(
         finally:
             for process in reversed(started):
                 servers.stop(process)
+            cleanup.close()
     return [{"backend": backend, **row} for row in rows]
+
+
+@contextlib.contextmanager
+def rabbitmq(directory: Path) -> Iterator[str]:
+    """A private rabbitmq-server node (the test suite's), stopped by PID; yields its URL."""
+    from tests.modules.test_rabbitmq import RabbitMQServer
+
+    server = RabbitMQServer(directory / "rabbitmq")
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.close()
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -21,7 +21,7 @@ from webhook_connect.cloud.buffers.base import (
     TokenRecord,
 )
 
-SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://")
+SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://", "amqp://", "amqps://")
 
 
 def open_buffer(url: str) -> Buffer:
@@ -34,6 +34,10 @@ def open_buffer(url: str) -> Buffer:
         from webhook_connect.cloud.buffers.redis import RedisBuffer
 
         return RedisBuffer(url)
+    if url.startswith(("amqp://", "amqps://")):
+        from webhook_connect.cloud.buffers.rabbitmq import RabbitMQBuffer
+
+        return RabbitMQBuffer(url)
     raise ValueError(
         f"unsupported storage URL {url!r}: use sqlite:///path.db or redis://host:port/db"
     )

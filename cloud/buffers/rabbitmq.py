@@ -1,0 +1,906 @@
+"""RabbitMQ backend (``amqp://…?registry=…``): the broker holds the messages, a companion
+store the registry and the limits. The mapping and what it cannot keep: docs/STORAGE-RABBITMQ.md.
+
+A channel is a durable fanout exchange; each consumer group a durable quorum queue bound to it,
+so each group gets every message. ``append`` returns only after the broker confirmed the
+publish. A delivery is held by this replica's AMQP channel until it is acked, retried (via a
+per-group retry queue whose TTL is the retry delay and whose dead-letter exchange routes the
+message back) or dead-lettered (republished to the ``wc::dead`` exchange). Every republish is
+confirmed before the original is acked, so a crash between the two duplicates, never loses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+)
+
+from webhook_connect.cloud.buffers.base import (
+    ACK_TIMEOUT,
+    CONNECTION_CLOSED,
+    COUNTERS,
+    DEFAULT_GROUP,
+    EVENTS_KEPT,
+    Buffer,
+    ChannelEvent,
+    ChannelSpec,
+    ChannelStats,
+    ConnectionRecord,
+    DeadLetter,
+    Delivery,
+    DeliveryAttempt,
+    GroupInfo,
+    TokenRecord,
+    decode_attempts,
+    encode_attempts,
+)
+from webhook_connect.cloud.notifier import Notifier
+from webhook_connect.shared.envelope import Envelope
+from webhook_connect.shared.exceptions import (
+    ChannelFull,
+    StorageError,
+    StorageUnavailable,
+    UnknownChannel,
+)
+from webhook_connect.shared.frames import nack_reason
+
+CONNECT_TIMEOUT = 5.0
+TTL_BACKSTOP_SECONDS = 300
+
+logger = logging.getLogger("webhook_connect.rabbitmq")
+# Headers a stored message carries besides its body.
+META = "x-wc-meta"
+ATTEMPTS = "x-wc-attempts"  # deliveries that did not end in an ack so far
+LOG = "x-wc-log"
+GROUP = "x-wc-group"
+REASON = "x-wc-reason"
+DEAD_AT = "x-wc-dead-at"
+ORIGINAL = "x-wc-message-id"
+
+
+def split_url(url: str) -> tuple[str, str, str]:
+    """``amqp://…?registry=X&prefix=P`` to the broker URL (without either), X and the prefix
+    of every exchange and queue name (``wc`` unless given: deployments sharing a vhost).
+
+    Raises ValueError naming the key when the registry is missing: RabbitMQ has nowhere to
+    keep channels and tokens every replica sees."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    registry = query.pop("registry", [""])[-1]
+    prefix = query.pop("prefix", ["wc"])[-1] or "wc"
+    if not registry:
+        raise ValueError(
+            f"storage URL {url!r}: key 'registry' is required with amqp:// "
+            "(a redis:// URL shared by every replica, or sqlite:///file.db for one replica)"
+        )
+    if registry.startswith(("amqp://", "amqps://")):
+        raise ValueError(f"storage URL {url!r}: key 'registry' must be redis:// or sqlite:///")
+    broker = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+    return broker, registry, prefix
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The broker-side names of one deployment's channels, groups and dead letters. Channel
+    and group names never hold ``:``, so no two of these can be the same name."""
+
+    prefix: str = "wc"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.prefix}::dead"
+
+    def exchange(self, channel: str) -> str:
+        return f"{self.prefix}:{channel}"
+
+    def group_queue(self, channel: str, group: str) -> str:
+        return f"{self.prefix}:{channel}:g:{group}"
+
+    def retry_queue(self, channel: str, group: str) -> str:
+        return f"{self.prefix}:{channel}:r:{group}"
+
+    def dead_queue(self, channel: str) -> str:
+        return f"{self.prefix}:{channel}:dead"
+
+
+def group_arguments(spec: ChannelSpec) -> dict[str, Any]:
+    """A group queue's limits: fixed when it is declared (RabbitMQ refuses other arguments
+    later; a policy changes them)."""
+    return {
+        "x-queue-type": "quorum",
+        "x-max-length": spec.max_queue_size,
+        "x-overflow": "reject-publish",
+        # Housekeeping expires and counts; the broker drops what nobody did, a while later.
+        "x-message-ttl": (spec.ttl_seconds + TTL_BACKSTOP_SECONDS) * 1000,
+    }
+
+
+def retry_arguments(spec: ChannelSpec, group_queue: str) -> dict[str, Any]:
+    """The retry queue holds a nacked message for the retry delay, then the broker routes it
+    back to its group's queue (dead-lettering by TTL, through the default exchange)."""
+    delay = min(spec.retry_delay_seconds, spec.ack_timeout_seconds)
+    return {
+        "x-message-ttl": max(1, round(delay * 1000)),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": group_queue,
+    }
+
+
+@dataclass(slots=True)
+class Held:
+    """A delivery this replica holds for a consumer, until it is settled."""
+
+    message: AbstractIncomingMessage
+    channel: str
+    group: str
+    consumer: str
+    attempt: int
+    held_at: float
+    envelope: Envelope
+    log: list[DeliveryAttempt] = field(default_factory=list)
+
+
+def _number(value: object) -> float:
+    """A numeric header (absent, or of an unexpected type: 0)."""
+    return float(value) if isinstance(value, int | float | str) else 0.0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RabbitMQBuffer:
+    """Messages in RabbitMQ, registry and limits in the companion store ``registry=`` names."""
+
+    def __init__(self, url: str) -> None:
+        from webhook_connect.cloud.buffers import open_buffer
+
+        self.url = url
+        self._broker_url, registry_url, prefix = split_url(url)
+        self._names = Names(prefix)
+        self._registry: Buffer = open_buffer(registry_url)
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._connect_lock = asyncio.Lock()
+        self._declared: set[str] = set()
+        self._held: dict[str, Held] = {}
+        self._notifier = Notifier()
+        # This replica's counters, feed and ack counts (docs/STORAGE-RABBITMQ.md: not shared).
+        self._counters: dict[str, Counter[str]] = {}
+        self._events: dict[str, deque[ChannelEvent]] = {}
+        self._acked_by: Counter[tuple[str, str]] = Counter()
+        self._once: dict[tuple[str, str], tuple[str, float]] = {}
+        self._once_lock = asyncio.Lock()
+
+    # Plumbing -----------------------------------------------------------------------------
+
+    async def _open(self) -> AbstractChannel:
+        """The confirm-mode AMQP channel every operation shares (reconnecting if it closed).
+
+        Shielded, as every channel open and close is: a caller cancelled halfway through the
+        handshake (a connection torn down) leaves the AMQP connection out of step, and the
+        broker closes it with every delivery this replica holds."""
+        return await asyncio.shield(self._open_shared())
+
+    async def _open_shared(self) -> AbstractChannel:
+        async with self._connect_lock:
+            if self._channel is not None and not self._channel.is_closed:
+                return self._channel
+            # A closed channel gave its deliveries back to the broker: forget them.
+            self._held.clear()
+            self._channel = await self._new_channel()
+            return self._channel
+
+    async def _new_channel(self) -> AbstractChannel:
+        """A channel on the connection, reconnecting once if the connection is gone."""
+        for _ in range(2):
+            try:
+                if self._connection is None or self._connection.is_closed:
+                    self._connection = await aio_pika.connect(
+                        self._broker_url, timeout=CONNECT_TIMEOUT
+                    )
+                    self._declared.clear()
+                return await self._connection.channel(publisher_confirms=True)
+            except RuntimeError:  # aiormq: the connection closed under the wrapper
+                self._connection = None
+            except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+                raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+        raise StorageUnavailable("rabbitmq: the connection keeps closing")
+
+    async def _scratch(self) -> AbstractChannel:
+        """A channel of its own, for steps whose failure must not close the shared one
+        (declarations) or that requeue what they read when closed (browsing dead letters)."""
+        await self._open()
+        return await asyncio.shield(self._new_channel())
+
+    @staticmethod
+    async def _close(scratch: AbstractChannel) -> None:
+        if not scratch.is_closed:
+            await asyncio.shield(scratch.close())
+
+    async def _spec(self, channel: str) -> ChannelSpec:
+        spec = await self._registry.get_channel(channel)
+        if spec is None:
+            raise UnknownChannel(channel)
+        return spec
+
+    async def _declare(self, spec: ChannelSpec, groups: list[str]) -> None:
+        """The channel's exchange, dead-letter queue and the queues of ``groups``."""
+        wanted = [g for g in groups if f"{spec.name}/{g}" not in self._declared]
+        if f"{spec.name}/" in self._declared and not wanted:
+            return
+        scratch = await self._scratch()
+        try:
+            await scratch.declare_exchange(
+                self._names.exchange(spec.name), aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            dead = await scratch.declare_exchange(
+                self._names.dead_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            letters = await scratch.declare_queue(self._names.dead_queue(spec.name), durable=True)
+            await letters.bind(dead, routing_key=spec.name)
+            self._declared.add(f"{spec.name}/")
+        except aiormq.exceptions.AMQPError as exc:
+            raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+        finally:
+            await self._close(scratch)
+        for group in wanted:
+            queue = self._names.group_queue(spec.name, group)
+            await self._declare_queue(queue, group_arguments(spec))
+            await self._declare_queue(
+                self._names.retry_queue(spec.name, group), retry_arguments(spec, queue)
+            )
+            scratch = await self._scratch()
+            try:
+                underlay = await scratch.get_underlay_channel()
+                await underlay.queue_bind(queue, self._names.exchange(spec.name))
+            except aiormq.exceptions.AMQPError as exc:
+                raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+            finally:
+                await self._close(scratch)
+            self._declared.add(f"{spec.name}/{group}")
+
+    async def _declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
+        """Declare ``name``; one that exists with other limits is kept as it is (RabbitMQ
+        refuses new arguments for a queue: a policy changes them, docs/STORAGE-RABBITMQ.md)."""
+        scratch = await self._scratch()
+        try:
+            await scratch.declare_queue(name, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            logger.warning("queue %s exists with other limits: kept as it is", name)
+        except aiormq.exceptions.AMQPError as exc:
+            raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+        finally:
+            await self._close(scratch)
+
+    async def _publish(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, channel: str
+    ) -> None:
+        """Publish and wait for the broker's confirm; its refusal is a full channel."""
+        amqp = await self._open()
+        try:
+            target = amqp.default_exchange if exchange == "" else await amqp.get_exchange(exchange)
+            await target.publish(message, routing_key=routing_key)
+        except aiormq.exceptions.DeliveryError as exc:
+            spec = await self._registry.get_channel(channel)
+            raise ChannelFull(channel, spec.max_queue_size if spec else 0) from exc
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise UnknownChannel(channel) from exc
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+
+    def _count(self, channel: str, name: str, n: int = 1) -> None:
+        self._counters.setdefault(channel, Counter())[name] += n
+
+    def _event(self, channel: str, kind: str, message_id: str, consumer: str = "") -> None:
+        feed = self._events.setdefault(channel, deque(maxlen=EVENTS_KEPT))
+        feed.appendleft(ChannelEvent(time.time(), kind, message_id, consumer))
+
+    @staticmethod
+    def _message(
+        envelope: Envelope, message_id: str, attempts: int, log: list[DeliveryAttempt], **extra: Any
+    ) -> aio_pika.Message:
+        headers: dict[str, Any] = {
+            META: envelope.encode_meta().decode(),
+            ATTEMPTS: attempts,
+            LOG: encode_attempts(log).decode(),
+            **extra,
+        }
+        return aio_pika.Message(
+            envelope.body,
+            headers=headers,
+            message_id=message_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+
+    # MessageQueue -------------------------------------------------------------------------
+
+    async def append(self, envelope: Envelope) -> str:
+        """Publish to the channel's exchange; the id is returned once the broker confirmed."""
+        return await self._store(await self._prepare(envelope), envelope)
+
+    async def _prepare(self, envelope: Envelope) -> ChannelSpec:
+        """The channel's limits, its queues declared, and room for one more message.
+
+        The broker's ``x-max-length`` counts ready messages only (a quorum queue even lets one
+        more in), so the room is checked here with what is retrying and what this replica
+        holds; the broker's limit stays the backstop."""
+        spec = await self._spec(envelope.channel)
+        groups = [g.name for g in await self._registry.list_groups(spec.name)]
+        await self._declare(spec, groups or [DEFAULT_GROUP])
+        fullest, most = "", -1
+        for group in groups:
+            backlog, _ = await self._backlog(spec.name, group)
+            if backlog > most:
+                fullest, most = group, backlog
+        if most >= spec.max_queue_size:
+            raise ChannelFull(spec.name, spec.max_queue_size, fullest, most)
+        return spec
+
+    async def _store(self, spec: ChannelSpec, envelope: Envelope) -> str:
+        message_id = uuid.uuid4().hex
+        message = self._message(envelope, message_id, 0, [])
+        await self._publish(self._names.exchange(spec.name), "", message, spec.name)
+        self._count(spec.name, "accepted")
+        self._event(spec.name, "received", message_id)
+        self._notifier.notify(spec.name)
+        return message_id
+
+    async def append_once(
+        self, envelope: Envelope, key: str, window_seconds: float
+    ) -> tuple[str, bool]:
+        """In this replica the original id is returned; across replicas the companion's
+        replay key refuses the repeat (its id is this replica's to know only)."""
+        async with self._once_lock:
+            now = time.time()
+            known = self._once.get((envelope.channel, key))
+            if known is not None and known[1] > now:
+                return known[0], False
+            spec = await self._prepare(envelope)  # a refused delivery is not remembered
+            if not await self._registry.remember(f"once:{envelope.channel}:{key}", window_seconds):
+                return "", False
+            message_id = await self._store(spec, envelope)
+            self._once[(envelope.channel, key)] = (message_id, now + window_seconds)
+            return message_id, True
+
+    async def read(self, channel: str, group: str, consumer: str, count: int) -> list[Delivery]:
+        """``basic.get`` up to ``count`` messages from the group's queue, held for ``consumer``."""
+        if not await self._registry.has_group(channel, group):
+            return []
+        spec = await self._spec(channel)
+        await self._declare(spec, [group])
+        await asyncio.shield(self._expire_held(spec, group))
+        # Shielded: a reader cancelled (its connection closed) between a basic.get and holding
+        # what it got would leave that message unacked and untracked on the shared channel,
+        # never delivered again. Held, it goes back at the release or the ack timeout.
+        return await asyncio.shield(self._take_messages(spec, group, consumer, count))
+
+    async def _take_messages(
+        self, spec: ChannelSpec, group: str, consumer: str, count: int
+    ) -> list[Delivery]:
+        amqp = await self._open()
+        try:
+            queue = await amqp.get_queue(self._names.group_queue(spec.name, group), ensure=False)
+            taken: list[Delivery] = []
+            while len(taken) < count:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                delivery = await self._hold(spec, group, consumer, message)
+                if delivery is not None:
+                    taken.append(delivery)
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+        return taken
+
+    async def _hold(
+        self, spec: ChannelSpec, group: str, consumer: str, message: AbstractIncomingMessage
+    ) -> Delivery | None:
+        headers = message.headers or {}
+        envelope = Envelope.decode(_text(headers[META]).encode(), message.body)
+        # Not x-delivery-count: housekeeping returns the live head message it looked at, and
+        # that was no delivery (a replica that died holding one loses that count).
+        attempt = int(_number(headers.get(ATTEMPTS))) + 1
+        message_id = message.message_id or ""
+        if time.time() - envelope.received_at > spec.ttl_seconds:
+            await message.ack()
+            self._count(spec.name, "expired")
+            return None
+        log = list(decode_attempts(_text(headers.get(LOG, "[]")).encode()))
+        self._held[message_id + "/" + group] = Held(
+            message, spec.name, group, consumer, attempt, time.time(), envelope, log
+        )
+        if attempt > 1:
+            self._count(spec.name, "redelivered")
+        return Delivery(message_id, attempt, envelope)
+
+    def _take(self, channel: str, group: str, message_id: str, consumer: str) -> Held | None:
+        held = self._held.get(message_id + "/" + group)
+        if held is None or held.channel != channel or (consumer and held.consumer != consumer):
+            return None
+        del self._held[message_id + "/" + group]
+        return held
+
+    def _claim(self, key: str, held: Held) -> bool:
+        """Take ``held`` out of the held set unless another step (a concurrent read's expiry,
+        an ack) already did: the key may now name a newer copy of the same message."""
+        if self._held.get(key) is not held:
+            return False
+        del self._held[key]
+        return True
+
+    async def ack(self, channel: str, group: str, message_id: str, consumer: str = "") -> bool:
+        held = self._take(channel, group, message_id, consumer)
+        if held is None:
+            return False
+        try:
+            await asyncio.shield(held.message.ack())
+        except (OSError, aiormq.exceptions.AMQPError) as exc:
+            raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+        self._count(channel, "delivered")
+        self._acked_by[(channel, held.consumer)] += 1
+        self._event(channel, "delivered", message_id, held.consumer)
+        self._notifier.notify(channel)
+        return True
+
+    async def nack(
+        self,
+        channel: str,
+        group: str,
+        message_id: str,
+        *,
+        retry: bool,
+        consumer: str = "",
+        reason: str = "",
+    ) -> bool:
+        held = self._take(channel, group, message_id, consumer)
+        if held is None:
+            return False
+        # Shielded: once taken out of the held set it must be settled (see ``read``).
+        await asyncio.shield(self._settle_nack(held, nack_reason(reason, retry), retry))
+        return True
+
+    async def _settle_nack(self, held: Held, outcome: str, retry: bool) -> None:
+        spec = await self._spec(held.channel)
+        await self._log(held, outcome)
+        if not retry:
+            await self._dead_letter(held, outcome)
+        elif held.attempt >= spec.max_delivery_attempts:
+            await self._dead_letter(held, "max_delivery_attempts")
+        else:
+            await self._give_back(held, self._names.retry_queue(held.channel, held.group))
+
+    async def _log(self, held: Held, outcome: str) -> None:
+        record = await self._registry.get_connection(held.channel, held.consumer)
+        held.log.append(
+            DeliveryAttempt(
+                held.attempt,
+                held.held_at,
+                held.consumer,
+                record.connector_id if record else "",
+                outcome,
+                time.time() - held.held_at,
+            )
+        )
+
+    async def _give_back(self, held: Held, queue: str) -> None:
+        """Republish (confirmed) to ``queue`` with the attempt counted, then ack the original."""
+        message_id = held.message.message_id or ""
+        message = self._message(held.envelope, message_id, held.attempt, held.log)
+        await self._publish("", queue, message, held.channel)
+        await held.message.ack()
+        self._notifier.notify(held.channel)
+
+    async def _dead_letter(self, held: Held, reason: str) -> None:
+        message = self._message(
+            held.envelope,
+            uuid.uuid4().hex,
+            held.attempt,
+            held.log,
+            **{
+                GROUP: held.group,
+                REASON: reason,
+                DEAD_AT: time.time(),
+                ORIGINAL: held.message.message_id or "",
+            },
+        )
+        await self._publish(self._names.dead_exchange, held.channel, message, held.channel)
+        await held.message.ack()
+        self._count(held.channel, "dead_lettered")
+        self._event(held.channel, "dead_lettered", held.message.message_id or "", held.consumer)
+
+    async def _expire_held(self, spec: ChannelSpec, group: str | None) -> int:
+        """Give back what was held past the ack timeout (or dead-letter it, last attempt; or
+        drop it, past its TTL). Returns how many expired."""
+        now = time.time()
+        expired = 0
+        for key, held in list(self._held.items()):
+            late = now - held.held_at > spec.ack_timeout_seconds
+            if held.channel != spec.name or (group and held.group != group) or not late:
+                continue
+            if not self._claim(key, held):
+                continue
+            if now - held.envelope.received_at > spec.ttl_seconds:
+                await held.message.ack()
+                self._count(spec.name, "expired")
+                expired += 1
+                continue
+            await self._log(held, ACK_TIMEOUT)
+            if held.attempt >= spec.max_delivery_attempts:
+                await self._dead_letter(held, "max_delivery_attempts")
+            else:
+                await self._give_back(held, self._names.group_queue(spec.name, held.group))
+        return expired
+
+    async def _expire_queue(self, spec: ChannelSpec, group: str) -> int:
+        """Drop (and count) the expired messages at the head of a group's queue. The first
+        live one goes back when the scratch channel closes: a quorum queue serves returned
+        messages first, so the order holds."""
+        scratch = await self._scratch()
+        expired = 0
+        try:
+            queue = await scratch.get_queue(self._names.group_queue(spec.name, group))
+            while (message := await queue.get(no_ack=False, fail=False)) is not None:
+                meta = _text((message.headers or {})[META]).encode()
+                if time.time() - Envelope.decode(meta, b"").received_at <= spec.ttl_seconds:
+                    break
+                await message.ack()
+                expired += 1
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return 0
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+        finally:
+            await self._close(scratch)
+        self._count(spec.name, "expired", expired)
+        return expired
+
+    async def release(self, channel: str, group: str, consumer: str) -> int:
+        mine = [
+            (k, h)
+            for k, h in self._held.items()
+            if (h.channel, h.group, h.consumer) == (channel, group, consumer)
+        ]
+        # Shielded: the caller is often a connection being torn down (cancelled).
+        return await asyncio.shield(self._release(channel, group, consumer, mine))
+
+    async def _release(
+        self, channel: str, group: str, consumer: str, mine: list[tuple[str, Held]]
+    ) -> int:
+        released = 0
+        for key, held in mine:
+            if not self._claim(key, held):
+                continue
+            await self._log(held, CONNECTION_CLOSED)
+            await self._give_back(held, self._names.group_queue(channel, group))
+            released += 1
+        # The companion holds nothing, but records that the group was alive until now.
+        await self._registry.release(channel, group, consumer)
+        return released
+
+    async def pending_count(self, channel: str, group: str, consumer: str, limit: int) -> int:
+        n = sum(
+            1
+            for h in self._held.values()
+            if (h.channel, h.group, h.consumer) == (channel, group, consumer)
+        )
+        return min(n, limit)
+
+    async def housekeep(self, channel: str) -> int:
+        """Ack timeouts of this replica, and expiry (counted) at the head of each group's
+        queue; the broker's ``x-message-ttl`` is only the backstop when no replica runs."""
+        spec = await self._registry.get_channel(channel)
+        if spec is None:
+            return 0
+        expired = await self._expire_held(spec, None)
+        for info in await self._registry.list_groups(channel):
+            expired += await self._expire_queue(spec, info.name)
+        return expired
+
+    def wake(self, channel: str) -> None:
+        self._notifier.notify(channel)
+
+    def change_version(self, channel: str) -> int:
+        return self._notifier.version(channel)
+
+    async def wait_for_change(self, channel: str, since: int, max_wait: float) -> None:
+        await self._notifier.wait(channel, since, max_wait)
+
+    async def _browse(
+        self, channel: str, settle: Any = None, limit: int = 1_000_000
+    ) -> list[DeadLetter]:
+        """Read the dead-letter queue; ``settle(letter, message)`` may ack one. Closing the
+        scratch channel gives the rest back to the broker, in their order."""
+        if await self._registry.get_channel(channel) is None:
+            return []
+        scratch = await self._scratch()
+        letters: list[DeadLetter] = []
+        try:
+            queue = await scratch.declare_queue(self._names.dead_queue(channel), durable=True)
+            while len(letters) < limit:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                headers = message.headers or {}
+                letter = DeadLetter(
+                    message.message_id or "",
+                    _text(headers.get(ORIGINAL, "")),
+                    _text(headers.get(GROUP, DEFAULT_GROUP)),
+                    _text(headers.get(REASON, "")),
+                    int(_number(headers.get(ATTEMPTS))),
+                    _number(headers.get(DEAD_AT)),
+                    Envelope.decode(_text(headers[META]).encode(), message.body),
+                    decode_attempts(_text(headers.get(LOG, "[]")).encode()),
+                )
+                letters.append(letter)
+                if settle is not None:
+                    await settle(letter, message)
+        except aiormq.exceptions.AMQPError as exc:
+            raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+        finally:
+            await self._close(scratch)
+        return letters
+
+    async def dead_letters(self, channel: str, limit: int = 100) -> list[DeadLetter]:
+        return await self._browse(channel, limit=limit)
+
+    async def replay_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
+        replayed = 0
+
+        async def settle(letter: DeadLetter, message: AbstractIncomingMessage) -> None:
+            nonlocal replayed
+            if ids is not None and letter.dead_letter_id not in ids:
+                return
+            if await self._registry.has_group(channel, letter.group):
+                fresh = self._message(letter.envelope, uuid.uuid4().hex, 0, [])
+                await self._publish(
+                    "", self._names.group_queue(channel, letter.group), fresh, channel
+                )
+                replayed += 1
+            await message.ack()
+
+        await self._browse(channel, settle)
+        if replayed:
+            self._notifier.notify(channel)
+        return replayed
+
+    async def purge_dead_letters(self, channel: str, ids: list[str] | None = None) -> int:
+        purged = 0
+
+        async def settle(letter: DeadLetter, message: AbstractIncomingMessage) -> None:
+            nonlocal purged
+            if ids is None or letter.dead_letter_id in ids:
+                await message.ack()
+                purged += 1
+
+        await self._browse(channel, settle)
+        return purged
+
+    async def replay_history(
+        self, channel: str, group: str, since: float, limit: int = 10000
+    ) -> int:
+        """Not kept: a queue forgets what was acked (docs/STORAGE-RABBITMQ.md)."""
+        return 0
+
+    async def _queue_depth(self, name: str) -> int:
+        """Ready messages of a queue (0 if it does not exist)."""
+        scratch = await self._scratch()
+        try:
+            queue = await scratch.declare_queue(name, passive=True)
+            return int(queue.declaration_result.message_count or 0)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return 0
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+        finally:
+            await self._close(scratch)
+
+    async def _oldest(self, channel: str, group: str) -> float | None:
+        """When the group's oldest message not acked was received: the heads of its queues
+        (looked at and given back) and what this replica holds."""
+        times = [
+            h.envelope.received_at
+            for h in self._held.values()
+            if (h.channel, h.group) == (channel, group)
+        ]
+        for name in (
+            self._names.group_queue(channel, group),
+            self._names.retry_queue(channel, group),
+        ):
+            scratch = await self._scratch()
+            try:
+                queue = await scratch.get_queue(name)
+                message = await queue.get(no_ack=False, fail=False)
+                if message is not None:
+                    meta = _text((message.headers or {})[META]).encode()
+                    times.append(Envelope.decode(meta, b"").received_at)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                pass
+            except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+                raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+            finally:
+                await self._close(scratch)
+        return min(times) if times else None
+
+    async def _backlog(self, channel: str, group: str) -> tuple[int, int]:
+        """(backlog, in flight) of a group: ready and retrying in the broker, held here."""
+        held = sum(1 for h in self._held.values() if (h.channel, h.group) == (channel, group))
+        retrying = await self._queue_depth(self._names.retry_queue(channel, group))
+        ready = await self._queue_depth(self._names.group_queue(channel, group))
+        return ready + retrying + held, retrying + held
+
+    async def stats(self, channel: str) -> ChannelStats:
+        await self._spec(channel)
+        depth = in_flight = 0
+        for info in await self._registry.list_groups(channel):
+            backlog, flying = await self._backlog(channel, info.name)
+            depth, in_flight = max(depth, backlog), in_flight + flying
+        counters = self._counters.get(channel, Counter())
+        return ChannelStats(
+            depth=depth,
+            in_flight=in_flight,
+            dead_letters=await self._queue_depth(self._names.dead_queue(channel)),
+            counters={name: counters[name] for name in COUNTERS},
+        )
+
+    async def recent_events(self, channel: str, limit: int = 50) -> list[ChannelEvent]:
+        return list(self._events.get(channel, ()))[:limit]
+
+    # Registry: the companion store, with the broker's queues kept in step ------------------
+
+    async def provision(self, spec: ChannelSpec) -> None:
+        await self._registry.provision(spec)
+        groups = [g.name for g in await self._registry.list_groups(spec.name)]
+        await self._declare(spec, groups or [DEFAULT_GROUP])
+
+    async def get_channel(self, name: str) -> ChannelSpec | None:
+        return await self._registry.get_channel(name)
+
+    async def list_channels(self) -> list[ChannelSpec]:
+        return await self._registry.list_channels()
+
+    async def delete_channel(self, name: str) -> bool:
+        groups = [g.name for g in await self._registry.list_groups(name)]
+        if not await self._registry.delete_channel(name):
+            return False
+        for group in groups:
+            await self._delete_queues(name, group)
+        scratch = await self._scratch()
+        try:
+            await scratch.queue_delete(self._names.dead_queue(name))
+            await scratch.exchange_delete(self._names.exchange(name))
+        finally:
+            await self._close(scratch)
+        self._declared = {d for d in self._declared if not d.startswith(f"{name}/")}
+        return True
+
+    async def _delete_queues(self, channel: str, group: str) -> None:
+        for key, held in list(self._held.items()):
+            if (held.channel, held.group) == (channel, group):
+                del self._held[key]
+        scratch = await self._scratch()
+        try:
+            await scratch.queue_delete(self._names.group_queue(channel, group))
+            await scratch.queue_delete(self._names.retry_queue(channel, group))
+        finally:
+            await self._close(scratch)
+        self._declared.discard(f"{channel}/{group}")
+
+    async def put_token(self, token: TokenRecord) -> None:
+        await self._registry.put_token(token)
+
+    async def find_token(self, token_hash: str) -> TokenRecord | None:
+        return await self._registry.find_token(token_hash)
+
+    async def list_tokens(self, channel: str) -> list[TokenRecord]:
+        return await self._registry.list_tokens(channel)
+
+    async def delete_token(self, channel: str, token_id: str) -> bool:
+        return await self._registry.delete_token(channel, token_id)
+
+    async def join(self, channel: str, group: str) -> None:
+        await self._registry.join(channel, group)
+        await self._declare(await self._spec(channel), [group])
+
+    async def has_group(self, channel: str, group: str) -> bool:
+        return await self._registry.has_group(channel, group)
+
+    async def list_groups(self, channel: str) -> list[GroupInfo]:
+        """The companion's groups with the broker's backlog."""
+        groups = []
+        for info in await self._registry.list_groups(channel):
+            backlog, in_flight = await self._backlog(channel, info.name)
+            oldest = await self._oldest(channel, info.name) if backlog else None
+            age = None if oldest is None else max(0.0, time.time() - oldest)
+            groups.append(
+                replace(info, backlog=backlog, in_flight=in_flight, oldest_age_seconds=age)
+            )
+        return groups
+
+    async def drop_group(self, channel: str, group: str) -> int | None:
+        removed = await self._registry.drop_group(channel, group)
+        if removed is None:
+            return None
+        await self._delete_queues(channel, group)
+        if group == DEFAULT_GROUP:
+            await self._declare(await self._spec(channel), [DEFAULT_GROUP])
+        return removed
+
+    async def drop_idle_groups(self, channel: str) -> list[str]:
+        dropped = await self._registry.drop_idle_groups(channel)
+        for group in dropped:
+            await self._delete_queues(channel, group)
+        return dropped
+
+    async def add_connection(self, record: ConnectionRecord, limit: int) -> bool:
+        return await self._registry.add_connection(record, limit)
+
+    async def touch_connection(self, channel: str, connection_id: str) -> bool:
+        return await self._registry.touch_connection(channel, connection_id)
+
+    async def remove_connection(self, channel: str, connection_id: str) -> bool:
+        return await self._registry.remove_connection(channel, connection_id)
+
+    async def get_connection(self, channel: str, connection_id: str) -> ConnectionRecord | None:
+        record = await self._registry.get_connection(channel, connection_id)
+        if record is None:
+            return None
+        return replace(record, delivered=self._acked_by[(channel, connection_id)])
+
+    async def list_connections(self, channel: str) -> list[ConnectionRecord]:
+        return [
+            replace(r, delivered=self._acked_by[(channel, r.connection_id)])
+            for r in await self._registry.list_connections(channel)
+        ]
+
+    async def reap_connections(self, channel: str) -> int:
+        """Reap in the companion; what the reaped held here goes back to their groups."""
+        before = {r.connection_id: r.group for r in await self._registry.list_connections(channel)}
+        reaped = await self._registry.reap_connections(channel)
+        if reaped:
+            alive = {r.connection_id for r in await self._registry.list_connections(channel)}
+            for connection_id, group in before.items():
+                if connection_id not in alive:
+                    await self.release(channel, group, connection_id)
+        return reaped
+
+    # Limits -------------------------------------------------------------------------------
+
+    async def remember(self, key: str, ttl_seconds: float) -> bool:
+        return await self._registry.remember(key, ttl_seconds)
+
+    async def hit_rate(self, channel: str, key: str, limit: int, window_seconds: float) -> float:
+        return await self._registry.hit_rate(channel, key, limit, window_seconds)
+
+    # Lifecycle ----------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """The broker answers (a channel opens) and so does the companion store."""
+        channel = await self._open()
+        if channel.is_closed:
+            raise StorageUnavailable("rabbitmq: channel closed")
+        await self._registry.ping()
+
+    async def aclose(self) -> None:
+        try:
+            if self._connection is not None and not self._connection.is_closed:
+                await self._connection.close()
+        except (OSError, aiormq.exceptions.AMQPError) as exc:
+            raise StorageError(f"rabbitmq: {exc!r}") from exc
+        finally:
+            self._connection = None
+            self._channel = None
+            await self._registry.aclose()
