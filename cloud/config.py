@@ -89,6 +89,25 @@ def _check_storage(storage: str) -> None:
             raise ConfigError("--storage", "registry", str(exc)) from None
 
 
+def _check_redis_url(storage: str) -> None:
+    """Refuse a Redis URL no client of ours can use (an unknown option, a CA file that does not
+    load) now, in one line, rather than in every request. RabbitMQ's registry may be one."""
+    where = ""
+    if storage.startswith(("amqp://", "amqps://")):
+        from webhook_connect.cloud.buffers.rabbitmq import split_url
+
+        where, storage = "registry", split_url(storage)[1]  # checked by _check_storage
+    if not storage.startswith(("redis://", "rediss://", "unix://")):
+        return
+    from webhook_connect.cloud.buffers.redisurl import RedisUrlError, parse_redis_url
+
+    try:
+        parse_redis_url(storage)
+    except RedisUrlError as exc:
+        key = ".".join(part for part in (where, exc.key) if part)
+        raise ConfigError("--storage", key, exc.reason) from None
+
+
 def build_cloud_config(
     *,
     host: str = "127.0.0.1",
@@ -110,6 +129,7 @@ def build_cloud_config(
     """Validate options and load the files they name; raise :class:`ConfigError` on a problem."""
     storage = storage_url or DEFAULT_STORAGE
     _check_storage(storage)
+    _check_redis_url(storage)
     if not 0 < port < 65536:
         raise ConfigError("--port", "", f"{port} is not a TCP port")
     if workers < 1:

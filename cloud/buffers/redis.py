@@ -40,6 +40,8 @@ from webhook_connect.cloud.buffers.base import (
     TokenRecord,
     decode_attempts,
 )
+from webhook_connect.cloud.buffers.redispy import redis_py_client
+from webhook_connect.cloud.buffers.redisurl import parse_redis_url
 from webhook_connect.cloud.buffers.resp import ReplyError, RespClient
 from webhook_connect.cloud.buffers.scripts import (
     ABSENT,
@@ -114,15 +116,18 @@ class RedisBuffer:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+        # One reading of the URL for both clients (redisurl.py): the same credentials and the
+        # same SSLContext, so the cold path cannot connect where the hot path is refused.
+        endpoint = parse_redis_url(url)
+        self._redis: aioredis.Redis = redis_py_client(
+            endpoint, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
         )
         self._sources = load_scripts()
         self._shas: dict[str, str] = {}
         # Script calls (every hot-path operation) go through a lean pipelining client:
         # concurrent callers share round trips, each still awaiting its own reply (a 202 only
         # after its own write succeeded). redis-py serves the rest.
-        self._resp = RespClient(url)
+        self._resp = RespClient(endpoint)
         self._to_announce: set[str] = set()
         self._notifier = Notifier()
         self._instance = uuid.uuid4().hex[:12]
@@ -168,6 +173,10 @@ class RedisBuffer:
         return reply
 
     async def ping(self) -> None:
+        # Both clients: the hot path (every ingest) first, so /ready fails when ingest would.
+        reply = await self._resp.execute("PING")
+        if isinstance(reply, ReplyError):
+            raise storage_error(reply)
         await self._redis.ping()
 
     # Channels and tokens ------------------------------------------------------------------

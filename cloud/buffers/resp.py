@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ssl
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import hiredis
 
+from webhook_connect.cloud.buffers.redisurl import RedisEndpoint, parse_redis_url
 from webhook_connect.shared.exceptions import StorageUnavailable
 
 CONNECT_TIMEOUT = 5.0
@@ -106,16 +105,10 @@ class _Protocol(asyncio.Protocol):
 class RespClient:
     """One pipelined connection to the Redis of a ``redis://``, ``rediss://`` or ``unix://`` URL."""
 
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self._scheme = parts.scheme
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 6379
-        self._path = parts.path
-        self._username = unquote(parts.username) if parts.username else None
-        self._password = unquote(parts.password) if parts.password else None
-        db = parts.path.strip("/") if parts.scheme != "unix" else ""
-        self._db = int(db) if db.isdigit() else 0
+    def __init__(self, url: str | RedisEndpoint) -> None:
+        # The one reading of the URL (redisurl.py): host, credentials, database and the
+        # SSLContext are those redis-py uses too.
+        self.endpoint = url if isinstance(url, RedisEndpoint) else parse_redis_url(url)
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
 
@@ -136,21 +129,17 @@ class RespClient:
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        endpoint = self.endpoint
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            if self._scheme == "unix":
-                _, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
-            else:
-                context = ssl.create_default_context() if self._scheme == "rediss" else None
-                _, protocol = await loop.create_connection(
-                    lambda: _Protocol(self), self._host, self._port, ssl=context
+            if endpoint.path:
+                _, protocol = await loop.create_unix_connection(
+                    lambda: _Protocol(self), endpoint.path
                 )
-            handshake = []
-            if self._password is not None:
-                auth = (self._username, self._password) if self._username else (self._password,)
-                handshake.append(("AUTH", *auth))
-            if self._db:
-                handshake.append(("SELECT", self._db))
-            for command in handshake:
+            else:
+                _, protocol = await loop.create_connection(
+                    lambda: _Protocol(self), endpoint.host, endpoint.port, ssl=endpoint.tls
+                )
+            for command in endpoint.handshake():
                 future: asyncio.Future[Any] = loop.create_future()
                 protocol.send(encode_command(command), future)
                 reply = await future

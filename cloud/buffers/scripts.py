@@ -51,6 +51,10 @@ NO_STREAM = "WC_NO_STREAM"  # the channel has no stream (deleted, or nothing eve
 NO_GROUP = "NOGROUP"  # Redis's own: the consumer group (or the stream) does not exist
 # What a caller may take as "nothing there" (a dropped group, a deleted channel).
 ABSENT = frozenset({NO_STREAM, NO_GROUP})
+# Redis's refusals of who we are (no AUTH, a wrong password, an ACL user without the right):
+# storage is unusable until the operator fixes credentials, so a 503 and a retry, as for a
+# server that is down.
+REFUSED_CREDENTIALS = frozenset({"NOAUTH", "WRONGPASS", "NOPERM"})
 
 # Per-connection delivered counts live in the stats hash under this prefix.
 BY_CONNECTION = "by:"
@@ -110,6 +114,8 @@ def storage_error(error: Exception, channel: str = "") -> StorageError:
     if isinstance(error, UNAVAILABLE):
         return StorageUnavailable(f"redis unreachable: {error}")
     code = error_code(error)
+    if code in REFUSED_CREDENTIALS:
+        return StorageUnavailable(f"redis refused our credentials: {error}")
     if code == CHANNEL_FULL:
         return _channel_full(channel, str(error).removeprefix("ERR ").split()[1:])
     if code in (NO_CHANNEL, NO_STREAM):
