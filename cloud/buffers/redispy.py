@@ -16,6 +16,13 @@ from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 
 from webhook_connect.cloud.buffers.redisurl import RedisEndpoint
 
+# redis-py 8 caps a pool at 100 connections and *refuses* the 101st caller at once ("Too many
+# connections"): a burst of connectors connecting, or the liveness checks of thousands of idle
+# ones, then reads as storage unavailable and closes connections with 4503. Callers beyond the
+# cap wait for a free connection instead, up to POOL_WAIT seconds.
+POOL_SIZE = 100
+POOL_WAIT = 10.0
+
 
 class TLSConnection(Connection):
     """A redis-py TCP connection wrapped in TLS with a given :class:`ssl.SSLContext`."""
@@ -44,4 +51,5 @@ def redis_py_client(endpoint: RedisEndpoint, **options: Any) -> aioredis.Redis:
         kwargs |= {"host": endpoint.host, "port": endpoint.port}
         if endpoint.tls is not None:
             kwargs |= {"connection_class": TLSConnection, "ssl_context": endpoint.tls}
-    return aioredis.Redis.from_pool(aioredis.ConnectionPool(**kwargs))
+    pool = aioredis.BlockingConnectionPool(max_connections=POOL_SIZE, timeout=POOL_WAIT, **kwargs)
+    return aioredis.Redis.from_pool(pool)
