@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import unquote
 
 import httpx
 from starlette.applications import Starlette
@@ -204,11 +205,21 @@ class CloudApp:
 
 
 def _safe_url(url: str) -> str:
-    """The storage URL without its password, for logs and answers."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
+    """The storage URL without its passwords, for logs and answers: its own user info, and
+    that of every URL in its query (``amqp://…?registry=redis://user:pass@…``, the nested URL
+    percent-encoded or not)."""
+    base, mark, query = url.partition("?")
+    scheme, sep, rest = base.partition("://")
+    if "@" in rest:  # the last one: a password may hold an unencoded "@"
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    fields = []
+    for field in query.split("&") if query else []:
+        key, equals, value = field.partition("=")
+        nested = unquote(value)
+        if "://" in nested:  # shown decoded: this is for reading, not for connecting
+            value = _safe_url(nested)
+        fields.append(key + equals + value)
+    return scheme + sep + rest + mark + "&".join(fields)
 
 
 def create_app(config: CloudConfig) -> CloudApp:

@@ -10,8 +10,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from tests.modules.test_rabbitmq import RabbitMQServer
-from tests.servers import Cloud, RedisServer, Sink, running
+from tests.servers import Cloud, RabbitMQServer, RedisServer, Sink, running
 from webhook_connect.cloud.buffers import Buffer, open_buffer
 
 

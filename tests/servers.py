@@ -16,9 +16,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import httpx
+
+if TYPE_CHECKING:
+    from webhook_connect.shared.config.connections import ConnectionEntry
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -291,3 +294,91 @@ class ConnectorProcess:
         process, self.process = self.process, None
         stop(process, sig, timeout=20)
         return process.returncode
+
+
+# The largest message the test broker takes (tests/modules/test_rabbitmq.py sends one past it).
+RABBITMQ_MAX_MESSAGE_SIZE = 100_000
+
+
+class RabbitMQServer:
+    """A private rabbitmq-server node: its own name, ports, epmd, cookie and data directory, so
+    it never meets a system node. Stopped by the PID of the Erlang VM it started."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+        if not os.path.exists(binary) or shutil.which("epmd") is None:
+            raise RuntimeError(
+                "rabbitmq-server is not installed: run scripts/test (it installs it)"
+            )
+        self.binary = binary
+        self.directory = directory
+        self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
+        self.node = f"wctest{self.port}@localhost"
+        self.epmd: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def connection(self) -> ConnectionEntry:
+        """The node as a ``connections.json`` entry (for the output module)."""
+        from webhook_connect.shared.config.connections import ConnectionEntry
+
+        return ConnectionEntry(type="rabbitmq", host="127.0.0.1", port=self.port, connect_timeout=3)
+
+    def start(self) -> None:
+        home = self.directory / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        config = self.directory / "rabbitmq.conf"
+        config.write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nlog.console = false\n"
+            f"log.file.level = warning\nmax_message_size = {RABBITMQ_MAX_MESSAGE_SIZE}\n"
+        )
+        (self.directory / "enabled_plugins").write_text("[].\n")
+        if self.epmd is None:  # a private epmd, so the node registers nowhere shared
+            self.epmd = subprocess.Popen(["epmd", "-port", str(self.epmd_port)])
+        env = {
+            **os.environ,
+            "HOME": str(home),  # the Erlang cookie is created here
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.directory / "log"),
+            "RABBITMQ_CONFIG_FILE": str(config),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.directory / "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.directory / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.directory / "vm.pid"),
+        }
+        (self.directory / "vm.pid").unlink(missing_ok=True)
+        with (self.directory / "server.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_until(self._answers, timeout=60, what=f"rabbitmq-server on port {self.port}")
+
+    def _answers(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"rabbitmq-server exited, see {self.directory}/*.log")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            sock.sendall(b"AMQP\x00\x00\x09\x01")
+            return sock.recv(1) == b"\x01"  # a method frame: connection.start
+
+    def stop(self) -> None:
+        """Kill the VM (its data is on disk; a restart recovers it) and its wrapper script."""
+        if self.process is None:
+            return
+        pid_file = self.directory / "vm.pid"
+        if pid_file.exists() and pid_file.read_text().strip():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        stop(self.process)
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        if self.epmd is not None:
+            stop(self.epmd)
+            self.epmd = None

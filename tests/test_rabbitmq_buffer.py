@@ -1,11 +1,12 @@
 """What only the RabbitMQ backend has: its URL, its broker-side layout, a broker that is down.
 
-The Buffer semantics themselves are the conformance suite's (tests/test_buffers.py, with
-WC_TEST_RABBITMQ=1); docs/STORAGE-RABBITMQ.md has the design.
+The Buffer semantics themselves are the conformance suite's (tests/test_buffers.py: its
+rabbitmq backend runs on the session's broker); docs/STORAGE-RABBITMQ.md has the design.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -17,8 +18,16 @@ import aio_pika
 import httpx
 import pytest
 
-from tests.modules.test_rabbitmq import RabbitMQServer
-from tests.servers import Cloud, free_port, running
+from tests.servers import (
+    Cloud,
+    ConnectorProcess,
+    RabbitMQServer,
+    Sink,
+    free_port,
+    running,
+    wait_until,
+)
+from webhook_connect.cloud.app import _safe_url
 from webhook_connect.cloud.buffers import ChannelSpec, open_buffer
 from webhook_connect.cloud.buffers.rabbitmq import RabbitMQBuffer, split_url
 from webhook_connect.cloud.config import build_cloud_config
@@ -150,3 +159,87 @@ def test_a_cloud_on_a_broker_that_is_down_is_not_ready_and_answers_503(tmp_path:
         answer = httpx.post(f"{cloud.url}/webhook/raw", content=b"{}", timeout=10)
         assert answer.status_code == 503, "never a 202 the broker did not confirm"
         assert int(answer.headers["retry-after"]) > 0
+
+
+def test_a_broker_restart_answers_503_meanwhile_then_recovers_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """A broker of its own (the session's is shared): killed, then started on the same data."""
+    webhooks = tmp_path / "webhooks.json"
+    channel = {"channel": "dev", "channel_token": "restart-token-0123456789"}
+    webhooks.write_text(
+        json.dumps({"raw": {"module": "webhook_connect", "module-config": channel}})
+    )
+    broker = RabbitMQServer(tmp_path / "rabbitmq")
+    try:
+        broker.start()
+        cloud = Cloud(url(broker.url, tmp_path), webhooks, tmp_path)
+        with running(cloud), running(Sink(tmp_path)) as sink:
+            before = [f'{{"before": {i}}}'.encode() for i in range(5)]
+            accepted = [
+                httpx.post(f"{cloud.url}/webhook/raw", content=body, timeout=10) for body in before
+            ]
+            assert [a.status_code for a in accepted] == [202] * 5
+
+            broker.stop()  # SIGKILL of the VM: nothing flushed on the way out
+            wait_until(
+                lambda: httpx.get(f"{cloud.url}/ready", timeout=10).status_code == 503,
+                20,
+                "/ready to say 503",
+            )
+            for _ in range(5):
+                answer = httpx.post(f"{cloud.url}/webhook/raw", content=b'{"down": 1}', timeout=10)
+                assert answer.status_code == 503, "never a 202 the broker did not confirm"
+                assert int(answer.headers["retry-after"]) > 0
+
+            broker.start()  # the same node, ports and data directory
+            wait_until(
+                lambda: httpx.get(f"{cloud.url}/ready", timeout=10).status_code == 200,
+                30,
+                "the cloud to reconnect by itself",
+            )
+            answer = httpx.post(f"{cloud.url}/webhook/raw", content=b'{"after": 1}', timeout=10)
+            assert answer.status_code == 202
+
+            settings = {
+                "protocol": "websocket",
+                "cloud_url": cloud.url,
+                "channel": "dev",
+                "token": channel["channel_token"],
+                "state_dir": str(tmp_path / "state"),
+                "default_target": {"url": sink.url, "timeout_seconds": 5},
+            }
+            with running(ConnectorProcess(tmp_path, settings)):
+                expected = {*before, b'{"after": 1}'}
+                wait_until(lambda: bodies(sink) >= expected, 30, "every accepted message")
+            assert b'{"down": 1}' not in bodies(sink)
+    finally:
+        broker.close()
+
+
+def bodies(sink: Sink) -> set[bytes]:
+    return {base64.b64decode(str(record["body_b64"])) for record in sink.records()}
+
+
+@pytest.mark.parametrize(
+    ("storage", "shown"),
+    [
+        (
+            "amqp://u:secret1@h:5672/vh?registry=redis%3A%2F%2Fr%3Asecret2%40r%3A6379%2F0&prefix=p",
+            "amqp://***@h:5672/vh?registry=redis://***@r:6379/0&prefix=p",
+        ),
+        (
+            "amqps://u:secret1@h/?registry=rediss://:secret2@r:6380/1",
+            "amqps://***@h/?registry=rediss://***@r:6380/1",
+        ),
+        ("amqp://u:sec@ret1@h/?registry=sqlite:///r.db", "amqp://***@h/?registry=sqlite:///r.db"),
+        ("redis://:secret1@h:6379/0", "redis://***@h:6379/0"),
+        ("sqlite:///buffer.db", "sqlite:///buffer.db"),
+    ],
+)
+def test_logs_and_answers_show_the_storage_url_without_any_password(
+    storage: str, shown: str
+) -> None:
+    """The registry's URL inside an amqp:// one has a password of its own."""
+    assert _safe_url(storage) == shown
+    assert "secret" not in _safe_url(storage) and "ret1" not in _safe_url(storage)

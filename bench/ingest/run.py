@@ -192,7 +192,7 @@ def bench_backend(
             elif backend == "rabbitmq":  # the messages in RabbitMQ, the registry in Redis
                 redis, registry = servers.start_redis(directory, prefixes[1])
                 started.append(redis)
-                broker = cleanup.enter_context(rabbitmq(directory))
+                broker = cleanup.enter_context(rabbitmq(directory, prefixes[1]))
                 storage = f"{broker}?registry={quote(registry, safe='')}"
             else:
                 storage = f"sqlite:///{directory / 'bench.db'}"
@@ -217,7 +217,7 @@ def bench_backend(
             print(f"{backend}: open loop, {args.rate} req/s, {args.duration} s")
             before = servers.foreign_cpu_seconds(pids)
             # Spin for a precise schedule only when nothing shares the generator's CPU.
-            spin = bool(prefixes[0]) and backend != "redis"
+            spin = bool(prefixes[0]) and backend == "sqlite"
             rows.append(measure_rate(port, args.rate, args.duration, body, spin=spin))
             rows[-1]["other_cpu_s"] = round(servers.foreign_cpu_seconds(pids) - before, 1)
             rows[-1]["auth"] = "none"
@@ -231,13 +231,19 @@ def bench_backend(
 
 
 @contextlib.contextmanager
-def rabbitmq(directory: Path) -> Iterator[str]:
-    """A private rabbitmq-server node (the test suite's), stopped by PID; yields its URL."""
-    from tests.modules.test_rabbitmq import RabbitMQServer
+def rabbitmq(directory: Path, prefix: list[str]) -> Iterator[str]:
+    """A private rabbitmq-server node (the test suite's), stopped by PID, on the CPU of
+    redis-server and the load generator when ``prefix`` pins them; yields its URL."""
+    from tests.servers import RabbitMQServer
 
     server = RabbitMQServer(directory / "rabbitmq")
     try:
         server.start()
+        if prefix:  # [taskset, -c, CPU]: every thread of the Erlang VM, after the fact
+            vm = (server.directory / "vm.pid").read_text().strip()
+            subprocess.run(
+                [prefix[0], "-a", "-p", "-c", prefix[-1], vm], check=True, stdout=subprocess.DEVNULL
+            )
         yield server.url
     finally:
         server.close()

@@ -81,7 +81,7 @@ def postgresql(workdir: Path) -> Iterator[tuple[dict[str, Any], Callable[[], int
 def rabbitmq(workdir: Path) -> Iterator[tuple[dict[str, Any], Callable[[], int]]]:
     import aio_pika
 
-    from tests.modules.test_rabbitmq import RabbitMQServer
+    from tests.servers import RabbitMQServer
 
     server = RabbitMQServer(workdir / "rabbitmq")
     server.start()

@@ -47,6 +47,7 @@ from webhook_connect.cloud.buffers.base import (
     decode_attempts,
     encode_attempts,
 )
+from webhook_connect.cloud.buffers.room import Room
 from webhook_connect.cloud.notifier import Notifier
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.exceptions import (
@@ -56,8 +57,15 @@ from webhook_connect.shared.exceptions import (
     UnknownChannel,
 )
 from webhook_connect.shared.frames import nack_reason
+from webhook_connect.shared.modules.amqp import PublishedProperties
 
 CONNECT_TIMEOUT = 5.0
+# After a failed connect, every step fails at once for this long instead of dialling again:
+# a broker that is down must not hold each webhook for a connect attempt.
+RECONNECT_BACKOFF = 0.5
+# A publish the broker has not confirmed by then is answered 503 (see ``_publish``).
+PUBLISH_TIMEOUT = 10.0
+PERSISTENT = 2  # AMQP delivery_mode: written to disk
 TTL_BACKSTOP_SECONDS = 300
 
 logger = logging.getLogger("webhook_connect.rabbitmq")
@@ -155,7 +163,20 @@ class Held:
 
 def _number(value: object) -> float:
     """A numeric header (absent, or of an unexpected type: 0)."""
-    return float(value) if isinstance(value, int | float | str) else 0.0
+    if isinstance(value, bytes):
+        value = value.decode()
+    try:
+        return float(value) if isinstance(value, int | float | str) else 0.0
+    except ValueError:
+        return 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message to publish: its body and its AMQP properties."""
+
+    body: bytes
+    properties: PublishedProperties
 
 
 def _text(value: Any) -> str:
@@ -173,8 +194,13 @@ class RabbitMQBuffer:
         self._names = Names(prefix)
         self._registry: Buffer = open_buffer(registry_url)
         self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._channel: AbstractChannel | None = None  # reads and acks: holds the deliveries
+        self._publisher: AbstractChannel | None = None  # confirmed publishes
+        self._query: AbstractChannel | None = None  # queue depths (a 404 closes it, not ours)
         self._connect_lock = asyncio.Lock()
+        self._down_until = 0.0
+        self._rooms: dict[str, Room] = {}
+        self._measuring: dict[str, asyncio.Future[Room]] = {}
         self._declared: set[str] = set()
         self._held: dict[str, Held] = {}
         self._notifier = Notifier()
@@ -188,11 +214,14 @@ class RabbitMQBuffer:
     # Plumbing -----------------------------------------------------------------------------
 
     async def _open(self) -> AbstractChannel:
-        """The confirm-mode AMQP channel every operation shares (reconnecting if it closed).
+        """The AMQP channel reads and acks share: the deliveries this replica holds are its
+        (reconnecting if it closed).
 
         Shielded, as every channel open and close is: a caller cancelled halfway through the
         handshake (a connection torn down) leaves the AMQP connection out of step, and the
         broker closes it with every delivery this replica holds."""
+        if self._channel is not None and not self._channel.is_closed:
+            return self._channel
         return await asyncio.shield(self._open_shared())
 
     async def _open_shared(self) -> AbstractChannel:
@@ -204,8 +233,35 @@ class RabbitMQBuffer:
             self._channel = await self._new_channel()
             return self._channel
 
-    async def _new_channel(self) -> AbstractChannel:
+    async def _open_publisher(self) -> aiormq.abc.AbstractChannel:
+        """The confirm-mode channel every publish shares: publishes from concurrent requests
+        are in flight together, each awaiting its own confirm. A channel of its own, so a
+        publish the broker refuses by closing the channel (an exchange another replica
+        deleted) gives back none of the deliveries this replica holds."""
+        publisher = self._publisher
+        if publisher is None or publisher.is_closed:
+            publisher = await asyncio.shield(self._open_channel("_publisher", confirms=True))
+        return await publisher.get_underlay_channel()
+
+    async def _open_query(self) -> aiormq.abc.AbstractChannel:
+        """The channel depth queries share (a passive declare of a missing queue closes it)."""
+        query = self._query
+        if query is None or query.is_closed:
+            query = await asyncio.shield(self._open_channel("_query", confirms=False))
+        return await query.get_underlay_channel()
+
+    async def _open_channel(self, slot: str, *, confirms: bool) -> AbstractChannel:
+        async with self._connect_lock:
+            channel: AbstractChannel | None = getattr(self, slot)
+            if channel is None or channel.is_closed:
+                channel = await self._new_channel(confirms=confirms)
+                setattr(self, slot, channel)
+            return channel
+
+    async def _new_channel(self, *, confirms: bool = True) -> AbstractChannel:
         """A channel on the connection, reconnecting once if the connection is gone."""
+        if time.monotonic() < self._down_until:
+            raise StorageUnavailable("rabbitmq: the broker did not answer a moment ago")
         for _ in range(2):
             try:
                 if self._connection is None or self._connection.is_closed:
@@ -213,10 +269,12 @@ class RabbitMQBuffer:
                         self._broker_url, timeout=CONNECT_TIMEOUT
                     )
                     self._declared.clear()
-                return await self._connection.channel(publisher_confirms=True)
+                    self._rooms.clear()
+                return await self._connection.channel(publisher_confirms=confirms)
             except RuntimeError:  # aiormq: the connection closed under the wrapper
                 self._connection = None
             except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+                self._down_until = time.monotonic() + RECONNECT_BACKOFF
                 raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
         raise StorageUnavailable("rabbitmq: the connection keeps closing")
 
@@ -287,19 +345,31 @@ class RabbitMQBuffer:
             await self._close(scratch)
 
     async def _publish(
-        self, exchange: str, routing_key: str, message: aio_pika.Message, channel: str
+        self, exchange: str, routing_key: str, message: Outgoing, channel: str
     ) -> None:
-        """Publish and wait for the broker's confirm; its refusal is a full channel."""
-        amqp = await self._open()
+        """Publish and wait for the broker's confirm; its refusal is a full channel.
+
+        Straight on the aiormq channel: aio-pika's ``get_exchange`` asks the broker whether
+        the exchange exists (a round trip per publish), and its message wrapper costs CPU.
+        A confirm that does not come within ``PUBLISH_TIMEOUT`` is a 503: the sender retries,
+        and a message the broker stored after all is a duplicate, never a loss."""
         try:
-            target = amqp.default_exchange if exchange == "" else await amqp.get_exchange(exchange)
-            await target.publish(message, routing_key=routing_key)
+            amqp = await self._open_publisher()
+            await amqp.basic_publish(
+                message.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=message.properties,
+                timeout=PUBLISH_TIMEOUT,
+            )
         except aiormq.exceptions.DeliveryError as exc:
-            spec = await self._registry.get_channel(channel)
+            room = self._rooms.get(channel)
+            spec = room.spec if room else await self._registry.get_channel(channel)
             raise ChannelFull(channel, spec.max_queue_size if spec else 0) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            self._forget_channel(channel)
             raise UnknownChannel(channel) from exc
-        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+        except (TimeoutError, OSError, RuntimeError, aiormq.exceptions.AMQPError) as exc:
             raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
 
     def _count(self, channel: str, name: str, n: int = 1) -> None:
@@ -312,18 +382,17 @@ class RabbitMQBuffer:
     @staticmethod
     def _message(
         envelope: Envelope, message_id: str, attempts: int, log: list[DeliveryAttempt], **extra: Any
-    ) -> aio_pika.Message:
+    ) -> Outgoing:
+        # String values only, so the properties take the fast encoder (shared/modules/amqp.py).
         headers: dict[str, Any] = {
             META: envelope.encode_meta().decode(),
-            ATTEMPTS: attempts,
+            ATTEMPTS: str(attempts),
             LOG: encode_attempts(log).decode(),
-            **extra,
+            **{key: str(value) for key, value in extra.items()},
         }
-        return aio_pika.Message(
+        return Outgoing(
             envelope.body,
-            headers=headers,
-            message_id=message_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            PublishedProperties(headers=headers, message_id=message_id, delivery_mode=PERSISTENT),
         )
 
     # MessageQueue -------------------------------------------------------------------------
@@ -333,22 +402,50 @@ class RabbitMQBuffer:
         return await self._store(await self._prepare(envelope), envelope)
 
     async def _prepare(self, envelope: Envelope) -> ChannelSpec:
-        """The channel's limits, its queues declared, and room for one more message.
+        """The channel's limits, its queues declared, and room for one more message, which
+        is counted as taken.
 
         The broker's ``x-max-length`` counts ready messages only (a quorum queue even lets one
         more in), so the room is checked here with what is retrying and what this replica
-        holds; the broker's limit stays the backstop."""
-        spec = await self._spec(envelope.channel)
-        groups = [g.name for g in await self._registry.list_groups(spec.name)]
+        holds, from an estimate measured at most every few hundred milliseconds
+        (cloud/buffers/room.py); the broker's limit stays the backstop."""
+        room = self._rooms.get(envelope.channel)
+        if room is None or room.stale(time.monotonic()):
+            room = await self._measure(envelope.channel)
+        if room.is_full():
+            group, backlog = room.fullest()
+            raise ChannelFull(room.spec.name, room.spec.max_queue_size, group, backlog)
+        room.added += 1
+        return room.spec
+
+    async def _measure(self, channel: str) -> Room:
+        """A new measurement of ``channel``'s room; concurrent appends share one."""
+        pending = self._measuring.get(channel)
+        if pending is None:
+            pending = asyncio.ensure_future(self._take_measure(channel))
+            self._measuring[channel] = pending
+            pending.add_done_callback(lambda _: self._measuring.pop(channel, None))
+        return await asyncio.shield(pending)
+
+    async def _take_measure(self, channel: str) -> Room:
+        spec = await self._spec(channel)
+        groups = [g.name for g in await self._registry.list_groups(channel)]
         await self._declare(spec, groups or [DEFAULT_GROUP])
-        fullest, most = "", -1
-        for group in groups:
-            backlog, _ = await self._backlog(spec.name, group)
-            if backlog > most:
-                fullest, most = group, backlog
-        if most >= spec.max_queue_size:
-            raise ChannelFull(spec.name, spec.max_queue_size, fullest, most)
-        return spec
+        started = time.monotonic()
+        backlogs = await asyncio.gather(*(self._backlog(channel, g) for g in groups))
+        room = Room(spec, {g: b for g, (b, _) in zip(groups, backlogs, strict=True)}, started)
+        self._rooms[channel] = room
+        return room
+
+    def _freed(self, channel: str) -> None:
+        """This replica settled a message of ``channel``: a full estimate is measured again."""
+        room = self._rooms.get(channel)
+        if room is not None:
+            room.freed = True
+
+    def _forget_channel(self, channel: str) -> None:
+        """Its limits or groups changed: the next append measures again."""
+        self._rooms.pop(channel, None)
 
     async def _store(self, spec: ChannelSpec, envelope: Envelope) -> str:
         message_id = uuid.uuid4().hex
@@ -418,6 +515,7 @@ class RabbitMQBuffer:
         if time.time() - envelope.received_at > spec.ttl_seconds:
             await message.ack()
             self._count(spec.name, "expired")
+            self._freed(spec.name)
             return None
         log = list(decode_attempts(_text(headers.get(LOG, "[]")).encode()))
         self._held[message_id + "/" + group] = Held(
@@ -451,6 +549,7 @@ class RabbitMQBuffer:
         except (OSError, aiormq.exceptions.AMQPError) as exc:
             raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
         self._count(channel, "delivered")
+        self._freed(channel)
         self._acked_by[(channel, held.consumer)] += 1
         self._event(channel, "delivered", message_id, held.consumer)
         self._notifier.notify(channel)
@@ -520,6 +619,7 @@ class RabbitMQBuffer:
         await self._publish(self._names.dead_exchange, held.channel, message, held.channel)
         await held.message.ack()
         self._count(held.channel, "dead_lettered")
+        self._freed(held.channel)
         self._event(held.channel, "dead_lettered", held.message.message_id or "", held.consumer)
 
     async def _expire_held(self, spec: ChannelSpec, group: str | None) -> int:
@@ -536,6 +636,7 @@ class RabbitMQBuffer:
             if now - held.envelope.received_at > spec.ttl_seconds:
                 await held.message.ack()
                 self._count(spec.name, "expired")
+                self._freed(spec.name)
                 expired += 1
                 continue
             await self._log(held, ACK_TIMEOUT)
@@ -566,6 +667,8 @@ class RabbitMQBuffer:
         finally:
             await self._close(scratch)
         self._count(spec.name, "expired", expired)
+        if expired:
+            self._freed(spec.name)
         return expired
 
     async def release(self, channel: str, group: str, consumer: str) -> int:
@@ -673,6 +776,7 @@ class RabbitMQBuffer:
             await message.ack()
 
         await self._browse(channel, settle)
+        self._forget_channel(channel)
         if replayed:
             self._notifier.notify(channel)
         return replayed
@@ -697,16 +801,14 @@ class RabbitMQBuffer:
 
     async def _queue_depth(self, name: str) -> int:
         """Ready messages of a queue (0 if it does not exist)."""
-        scratch = await self._scratch()
         try:
-            queue = await scratch.declare_queue(name, passive=True)
-            return int(queue.declaration_result.message_count or 0)
+            query = await self._open_query()
+            declared = await query.queue_declare(name, passive=True, timeout=CONNECT_TIMEOUT)
+            return int(declared.message_count or 0)
         except aiormq.exceptions.ChannelNotFoundEntity:
-            return 0
-        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            return 0  # the broker closed the query channel: the next query opens another
+        except (TimeoutError, OSError, RuntimeError, aiormq.exceptions.AMQPError) as exc:
             raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
-        finally:
-            await self._close(scratch)
 
     async def _oldest(self, channel: str, group: str) -> float | None:
         """When the group's oldest message not acked was received: the heads of its queues
@@ -763,6 +865,7 @@ class RabbitMQBuffer:
 
     async def provision(self, spec: ChannelSpec) -> None:
         await self._registry.provision(spec)
+        self._forget_channel(spec.name)
         groups = [g.name for g in await self._registry.list_groups(spec.name)]
         await self._declare(spec, groups or [DEFAULT_GROUP])
 
@@ -776,6 +879,7 @@ class RabbitMQBuffer:
         groups = [g.name for g in await self._registry.list_groups(name)]
         if not await self._registry.delete_channel(name):
             return False
+        self._forget_channel(name)
         for group in groups:
             await self._delete_queues(name, group)
         scratch = await self._scratch()
@@ -788,6 +892,7 @@ class RabbitMQBuffer:
         return True
 
     async def _delete_queues(self, channel: str, group: str) -> None:
+        self._forget_channel(channel)
         for key, held in list(self._held.items()):
             if (held.channel, held.group) == (channel, group):
                 del self._held[key]
@@ -813,6 +918,7 @@ class RabbitMQBuffer:
 
     async def join(self, channel: str, group: str) -> None:
         await self._registry.join(channel, group)
+        self._forget_channel(channel)
         await self._declare(await self._spec(channel), [group])
 
     async def has_group(self, channel: str, group: str) -> bool:
@@ -902,5 +1008,6 @@ class RabbitMQBuffer:
             raise StorageError(f"rabbitmq: {exc!r}") from exc
         finally:
             self._connection = None
-            self._channel = None
+            self._channel = self._publisher = self._query = None
+            self._rooms.clear()
             await self._registry.aclose()

@@ -5,14 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import aio_pika
 import aiormq.exceptions
@@ -20,8 +15,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from tests.servers import free_port, stop, wait_until
-from webhook_connect.shared.config.connections import ConnectionEntry
+from tests.servers import RABBITMQ_MAX_MESSAGE_SIZE, RabbitMQServer
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.modules.amqp import PublishedProperties
 from webhook_connect.shared.modules.base import Message, Permanent, Pools, Transient
@@ -29,98 +23,13 @@ from webhook_connect.shared.modules.rabbitmq import RabbitMQConfig, RabbitMQModu
 
 BINARY = b"\x00\xff\xfe binary \x80\x81\r\n\x00"
 JSON = b'{"event": "paid", "amount": 12.5, "name": "Zo\xc3\xab"}'
-MAX_MESSAGE_SIZE = 100_000
-
-
-class RabbitMQServer:
-    """A private rabbitmq-server node: its own name, ports, epmd, cookie and data directory, so
-    it never meets a system node. Stopped by the PID of the Erlang VM it started."""
-
-    def __init__(self, directory: Path) -> None:
-        binary = "/usr/lib/rabbitmq/bin/rabbitmq-server"
-        if not os.path.exists(binary) or shutil.which("epmd") is None:
-            raise RuntimeError(
-                "rabbitmq-server is not installed: run scripts/test (it installs it)"
-            )
-        self.binary = binary
-        self.directory = directory
-        self.port, self.dist_port, self.epmd_port = free_port(), free_port(), free_port()
-        self.node = f"wctest{self.port}@localhost"
-        self.epmd: subprocess.Popen[bytes] | None = None
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    def connection(self) -> ConnectionEntry:
-        return ConnectionEntry(type="rabbitmq", host="127.0.0.1", port=self.port, connect_timeout=3)
-
-    def start(self) -> None:
-        home = self.directory / "home"
-        home.mkdir(parents=True, exist_ok=True)
-        config = self.directory / "rabbitmq.conf"
-        config.write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nlog.console = false\n"
-            f"log.file.level = warning\nmax_message_size = {MAX_MESSAGE_SIZE}\n"
-        )
-        (self.directory / "enabled_plugins").write_text("[].\n")
-        if self.epmd is None:  # a private epmd, so the node registers nowhere shared
-            self.epmd = subprocess.Popen(["epmd", "-port", str(self.epmd_port)])
-        env = {
-            **os.environ,
-            "HOME": str(home),  # the Erlang cookie is created here
-            "ERL_EPMD_PORT": str(self.epmd_port),
-            "RABBITMQ_NODENAME": self.node,
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.directory / "log"),
-            "RABBITMQ_CONFIG_FILE": str(config),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.directory / "advanced.config"),
-            "RABBITMQ_CONF_ENV_FILE": str(self.directory / "rabbitmq-env.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
-            "RABBITMQ_PID_FILE": str(self.directory / "vm.pid"),
-        }
-        (self.directory / "vm.pid").unlink(missing_ok=True)
-        with (self.directory / "server.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [self.binary], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_until(self._answers, timeout=60, what=f"rabbitmq-server on port {self.port}")
-
-    def _answers(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"rabbitmq-server exited, see {self.directory}/*.log")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-            sock.sendall(b"AMQP\x00\x00\x09\x01")
-            return sock.recv(1) == b"\x01"  # a method frame: connection.start
-
-    def stop(self) -> None:
-        """Kill the VM (its data is on disk; a restart recovers it) and its wrapper script."""
-        if self.process is None:
-            return
-        pid_file = self.directory / "vm.pid"
-        if pid_file.exists() and pid_file.read_text().strip():
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        stop(self.process)
-        self.process = None
-
-    def close(self) -> None:
-        self.stop()
-        if self.epmd is not None:
-            stop(self.epmd)
-            self.epmd = None
+MAX_MESSAGE_SIZE = RABBITMQ_MAX_MESSAGE_SIZE
 
 
 @pytest.fixture(scope="module")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQServer]:
-    server = RabbitMQServer(tmp_path_factory.mktemp("rabbitmq"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+def rabbit(rabbitmq_server: RabbitMQServer) -> RabbitMQServer:
+    """The session's node (tests/conftest.py), shared with the storage backend's tests."""
+    return rabbitmq_server
 
 
 def message(body: bytes, number: int = 1, content_type: str = "application/json") -> Message:
