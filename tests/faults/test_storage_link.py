@@ -1,0 +1,95 @@
+"""Faults on the link between the cloud and Redis: 503 with Retry-After while storage is out of
+reach, never a 202 for something not stored, never a 500, and recovery without a restart.
+
+A fault proxy sits between the cloud and a real redis-server (``appendonly yes``,
+``appendfsync always``); a WebSocket connector drains the channel straight from the cloud.
+
+Bound on duplicates: storage faults break the cloud's sessions too, and what a session held
+comes back; the connector skips what it already delivered, so the bound is the in-flight
+window per disruption (what one connection can have delivered without the ack stored).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import StartConnector
+from tests.faults.harness import (
+    WINDOW,
+    LoadDriver,
+    assert_bounds,
+    report,
+    settle,
+    tally,
+    write_webhooks,
+)
+from tests.faults.proxy import FaultProxy
+from tests.faults.test_connector_link import delivered_more
+from tests.servers import Cloud, RedisServer, Sink, running, wait_until
+
+RATE = 150
+# The cloud's Redis client gives a connection up after 10 s without a reply (resp.py
+# REPLY_TIMEOUT; redis-py's socket_timeout): a blackhole turns into 503s within that.
+NOTICE = 30.0
+
+
+def refusal_after(driver: LoadDriver, moment: float) -> Callable[[], bool]:
+    return lambda: driver.last_refused_at > moment
+
+
+def acceptance_after(driver: LoadDriver, moment: float) -> Callable[[], bool]:
+    return lambda: driver.last_accepted_at > moment
+
+
+def inject(fault: str, proxy: FaultProxy, driver: LoadDriver, sink: Sink) -> None:
+    """Apply ``fault``, wait until ingest felt it (if it can), heal, wait for a 202 again."""
+    if fault == "cut":
+        proxy.cut()
+    elif fault == "reset":
+        proxy.reset_mid_frame()
+    elif fault == "latency":
+        proxy.latency(200)
+        wait_until(delivered_more(sink, 2 * RATE), 30, "deliveries through the latency")
+    else:
+        moment = time.monotonic()
+        proxy.blackhole()
+        wait_until(refusal_after(driver, moment), NOTICE, "503s while Redis is blackholed")
+        # Storage stays out of reach a while: every webhook meanwhile is refused, none lost.
+        moment = time.monotonic()
+        wait_until(refusal_after(driver, moment), NOTICE, "still 503s")
+    healed = time.monotonic()
+    proxy.pass_through()
+    wait_until(acceptance_after(driver, healed), 30, "a 202 once Redis is reachable again")
+
+
+@pytest.mark.parametrize("fault", ["cut", "blackhole", "latency", "reset"])
+def test_a_faulty_link_to_redis_answers_503_and_recovers(
+    fault: str,
+    tmp_path: Path,
+    sink: Sink,
+    proxies: Callable[[int], FaultProxy],
+    connectors: StartConnector,
+    request: pytest.FixtureRequest,
+) -> None:
+    started = time.monotonic()
+    with running(RedisServer(tmp_path / "redis")) as redis_server:
+        proxy = proxies(redis_server.port)
+        storage = f"redis://{proxy.url_host}/0"
+        with running(Cloud(storage, write_webhooks(tmp_path), tmp_path)) as cloud:
+            connectors(cloud.url, sink)
+            with LoadDriver([cloud.url], RATE) as driver:
+                wait_until(delivered_more(sink, RATE), 30, "deliveries under way")
+                inject(fault, proxy, driver, sink)
+                wait_until(delivered_more(sink, RATE), 30, "deliveries after the fault")
+            deliveries = settle(driver, sink)
+    result = tally(f"redis-link-{fault}", driver, deliveries, started)
+    report(result, request, tmp_path)
+    assert_bounds(result, WINDOW)
+    assert set(result.refused) <= {"503"}, f"only 202 or 503: {result.refused}"
+    assert driver.missing_retry_after == 0, "every 503 carries Retry-After"
+    if fault == "blackhole":
+        assert result.refused.get("503", 0) > 0
