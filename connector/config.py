@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +11,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
+from webhook_connect.connector import proxy as proxies
+from webhook_connect.connector.tls import check_files
 from webhook_connect.shared.config import aliases
 from webhook_connect.shared.config.connections import load_connections
 from webhook_connect.shared.config.delivery import DeliveryPlan, load_plans
@@ -33,6 +36,12 @@ def _http_url(value: str, schemes: tuple[str, ...]) -> str:
     return value
 
 
+def _proxy_url(value: str | None) -> str | None:
+    if value is not None:
+        proxies.parse_proxy(value)  # ValueError says why
+    return value
+
+
 class Target(BaseModel):
     """A local HTTP target and its retry policy."""
 
@@ -47,11 +56,23 @@ class Target(BaseModel):
     retry_delay_seconds: float = Field(default=1.0, ge=0)
     retry_backoff_multiplier: float = Field(default=2.0, ge=1)
     retry_max_delay_seconds: PositiveFloat = 60.0
+    # TLS to this target (https:// and 307/308 redirects to https://), and its own proxy
+    # (loopback targets ignore the environment's proxies; see connector/proxy.py).
+    verify_tls: bool = True
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    proxy: str | None = None
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         return _http_url(value, ("http", "https"))
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        return _proxy_url(value)
 
 
 class ConnectorSettings(BaseModel):
@@ -73,6 +94,9 @@ class ConnectorSettings(BaseModel):
     reconnect_backoff_multiplier: float = Field(default=2.0, ge=1)
     verify_tls: bool = True
     ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    proxy: str | None = None
     shutdown_timeout_seconds: float = Field(default=10.0, ge=0)
     state_dir: str | None = None
     dedup_capacity: PositiveInt = 100_000
@@ -85,6 +109,11 @@ class ConnectorSettings(BaseModel):
     @classmethod
     def _check_cloud_url(cls, value: str) -> str:
         return _http_url(value, ("http", "https", "ws", "wss")).rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        return _proxy_url(value)
 
     @property
     def concurrency(self) -> int:
@@ -137,7 +166,34 @@ def load_connector_settings(
         raise ConfigError(
             source, "connections_config", "only meaningful with webhooks_config (module mode)"
         )
+    _check_network_settings(settings, source, os.environ if environ is None else environ)
     return settings
+
+
+def _check_network_settings(
+    settings: ConnectorSettings, source: str, environ: Mapping[str, str]
+) -> None:
+    """Certificate files readable and usable, proxy variables usable: found before dialling,
+    not as a TLS failure at the first connect."""
+    # A ca_file is read only when verify_tls is true (connector/tls.py).
+    cloud_ca = settings.ca_file if settings.verify_tls else None
+    places: list[tuple[str, str | None, str | None, str | None]] = [
+        ("", cloud_ca, settings.client_cert, settings.client_key)
+    ]
+    named = [("default_target", settings.default_target)]
+    named += [(f"targets.{name}", target) for name, target in settings.targets.items()]
+    for where, target in named:
+        if target is not None:
+            ca_file = target.ca_file if target.verify_tls else None
+            places.append((f"{where}.", ca_file, target.client_cert, target.client_key))
+    for prefix, ca_file, client_cert, client_key in places:
+        problem = check_files(ca_file=ca_file, client_cert=client_cert, client_key=client_key)
+        if problem is not None:
+            raise ConfigError(source, prefix + problem[0], problem[1])
+    try:
+        proxies.environment_proxies(environ)
+    except ValueError as exc:
+        raise ConfigError("environment", "", str(exc)) from None
 
 
 def load_delivery_plans(

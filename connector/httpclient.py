@@ -26,6 +26,7 @@ from typing import cast
 
 import httptools
 
+from webhook_connect.connector.proxy import ProxyPolicy, ProxyServer, open_tunnel
 from webhook_connect.shared.exceptions import WebhookConnectError
 
 MAX_CONNECTIONS_PER_HOST = 64
@@ -241,7 +242,9 @@ class _Connection(asyncio.BufferedProtocol):
         if waiter is None or waiter.done():
             return
         if not self.received:
-            waiter.set_exception(_Stale())
+            stale = _Stale()
+            stale.__cause__ = exc  # a TLS alert (no client certificate) says why, if any
+            waiter.set_exception(stale)
         elif self.headers_done and not self._is_framed():
             self._finish(waiter)  # no Content-Length, not chunked: the body ends at EOF
         else:
@@ -336,6 +339,10 @@ class _Pool:
         self.client = client
         self.origin = origin
         self.loop = loop
+        # Decided once per origin, so requests never look at the proxy settings.
+        self.proxy: ProxyServer | None = None
+        if client.proxies is not None:
+            self.proxy = client.proxies.choose(origin.scheme, origin.host, origin.port)
         self.max_body = client.max_response_body
         self.read_buffer = client.read_buffer
         self.idle: list[_Connection] = []
@@ -399,13 +406,22 @@ class _Pool:
         ssl_context = self.client.ssl_context() if origin.scheme == "https" else None
         try:
             async with asyncio.timeout_at(deadline):
-                _, connection = await self.loop.create_connection(
-                    lambda: _Connection(self),
-                    origin.host,
-                    origin.port,
-                    ssl=ssl_context,
-                    server_hostname=origin.host if ssl_context else None,
-                )
+                if self.proxy is None:
+                    _, connection = await self.loop.create_connection(
+                        lambda: _Connection(self),
+                        origin.host,
+                        origin.port,
+                        ssl=ssl_context,
+                        server_hostname=origin.host if ssl_context else None,
+                    )
+                else:
+                    tunnel = await open_tunnel(self.proxy, origin.host, origin.port)
+                    _, connection = await self.loop.create_connection(
+                        lambda: _Connection(self),
+                        sock=tunnel,
+                        ssl=ssl_context,
+                        server_hostname=origin.host if ssl_context else None,
+                    )
         except TimeoutError as exc:
             raise RequestTimeout(f"connecting to {origin.authority} timed out") from exc
         except OSError as exc:
@@ -424,8 +440,10 @@ class HttpClient:
         max_response_body: int = MAX_RESPONSE_BODY,
         keepalive_expiry: float = KEEPALIVE_EXPIRY,
         ssl_context: ssl.SSLContext | None = None,
+        proxies: ProxyPolicy | None = None,
     ) -> None:
         self.max_connections_per_host = max_connections_per_host
+        self.proxies = proxies
         self.max_response_body = max_response_body
         self.keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from webhook_connect.connector.config import ConnectorSettings
 from webhook_connect.connector.dedup import DeliveredLog
-from webhook_connect.connector.delivery import Deliverer, HttpDeliverer
+from webhook_connect.connector.delivery import Deliverer, HttpDeliverer, target_proxies
 from webhook_connect.connector.httpclient import HttpClient
 from webhook_connect.connector.runner import Runner
 from webhook_connect.connector.transports import open_transport
@@ -45,7 +45,10 @@ async def serve(settings: ConnectorSettings, plans: Mapping[str, DeliveryPlan] |
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    client = HttpClient(max_connections_per_host=max(settings.max_concurrent_requests, 1))
+    client = HttpClient(
+        max_connections_per_host=max(settings.max_concurrent_requests, 1),
+        proxies=target_proxies(),  # the environment's, loopback direct (connector/proxy.py)
+    )
     delivered = DeliveredLog(state_path(settings), settings.dedup_capacity)
     deliverer: Deliverer = HttpDeliverer(settings, client)
     if plans is not None:

@@ -339,3 +339,247 @@ class HAProxy(Proxy):
             )
         )
         return [require(self.binary), "-db", "-f", str(config)], dict(os.environ)
+
+
+# Forward proxies and client certificates (the connector on corporate networks) -------------
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """A client CA (what a server requiring client certificates trusts) and a certificate it
+    signed, with its key apart and both in one file."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    pem_file: Path  # certificate and key in one file
+
+
+def make_client_certificate(directory: Path, name: str = "connector") -> ClientCertificate:
+    """Write a client CA and a client certificate for ``name`` (EC P-256, a day) to
+    ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "webhook-connect client CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    client = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    files = ClientCertificate(
+        ca_file=directory / f"{name}-client-ca.pem",
+        cert_file=directory / f"{name}-client.pem",
+        key_file=directory / f"{name}-client.key",
+        pem_file=directory / f"{name}-client-with-key.pem",
+    )
+    files.ca_file.write_bytes(ca.public_bytes(pem))
+    files.cert_file.write_bytes(client.public_bytes(pem))
+    files.key_file.write_bytes(key_pem)
+    files.key_file.chmod(0o600)
+    files.pem_file.write_bytes(client.public_bytes(pem) + key_pem)
+    files.pem_file.chmod(0o600)
+    return files
+
+
+class MutualTlsNginx(Proxy):
+    """nginx terminating TLS in front of the cloud and requiring a client certificate of
+    ``client.ca_file`` (``ssl_verify_client on``): without one it answers 400."""
+
+    name = "nginx-mtls"
+    binary = "/usr/sbin/nginx"
+
+    def __init__(
+        self, workdir: Path, certs: Certificates, upstream: str, client: ClientCertificate
+    ) -> None:
+        super().__init__(workdir, certs, upstream)
+        self.client = client
+        self.temp: Path | None = None
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        # The worker runs as nobody and cannot enter a pytest directory: temp files apart.
+        self.temp = temp = Path(tempfile.mkdtemp(prefix="webhook-connect-nginx-"))
+        temp.chmod(0o755)
+        paths = "".join(
+            f"    {kind}_temp_path {temp / kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        main = self.workdir / "nginx.conf"
+        main.write_text(
+            f"pid {self.workdir / 'nginx.pid'};\n"
+            f"error_log {self.workdir / 'error.log'} info;\n"
+            "worker_processes 1;\n"
+            "events { worker_connections 512; }\n"
+            "http {\n"
+            f"    access_log {self.workdir / 'access.log'};\n"
+            f"{paths}"
+            "    map $http_upgrade $connection_upgrade { default upgrade; '' close; }\n"
+            "    server {\n"
+            f"        listen 127.0.0.1:{self.port} ssl;\n"
+            f"        ssl_certificate {self.certs.cert_file};\n"
+            f"        ssl_certificate_key {self.certs.key_file};\n"
+            f"        ssl_client_certificate {self.client.ca_file};\n"
+            "        ssl_verify_client on;\n"
+            "        location / {\n"
+            f"            proxy_pass http://{self.upstream};\n"
+            "            proxy_http_version 1.1;\n"
+            "            proxy_set_header Upgrade $http_upgrade;\n"
+            "            proxy_set_header Connection $connection_upgrade;\n"
+            "            proxy_set_header Host $host;\n"
+            "            proxy_buffering off;\n"
+            "            proxy_read_timeout 3600s;\n"
+            "        }\n"
+            "    }\n"
+            "}\n"
+        )
+        args = [
+            require(self.binary),
+            "-p",
+            str(self.workdir),
+            "-e",
+            str(self.workdir / "error.log"),
+            "-c",
+            str(main),
+            "-g",
+            "daemon off;",
+        ]
+        return args, dict(os.environ)
+
+    def _serving(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            self.last_error = RuntimeError(f"{self.name} exited")
+            return False
+        context = self.certs.client_context()
+        context.load_cert_chain(str(self.client.cert_file), str(self.client.key_file))
+        try:
+            response = httpx.get(f"{self.url}/health", verify=context, timeout=2)
+        except Exception as exc:  # not serving yet: kept for the report
+            self.last_error = exc
+            return False
+        return response.status_code == 200
+
+    def stop(self) -> None:
+        super().stop()
+        if self.temp is not None:
+            shutil.rmtree(self.temp, ignore_errors=True)
+            self.temp = None
+
+    def output(self) -> str:
+        error_log = self.workdir / "error.log"
+        logged = error_log.read_text(errors="replace") if error_log.exists() else ""
+        return super().output() + logged
+
+
+class Tinyproxy:
+    """A real forward proxy (Debian ``tinyproxy``) on a free loopback port, logging every
+    request (``CONNECT host:port`` lines), tunnelling to ``connect_ports`` only, with Basic
+    authentication when ``credentials`` are given.
+
+    ``hosts`` maps names only the proxy resolves: it runs in a mount namespace of its own
+    (``unshare --mount``) where they are bound over ``/etc/hosts``. A client that reaches such
+    a name has gone through the proxy; one that tried to bypass it cannot resolve the name.
+    """
+
+    binary = "/usr/bin/tinyproxy"
+
+    def __init__(
+        self,
+        workdir: Path,
+        connect_ports: list[int],
+        credentials: tuple[str, str] | None = None,
+        hosts: Mapping[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.connect_ports = connect_ports
+        self.credentials = credentials
+        self.hosts = dict(hosts or {})
+        self.port = free_port()
+        self.log = workdir / f"tinyproxy-{self.port}.log"
+        self.stdout = workdir / f"tinyproxy-{self.port}.out"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://[user:pass@]127.0.0.1:port``, as a ``proxy`` key or ``HTTPS_PROXY``."""
+        userinfo = f"{self.credentials[0]}:{self.credentials[1]}@" if self.credentials else ""
+        return f"http://{userinfo}127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / f"tinyproxy-{self.port}.conf"
+        lines = [
+            f"Port {self.port}",
+            "Listen 127.0.0.1",
+            "Timeout 600",
+            f'LogFile "{self.log}"',
+            "LogLevel Connect",  # one line per request: CONNECT host:port HTTP/1.1
+            "MaxClients 200",
+            "Allow 127.0.0.1",
+            "DisableViaHeader Yes",
+            *(f"ConnectPort {port}" for port in self.connect_ports),
+        ]
+        if self.credentials is not None:
+            lines.append(f"BasicAuth {self.credentials[0]} {self.credentials[1]}")
+        config.write_text("\n".join(lines) + "\n")
+        args = [require(self.binary), "-d", "-c", str(config)]
+        if self.hosts:
+            hosts = self.workdir / f"tinyproxy-{self.port}.hosts"
+            names = "".join(f"{address} {name}\n" for name, address in self.hosts.items())
+            hosts.write_text("127.0.0.1 localhost\n" + names)
+            # sh execs tinyproxy, so the PID we stop is tinyproxy's own.
+            script = 'mount --bind "$1" /etc/hosts && exec "$2" -d -c "$3"'
+            args = ["unshare", "--mount", "sh", "-c", script, "sh", str(hosts), args[0], args[3]]
+        with self.stdout.open("ab") as out:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        wait_until(self._listening, timeout=10, what=f"tinyproxy on port {self.port}")
+
+    def _listening(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"tinyproxy exited: {self.output()}")
+        import socket
+
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            return True
+
+    def output(self) -> str:
+        parts = [p.read_text(errors="replace") for p in (self.stdout, self.log) if p.exists()]
+        return "".join(parts)
+
+    def tunnels(self) -> list[str]:
+        """``host:port`` of every CONNECT the proxy was asked for, in order."""
+        if not self.log.exists():
+            return []
+        found = re.findall(r"Request \(file descriptor \d+\): CONNECT (\S+) HTTP/", self.output())
+        return list(found)
+
+    def requests(self) -> list[str]:
+        """Every request line the proxy logged (CONNECT and plain forwarding alike)."""
+        return re.findall(r"Request \(file descriptor \d+\): (.+)$", self.output(), re.MULTILINE)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None

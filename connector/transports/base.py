@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 from webhook_connect.connector.config import ConnectorSettings
+from webhook_connect.connector.proxy import ProxyPolicy, open_tunnel
+from webhook_connect.connector.proxy import policy as proxy_policy
+from webhook_connect.connector.tls import tls_context as client_tls_context
 from webhook_connect.shared.exceptions import WebhookConnectError
 from webhook_connect.shared.frames import WireMessage
 
@@ -44,10 +49,24 @@ class Transport(Protocol):
 
 def tls_context(settings: ConnectorSettings) -> ssl.SSLContext | None:
     """The TLS settings of ``connector.json`` as a context (None: library defaults)."""
-    if settings.verify_tls and settings.ca_file is None:
+    return client_tls_context(
+        verify=settings.verify_tls,
+        ca_file=settings.ca_file,
+        client_cert=settings.client_cert,
+        client_key=settings.client_key,
+    )
+
+
+def cloud_proxies(settings: ConnectorSettings) -> ProxyPolicy:
+    """The proxy policy of the cloud connection: the ``proxy`` key, else the environment's."""
+    return proxy_policy(settings.proxy, os.environ, loopback_direct=False)
+
+
+async def open_socket(
+    proxies: ProxyPolicy, scheme: str, host: str, port: int
+) -> socket.socket | None:
+    """A tunnel through the proxy the policy names for this origin, or None (dial directly)."""
+    proxy = proxies.choose(scheme, host, port)
+    if proxy is None:
         return None
-    context = ssl.create_default_context(cafile=settings.ca_file)
-    if not settings.verify_tls:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    return await open_tunnel(proxy, host, port)

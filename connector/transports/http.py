@@ -9,7 +9,12 @@ import orjson
 
 from webhook_connect.connector.config import ConnectorSettings
 from webhook_connect.connector.httpclient import HttpClient, HttpClientError, Response
-from webhook_connect.connector.transports.base import Disconnected, Refused, tls_context
+from webhook_connect.connector.transports.base import (
+    Disconnected,
+    Refused,
+    cloud_proxies,
+    tls_context,
+)
 from webhook_connect.shared.frames import NATIVE_SUBPROTOCOL
 
 ACK_TIMEOUT = 10.0
@@ -23,7 +28,11 @@ class HttpSide:
         self.settings = settings
         base = settings.cloud_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
         self.base = base
-        self.client = HttpClient(max_connections_per_host=8, ssl_context=tls_context(settings))
+        self.client = HttpClient(
+            max_connections_per_host=8,
+            ssl_context=tls_context(settings),
+            proxies=cloud_proxies(settings),
+        )
         self.connection_id = ""
 
     def headers(self) -> list[tuple[str, str]]:

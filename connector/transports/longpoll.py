@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import orjson
 
+from webhook_connect.connector.causes import describe
 from webhook_connect.connector.config import ConnectorSettings
 from webhook_connect.connector.httpclient import HttpClientError
 from webhook_connect.connector.transports.base import Disconnected, Refused
@@ -39,7 +40,8 @@ class LongPollTransport:
         try:
             response = await side.client.request("GET", url, side.headers(), b"", seconds + 15)
         except (HttpClientError, OSError) as exc:
-            raise Disconnected(f"poll failed: {exc or type(exc).__name__}") from exc
+            cause = describe(exc, urlsplit(side.base).hostname or "", seconds + 15)
+            raise Disconnected(f"poll failed: {cause}") from exc
         check_refused(response)
         if response.status == 204:
             side.connection_id = response.header("x-connection-id") or side.connection_id

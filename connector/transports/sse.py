@@ -18,8 +18,15 @@ from urllib.parse import quote, urlsplit
 import httptools
 import orjson
 
+from webhook_connect.connector.causes import describe
 from webhook_connect.connector.config import ConnectorSettings
-from webhook_connect.connector.transports.base import Disconnected, Refused, tls_context
+from webhook_connect.connector.transports.base import (
+    Disconnected,
+    Refused,
+    cloud_proxies,
+    open_socket,
+    tls_context,
+)
 from webhook_connect.connector.transports.http import REFUSING_STATUSES, HttpSide, ack_all, nack_one
 from webhook_connect.shared.frames import (
     FrameError,
@@ -123,11 +130,21 @@ class SseTransport:
         if secure:
             context = tls_context(self._settings) or ssl.create_default_context()
         loop = asyncio.get_running_loop()
+        host = url.hostname or "127.0.0.1"
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                _, stream = await loop.create_connection(
-                    _StreamProtocol, url.hostname or "127.0.0.1", port, ssl=context
-                )
+                tunnel = await open_socket(cloud_proxies(self._settings), url.scheme, host, port)
+                if tunnel is None:
+                    _, stream = await loop.create_connection(
+                        _StreamProtocol, host, port, ssl=context
+                    )
+                else:
+                    _, stream = await loop.create_connection(
+                        _StreamProtocol,
+                        sock=tunnel,
+                        ssl=context,
+                        server_hostname=host if context else None,
+                    )
                 self._stream = stream
                 headers = [
                     (k, v) for k, v in self._side.headers() if k.lower() != "x-connection-id"
@@ -142,7 +159,8 @@ class SseTransport:
                 stream.transport.write((head + "\r\n").encode())
                 status = await stream.head
         except (OSError, TimeoutError) as exc:
-            raise Disconnected(f"cannot connect: {exc or type(exc).__name__}") from exc
+            cause = describe(exc, host, CONNECT_TIMEOUT)
+            raise Disconnected(f"cannot connect to {url.netloc}: {cause}") from exc
         if status in REFUSING_STATUSES:
             raise Refused(f"the cloud refused the token (HTTP {status})")
         if status != 200:

@@ -4,18 +4,27 @@ Core Webhook Module's cloud answers (JSON ``webhook`` frames, one ack per frame)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from urllib.parse import quote, urlencode
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from webhook_connect.connector.causes import describe
 from webhook_connect.connector.config import ConnectorSettings
-from webhook_connect.connector.transports.base import Disconnected, Refused, tls_context
+from webhook_connect.connector.transports.base import (
+    Disconnected,
+    Refused,
+    cloud_proxies,
+    open_socket,
+    tls_context,
+)
 from webhook_connect.shared.frames import (
     NATIVE_SUBPROTOCOL,
     FrameError,
@@ -55,12 +64,26 @@ class WebSocketTransport:
             "Authorization": f"Bearer {settings.token}",
             "X-Connector-ID": settings.connector_id,
         }
+        url = stream_url(settings)
+        parts = urlsplit(url)
+        secure = parts.scheme == "wss"
+        host = parts.hostname or ""
+        port = parts.port or (443 if secure else 80)
+        # Our own proxy decision and tunnel (the ``proxy`` key, else HTTPS_PROXY/NO_PROXY),
+        # never websockets' default reading of the environment: one rule for all transports.
+        extra: dict[str, Any] = {"proxy": None}
+        if secure:
+            extra["ssl"] = tls_context(settings) or True
         try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                tunnel = await open_socket(cloud_proxies(settings), parts.scheme, host, port)
+            if tunnel is not None:
+                extra["sock"] = tunnel
             self._ws = await connect(
-                stream_url(settings),
+                url,
                 additional_headers=headers,
                 subprotocols=[NATIVE_SUBPROTOCOL],  # type: ignore[list-item]
-                ssl=tls_context(settings),
+                **extra,
                 open_timeout=OPEN_TIMEOUT,
                 ping_interval=5,
                 ping_timeout=10,
@@ -74,7 +97,8 @@ class WebSocketTransport:
                 raise Refused(f"the cloud refused the connection (HTTP {status})") from exc
             raise Disconnected(f"HTTP {status} from the cloud") from exc
         except (OSError, InvalidHandshake, TimeoutError) as exc:
-            raise Disconnected(f"cannot connect: {exc or type(exc).__name__}") from exc
+            cause = describe(exc, host, OPEN_TIMEOUT)
+            raise Disconnected(f"cannot connect to {parts.netloc}: {cause}") from exc
         hello = await self._receive_text()
         if hello.get("type") != "connected":
             raise Disconnected(f"unexpected first frame {hello.get('type')!r}")
