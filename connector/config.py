@@ -9,18 +9,34 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from webhook_connect.connector import proxy as proxies
+from webhook_connect.connector.routing import MatchConfig, events_text, split_events
+from webhook_connect.connector.signing import ResignConfig, SignConfig, Signer
 from webhook_connect.connector.tls import check_files
 from webhook_connect.shared.config import aliases
 from webhook_connect.shared.config.connections import load_connections
-from webhook_connect.shared.config.delivery import DeliveryPlan, load_plans
+from webhook_connect.shared.config.delivery import DeliveryPlan, build_plan, load_plans
 from webhook_connect.shared.config.loading import load_json_file, validate_model
 from webhook_connect.shared.config.webhooks import CHANNEL_NAME_PATTERN
 from webhook_connect.shared.exceptions import ConfigError
 
 Protocol = Literal["websocket", "sse", "long_poll"]
+# The keys of a route that delivers by modules instead of a target, as in webhooks_config.
+MODULE_ROUTE_KEYS = frozenset(
+    {"module", "chain", "connection", "module-config", "chain-config", "retry", "transform"}
+    | {"timeout_seconds", "queue_name", "topic"}
+)
 # Command-line flags and environment variables that may override a key of the file.
 OVERRIDABLE = ("protocol", "cloud_url", "channel", "token", "connector_id")
 
@@ -64,15 +80,63 @@ class Target(BaseModel):
     client_key: str | None = None
     proxy: str | None = None
 
+    # Standard Webhooks headers of the connector's own, and the provider's signature made
+    # afresh (connector/signing.py).
+    sign: SignConfig | None = None
+    resign: ResignConfig | None = None
+    _signer: Signer | None = PrivateAttr(default=None)
+
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         return _http_url(value, ("http", "https"))
 
+    @model_validator(mode="after")
+    def _compile_signer(self) -> Target:
+        if self.sign is not None and self.resign is not None:
+            if self.resign.provider == "standard_webhooks":
+                raise ValueError(
+                    "sign and resign standard_webhooks both write webhook-signature: choose one"
+                )
+        if self.sign is not None or self.resign is not None:
+            self._signer = Signer(self.sign, self.resign)
+        return self
+
+    @property
+    def signer(self) -> Signer | None:
+        """What signs this target's requests (None: no ``sign`` or ``resign``)."""
+        return self._signer
+
     @field_validator("proxy")
     @classmethod
     def _check_proxy(cls, value: str | None) -> str | None:
         return _proxy_url(value)
+
+
+class RouteConfig(BaseModel):
+    """``routes[n]``: a match and where it delivers: a ``target``, or modules as in
+    ``webhooks_config`` (``module`` / ``chain`` and their keys)."""
+
+    # Module keys are checked by the module plan (load_connector_settings), not here.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    match: MatchConfig
+    target: Target | None = None
+    _plan: DeliveryPlan | None = PrivateAttr(default=None)
+
+    @property
+    def module_keys(self) -> dict[str, Any]:
+        """The route's keys besides ``match`` and ``target``."""
+        return dict(self.model_extra or {})
+
+    @property
+    def plan(self) -> DeliveryPlan | None:
+        """The module plan of a ``module`` / ``chain`` route, built when settings load."""
+        return self._plan
+
+    def bind_plan(self, plan: DeliveryPlan) -> None:
+        """Keep the plan built from :attr:`module_keys` (load_connector_settings)."""
+        self._plan = plan
 
 
 class ConnectorSettings(BaseModel):
@@ -104,6 +168,12 @@ class ConnectorSettings(BaseModel):
     targets: dict[str, Target] = Field(default_factory=dict)
     webhooks_config: str | None = None
     connections_config: str | None = None
+    # Routing and filtering (connector/routing.py): routes tried in order, the events filter
+    # (comma-separated names, or a list in the file), and what becomes of a message neither
+    # a route nor a fallback target takes.
+    routes: tuple[RouteConfig, ...] = ()
+    events: str | None = None
+    unmatched: Literal["ack", "nack"] = "ack"
 
     @field_validator("cloud_url")
     @classmethod
@@ -114,6 +184,16 @@ class ConnectorSettings(BaseModel):
     @classmethod
     def _check_proxy(cls, value: str | None) -> str | None:
         return _proxy_url(value)
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _check_events(cls, value: Any) -> Any:
+        return None if value is None else events_text(split_events(value))
+
+    @property
+    def event_names(self) -> tuple[str, ...]:
+        """The events filter's names (empty: no filter)."""
+        return tuple(split_events(self.events)) if self.events else ()
 
     @property
     def concurrency(self) -> int:
@@ -158,14 +238,20 @@ def load_connector_settings(
             "choose one delivery mode: HTTP (default_target/targets) or modules "
             "(webhooks_config), not both",
         )
-    if not http_mode and not module_mode:
+    if not http_mode and not module_mode and not settings.routes:
         raise ConfigError(
-            source, "default_target", "no delivery mode: set default_target (or targets)"
+            source, "default_target", "no delivery mode: set default_target (or targets, routes)"
         )
-    if settings.connections_config is not None and not module_mode:
+    module_routes = any(
+        "module" in r.module_keys or "chain" in r.module_keys for r in settings.routes
+    )
+    if settings.connections_config is not None and not module_mode and not module_routes:
         raise ConfigError(
-            source, "connections_config", "only meaningful with webhooks_config (module mode)"
+            source,
+            "connections_config",
+            "only meaningful with webhooks_config (module mode) or module routes",
         )
+    _build_route_plans(settings, source, path)
     _check_network_settings(settings, source, os.environ if environ is None else environ)
     return settings
 
@@ -194,6 +280,32 @@ def _check_network_settings(
         proxies.environment_proxies(environ)
     except ValueError as exc:
         raise ConfigError("environment", "", str(exc)) from None
+
+
+def _build_route_plans(settings: ConnectorSettings, source: str, path: str | Path | None) -> None:
+    """Check each route's destination and build the plan of each module route now, so a bad
+    module or module-config stops start-up with its key path, as webhooks_config does."""
+    connections: dict[str, Any] | None = None
+    for index, route in enumerate(settings.routes):
+        where = f"routes[{index}]"
+        keys = route.module_keys
+        for key in keys:
+            if key not in MODULE_ROUTE_KEYS:
+                raise ConfigError(source, f"{where}.{key}", "unknown key")
+        modular = "module" in keys or "chain" in keys
+        if route.target is not None and keys:
+            reason = f"give target or module/chain, not both (found target and {min(keys)!r})"
+            raise ConfigError(source, where, reason)
+        if route.target is None and not modular:
+            reason = "no destination: give target, module or chain"
+            raise ConfigError(source, f"{where}.target", reason)
+        if modular:
+            if connections is None:
+                connections = {}
+                if settings.connections_config is not None:
+                    base = Path(path).parent if path is not None else Path.cwd()
+                    connections = dict(load_connections(base / settings.connections_config))
+            route.bind_plan(build_plan(keys, source, where, connections))
 
 
 def load_delivery_plans(

@@ -80,8 +80,11 @@ class HttpRequest:
     body: bytes
 
 
-def build_request(message: WireMessage, target: Target, attempt: int) -> HttpRequest:
-    """The request for ``target`` (pure: no I/O)."""
+def build_request(
+    message: WireMessage, target: Target, attempt: int, now: float | None = None
+) -> HttpRequest:
+    """The request for ``target`` (pure: no I/O; ``now`` is the signing time, default the
+    clock's)."""
     envelope = message.envelope
     url = target.url
     if envelope.query_string:
@@ -102,6 +105,11 @@ def build_request(message: WireMessage, target: Target, attempt: int) -> HttpReq
         ("X-Webhook-Connect-Attempt", str(attempt)),
         ("X-Webhook-Connect-Channel", message.channel),
     ]
+    signer = target.signer
+    if signer is not None:
+        # Signed at each attempt, over the exact body: a retry carries a fresh timestamp.
+        signed_at = int(time.time() if now is None else now)
+        headers = signer.apply(headers, message.message_id, envelope.body, signed_at)
     return HttpRequest(target.method or envelope.method, url, headers, envelope.body)
 
 
@@ -207,9 +215,14 @@ class HttpDeliverer:
 
     async def deliver(self, message: WireMessage) -> DeliveryResult:
         target = self._settings.target_for(message.envelope.webhook_id)
-        started = time.monotonic()
         if target is None:
             return DeliveryResult(Outcome.REJECTED, "-", error="no_target")
+        return await self.deliver_to(message, target)
+
+    async def deliver_to(self, message: WireMessage, target: Target) -> DeliveryResult:
+        """Deliver to ``target`` (its retries included), whatever chose it: the webhook id,
+        or a route (connector/router.py)."""
+        started = time.monotonic()
         attempts = target.retry_max_attempts if target.retry_enabled else 1
         # The cloud's attempt count continues across local retries, so a target can tell.
         first_attempt = (message.attempt - 1) * attempts

@@ -55,6 +55,13 @@ async def serve(settings: ConnectorSettings, plans: Mapping[str, DeliveryPlan] |
         from webhook_connect.connector.modules import ModuleDeliverer
 
         deliverer = ModuleDeliverer(plans)
+    if settings.routes or settings.events:
+        # Only then: without routes or an events filter, no per-message routing cost at all.
+        from webhook_connect.connector.modules import ModuleDeliverer
+        from webhook_connect.connector.router import RoutingDeliverer
+
+        modules = deliverer if isinstance(deliverer, ModuleDeliverer) else None
+        deliverer = RoutingDeliverer(settings, HttpDeliverer(settings, client), modules)
     try:
         await deliverer.start()
         runner = Runner(settings, deliverer, delivered, open_transport)

@@ -25,6 +25,10 @@ class ModuleDeliverer:
     async def start(self) -> None:
         await self._dispatcher.start()
 
+    def knows(self, webhook_id: str) -> bool:
+        """Whether a plan takes this webhook (its own, or ``"*"``)."""
+        return self._dispatcher.knows(webhook_id)
+
     async def aclose(self) -> None:
         await self._dispatcher.aclose()
 
