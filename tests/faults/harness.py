@@ -203,10 +203,10 @@ class LoadDriver:
                 self.last_refused_at = time.monotonic()
 
 
-def delivered_ids(sink: Sink) -> Counter[str]:
-    """How many times each load id reached the sink."""
+def delivered_ids(*sinks: Sink) -> Counter[str]:
+    """How many times each load id reached the sinks."""
     counts: Counter[str] = Counter()
-    for record in sink.records():
+    for record in (record for sink in sinks for record in sink.records()):
         body = base64.b64decode(str(record["body_b64"]))
         end = body.find(b"}") + 1
         counts[str(json.loads(body[:end])["id"])] += 1
@@ -226,6 +226,7 @@ class Tally:
     refused: dict[str, int] = field(default_factory=dict)
     rate: float = 0.0
     seconds: float = 0.0
+    notes: str = ""  # what else the scenario measured, as ``key=value`` words
 
     def line(self) -> str:
         refused = ",".join(f"{k}:{v}" for k, v in sorted(self.refused.items())) or "0"
@@ -233,17 +234,18 @@ class Tally:
             f"scenario={self.scenario} accepted={self.accepted} delivered={self.delivered} "
             f"lost={self.lost} duplicated={self.duplicated} unaccepted={self.unaccepted} "
             f"refused={refused} rate={self.rate:.0f}/s seconds={self.seconds:.1f}"
+            + (f" {self.notes}" if self.notes else "")
         )
 
 
-def settle(driver: LoadDriver, sink: Sink, timeout: float = 60.0) -> Counter[str]:
-    """Wait (bounded) until every accepted id reached the sink; return the delivery counts
+def settle(driver: LoadDriver, *sinks: Sink, timeout: float = 60.0) -> Counter[str]:
+    """Wait (bounded) until every accepted id reached the sinks; return the delivery counts
     either way, so a loss is reported with figures rather than as a time-out."""
     try:
-        wait_until(lambda: driver.accepted <= set(delivered_ids(sink)), timeout, "deliveries")
+        wait_until(lambda: driver.accepted <= set(delivered_ids(*sinks)), timeout, "deliveries")
     except TimeoutError:
         pass
-    return delivered_ids(sink)
+    return delivered_ids(*sinks)
 
 
 def tally(scenario: str, driver: LoadDriver, deliveries: Counter[str], started: float) -> Tally:

@@ -90,6 +90,7 @@ def inject(
     return 1
 
 
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("fault", ["cut", "blackhole", "latency", "reset", "trickle"])
 @pytest.mark.parametrize("protocol", ["websocket", "sse", "long_poll"])
 def test_a_faulty_link_to_the_cloud_loses_nothing(

@@ -66,6 +66,7 @@ def inject(fault: str, proxy: FaultProxy, driver: LoadDriver, sink: Sink) -> Non
     wait_until(acceptance_after(driver, healed), 30, "a 202 once Redis is reachable again")
 
 
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("fault", ["cut", "blackhole", "latency", "reset"])
 def test_a_faulty_link_to_redis_answers_503_and_recovers(
     fault: str,
