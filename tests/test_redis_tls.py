@@ -75,7 +75,10 @@ def body_received(sink: Sink, body: bytes) -> bool:
 
 def assert_usable(cloud: Cloud) -> None:
     """Ready, and a webhook is stored (202)."""
-    wait_until(lambda: ready_status(cloud) == 200, 15, f"/ready 200: {cloud.log.read_text()}")
+    try:
+        wait_until(lambda: ready_status(cloud) == 200, 30, "/ready 200")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{cloud.log.read_text()}") from None
     answer = post(cloud, b"stored")
     assert answer.status_code == 202, (answer.text, cloud.log.read_text())
 
@@ -203,11 +206,15 @@ def test_rediss_with_the_right_ca_relays_end_to_end(
         connector = ConnectorProcess(tmp_path, settings)
         try:
             connector.start()
-            wait_until(lambda: "connected to" in connector.output(), 20, "the connector")
             body = b"over tls\r\n" + bytes(range(256))
-            assert post(cloud, body).status_code == 202
-            wait_until(lambda: body_received(sink, body), 20, f"relay: {connector.output()}")
-            wait_until(lambda: body_received(sink, b"stored"), 20, "the first webhook")
+            try:
+                wait_until(lambda: "connected to" in connector.output(), 30, "the connector")
+                assert post(cloud, body).status_code == 202
+                wait_until(lambda: body_received(sink, body), 30, "the relayed webhook")
+                wait_until(lambda: body_received(sink, b"stored"), 30, "the first webhook")
+            except TimeoutError as exc:
+                output = f"{connector.output()}\n{cloud.log.read_text()}"
+                raise AssertionError(f"{exc}\n{output}") from None
         finally:
             connector.stop(signal.SIGKILL)
 
@@ -222,7 +229,7 @@ def test_ready_answers_200_only_when_the_hot_path_works(files: TLSFiles, tmp_pat
         running(tls_redis(tmp_path, files)) as server,
         running(cloud_on(server.url(ssl_ca_certs=files.ca), empty, tmp_path)) as cloud,
     ):
-        wait_until(lambda: ready_status(cloud) == 200, 15, "/ready 200")
+        wait_until(lambda: ready_status(cloud) == 200, 30, "/ready 200")
         made = httpx.post(
             f"{cloud.url}/admin/channels",
             json={"name": "made-at-run-time"},
