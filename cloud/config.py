@@ -19,7 +19,16 @@ from webhook_connect.shared.exceptions import ConfigError
 from webhook_connect.shared.limits import ChannelLimits, limit_values
 
 DEFAULT_STORAGE = "sqlite:///webhook-connect.db"
-STORAGE_SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://", "amqp://", "amqps://")
+STORAGE_SCHEMES = (
+    "sqlite:///",
+    "redis://",
+    "rediss://",
+    "unix://",
+    "amqp://",
+    "amqps://",
+    "redis+cluster://",  # docs/STORAGE-REDIS-CLUSTER.md
+    "rediss+cluster://",
+)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LOG_FORMATS = ("auto", "json", "text")  # auto: text on a terminal, JSON lines elsewhere
 # Slow and idle client connections (cloud/connections.py).
@@ -87,6 +96,13 @@ def _check_storage(storage: str) -> None:
             split_url(storage)  # RabbitMQ needs its companion registry store
         except ValueError as exc:
             raise ConfigError("--storage", "registry", str(exc)) from None
+    if storage.startswith(("redis+cluster://", "rediss+cluster://")):
+        from webhook_connect.cloud.buffers.resp_cluster import parse_cluster_url
+
+        try:
+            parse_cluster_url(storage)  # the nodes themselves are checked at start-up
+        except ValueError as exc:
+            raise ConfigError("--storage", "", str(exc)) from None
 
 
 def _check_redis_url(storage: str) -> None:

@@ -50,6 +50,21 @@ def _stopped(signum: int, frame: object) -> None:
     """The stop signal uvicorn raises again after a graceful shutdown: already handled."""
 
 
+def check_storage(config: CloudConfig) -> None:
+    """Raise ConfigError for a cluster URL whose nodes are not one Redis Cluster (cluster
+    support disabled, nodes of two clusters): said once, before serving, as no retry would fix
+    it. Nodes that do not answer are not judged: the cloud waits for storage."""
+    from webhook_connect.cloud.buffers.resp_cluster import is_cluster_url, topology_problem
+
+    storage_url = config.storage_url
+    if is_cluster_url(storage_url):
+        import asyncio
+
+        problem = asyncio.run(topology_problem(storage_url))
+        if problem is not None:
+            raise ConfigError("--storage", "", problem)
+
+
 def serve(config: CloudConfig) -> None:
     """uvicorn with the cloud's settings, in the foreground."""
     # Imported here, not at the top: it imports prometheus_client, which must not be imported

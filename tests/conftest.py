@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from tests.servers import Cloud, RabbitMQServer, RedisServer, Sink, running
+from tests.servers import Cloud, RabbitMQServer, RedisCluster, RedisServer, Sink, running
 from webhook_connect.cloud.buffers import Buffer, open_buffer
 
 
@@ -31,7 +31,19 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 
 # RabbitMQ (a first cut, docs/STORAGE-RABBITMQ.md) joins the backends with WC_TEST_RABBITMQ=1.
-BACKENDS = ["sqlite", "redis"] + (["rabbitmq"] if os.environ.get("WC_TEST_RABBITMQ") else [])
+# A Redis Cluster (docs/STORAGE-REDIS-CLUSTER.md) runs the suites of CLUSTER_SUITES only.
+BACKENDS = ["sqlite", "redis", "redis-cluster"] + (
+    ["rabbitmq"] if os.environ.get("WC_TEST_RABBITMQ") else []
+)
+CLUSTER_SUITES = frozenset({"test_buffers.py", "test_relay.py"})
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """One real Redis Cluster (3 masters, 3 replicas) per test session, every node stopped
+    by PID."""
+    with running(RedisCluster(tmp_path_factory.mktemp("redis-cluster"))) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +59,15 @@ def rabbitmq_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabbit
 
 @pytest.fixture(params=BACKENDS)
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each backend in turn: a fresh SQLite file, the session's flushed Redis, or the session's
-    RabbitMQ under names of this test's own (its registry a fresh SQLite file)."""
+    """Each backend in turn: a fresh SQLite file, the session's flushed Redis, the session's
+    flushed Redis Cluster, or the session's RabbitMQ under names of this test's own (its
+    registry a fresh SQLite file)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'buffer.db'}"
+    if request.param == "redis-cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        return cluster.url
     if request.param == "rabbitmq":
         server: RabbitMQServer = request.getfixturevalue("rabbitmq_server")
         registry = quote(f"sqlite:///{tmp_path / 'registry.db'}", safe="")
@@ -130,10 +147,15 @@ SLIM_MATRIX = frozenset(
 
 def _slimmed(item: pytest.Item) -> bool:
     params = getattr(item, "callspec", None)
-    if params is None or getattr(item, "originalname", "") not in SLIM_MATRIX:
+    if params is None:
         return False
     chosen = params.params
-    return chosen.get("storage_url") == "redis" and chosen.get("protocol") != "websocket"
+    if chosen.get("storage_url") == "redis-cluster" and item.path.name not in CLUSTER_SUITES:
+        return True
+    if getattr(item, "originalname", "") not in SLIM_MATRIX:
+        return False
+    redis = ("redis", "redis-cluster")
+    return chosen.get("storage_url") in redis and chosen.get("protocol") != "websocket"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist turns the groups into scheduling keys

@@ -60,7 +60,9 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: f
 class RedisServer:
     """A redis-server with append-only persistence in ``directory``."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, cluster_node_timeout_ms: int = 0
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run scripts/test (it installs it)")
@@ -68,6 +70,8 @@ class RedisServer:
         self.directory = directory
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        # A node of a Redis Cluster (RedisCluster) when non-zero: its cluster-node-timeout.
+        self.cluster_node_timeout_ms = cluster_node_timeout_ms
 
     @property
     def url(self) -> str:
@@ -94,6 +98,22 @@ class RedisServer:
             "--loglevel",
             "warning",
         ]
+        if self.cluster_node_timeout_ms:
+            args += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(self.directory / "nodes.conf"),
+                "--cluster-node-timeout",
+                str(self.cluster_node_timeout_ms),
+                # A port of its own for the cluster bus (the default, port + 10000, may be
+                # taken or past 65535).
+                "--cluster-port",
+                str(free_port()),
+                # A replica syncs at once (not after the default 5 s wait for more replicas).
+                "--repl-diskless-sync-delay",
+                "0",
+            ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         wait_until(self._answers, what=f"redis-server on port {self.port}")
 
@@ -106,6 +126,116 @@ class RedisServer:
         if self.process is not None:
             stop(self.process, sig)
             self.process = None
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` masters, each with ``replicas`` replicas, on free
+    loopback ports: one redis-server per node (append-only, ``appendfsync always``, a short
+    ``cluster-node-timeout`` so a failover takes seconds), joined by ``redis-cli --cluster
+    create``. Every process is stopped by its PID."""
+
+    def __init__(
+        self, directory: Path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000
+    ) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed: run scripts/test (it installs it)")
+        self.cli = cli
+        self.directory = directory
+        self.masters = masters
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` naming every node (the cloud needs only one to answer)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        count = self.masters * (1 + self.replicas)
+        for index in range(count):
+            node = RedisServer(
+                self.directory / f"node-{index}",
+                cluster_node_timeout_ms=self.node_timeout_ms,
+            )
+            self.nodes.append(node)
+            node.start()
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        subprocess.run(
+            [self.cli, "--cluster", "create", *addresses]
+            + ["--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            timeout=60,
+        )
+        self.wait_ok()
+
+    def command(self, node: RedisServer, *args: str, timeout: float = 10) -> str:
+        """``redis-cli -p PORT ARGS...`` against one node; its output."""
+        done = subprocess.run(
+            [self.cli, "-h", "127.0.0.1", "-p", str(node.port), *args],
+            capture_output=True,
+            check=True,
+            timeout=timeout,
+        )
+        return done.stdout.decode()
+
+    def live(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+
+    def wait_ok(self, timeout: float = 60) -> None:
+        """Until every live node says ``cluster_state:ok`` and knows every live master."""
+
+        def ok() -> bool:
+            return all(self._settled(n) for n in self.live())
+
+        wait_until(ok, timeout=timeout, what="redis cluster state ok")
+
+    def _settled(self, node: RedisServer) -> bool:
+        """Cluster state ok, every master known, and a replica's link to its master up (so
+        a WAIT for a replica answers at once)."""
+        if "cluster_state:ok" not in self.command(node, "CLUSTER", "INFO"):
+            return False
+        if len(self.masters_now(node)) != self.masters:
+            return False
+        replication = self.command(node, "INFO", "replication")
+        return "role:master" in replication or "master_link_status:up" in replication
+
+    def masters_now(self, node: RedisServer) -> dict[int, str]:
+        """Port → node id of every master that ``node`` sees serving slots and not failed."""
+        out = {}
+        for line in self.command(node, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" in fields[2] and "fail" not in fields[2] and len(fields) > 8:
+                port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                out[port] = fields[0]
+        return out
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node serving ``key``'s slot now."""
+        slot = int(self.command(self.live()[0], "CLUSTER", "KEYSLOT", key))
+        for line in self.command(self.live()[0], "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for spec in fields[8:]:
+                low, _, high = spec.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"no master serves slot {slot}")
+
+    def flush(self) -> None:
+        """Empty every master (replicas follow)."""
+        for node in self.live():
+            if "role:master" in self.command(node, "INFO", "replication"):
+                self.command(node, "FLUSHALL")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        for node in self.nodes:
+            node.stop(sig)
 
 
 def descriptor_limit(nofile: int) -> Callable[[], None]:

@@ -23,6 +23,7 @@ from webhook_connect.cloud.buffers import (
 )
 from webhook_connect.cloud.buffers.base import EVENTS_KEPT
 from webhook_connect.cloud.buffers.resp import ReplyError
+from webhook_connect.cloud.buffers.resp_cluster import parse_cluster_url
 from webhook_connect.cloud.buffers.scripts import LUA_CONSTANTS, load_scripts, storage_error
 from webhook_connect.cloud.buffers.sqlite import SQLiteBuffer
 from webhook_connect.shared.envelope import Envelope
@@ -60,7 +61,7 @@ class StorageClock:
             await asyncio.sleep(seconds)
             assert time.time() >= mark
             return
-        client = aioredis.Redis.from_url(self._redis_url)
+        client = aioredis.Redis.from_url(_one_node(self._redis_url))
         try:
             mark = await _server_time(client) + seconds
             deadline = time.monotonic() + seconds + 10
@@ -69,6 +70,14 @@ class StorageClock:
                 await asyncio.sleep(0.01)
         finally:
             await client.aclose()
+
+
+def _one_node(url: str) -> str:
+    """A Redis Cluster's first node (every node reads the one clock of this machine)."""
+    if url.startswith("redis+cluster://"):
+        host, port = parse_cluster_url(url).nodes[0]
+        return f"redis://{host}:{port}"
+    return url
 
 
 async def _server_time(client: aioredis.Redis) -> float:

@@ -108,7 +108,7 @@ def cloud(**options: object) -> None:
     """Receive webhooks and buffer them durably per channel."""
     try:
         from webhook_connect.cloud.config import build_cloud_config
-        from webhook_connect.cloud.server import run
+        from webhook_connect.cloud.server import check_storage, run
     except ImportError as exc:
         click.echo(
             f"webhook-connect: the cloud needs its extras: pip install 'webhook-connect[cloud]' "
@@ -118,6 +118,7 @@ def cloud(**options: object) -> None:
         sys.exit(2)
     try:
         config = build_cloud_config(**options)  # type: ignore[arg-type]
+        check_storage(config)  # a Redis Cluster URL's nodes, before any other line
     except ConfigError as exc:
         fail_config(exc)
     announce_webhooks(config)

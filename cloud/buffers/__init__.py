@@ -21,7 +21,16 @@ from webhook_connect.cloud.buffers.base import (
     TokenRecord,
 )
 
-SCHEMES = ("sqlite:///", "redis://", "rediss://", "unix://", "amqp://", "amqps://")
+SCHEMES = (
+    "sqlite:///",
+    "redis://",
+    "rediss://",
+    "unix://",
+    "amqp://",
+    "amqps://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
 
 
 def open_buffer(url: str) -> Buffer:
@@ -30,6 +39,10 @@ def open_buffer(url: str) -> Buffer:
         from webhook_connect.cloud.buffers.sqlite import SQLiteBuffer
 
         return SQLiteBuffer(url)
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        from webhook_connect.cloud.buffers.redis_cluster import RedisClusterBuffer
+
+        return RedisClusterBuffer(url)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from webhook_connect.cloud.buffers.redis import RedisBuffer
 

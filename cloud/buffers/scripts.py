@@ -13,6 +13,7 @@ from __future__ import annotations
 from importlib import resources
 
 import orjson
+from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -74,7 +75,17 @@ LUA_CONSTANTS: dict[str, int | str] = {
     "NO_STREAM": NO_STREAM,
 }
 
-UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# A Redis Cluster failing over, migrating a slot or without quorum is storage unavailable too
+# (a 503 and a retry), as are its replies saying so (CLUSTER_DOWN).
+UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterError,
+    RedisClusterException,
+    TryAgainError,
+)
+CLUSTER_DOWN = frozenset({"CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "LOADING"})
 
 
 def lua_header(constants: dict[str, int | str]) -> str:
@@ -114,6 +125,8 @@ def storage_error(error: Exception, channel: str = "") -> StorageError:
     if isinstance(error, UNAVAILABLE):
         return StorageUnavailable(f"redis unreachable: {error}")
     code = error_code(error)
+    if code in CLUSTER_DOWN:
+        return StorageUnavailable(f"redis cluster unavailable: {error}")
     if code in REFUSED_CREDENTIALS:
         return StorageUnavailable(f"redis refused our credentials: {error}")
     if code == CHANNEL_FULL:
