@@ -37,8 +37,10 @@ MODULE_ROUTE_KEYS = frozenset(
     {"module", "chain", "connection", "module-config", "chain-config", "retry", "transform"}
     | {"timeout_seconds", "queue_name", "topic"}
 )
-# Command-line flags and environment variables that may override a key of the file.
-OVERRIDABLE = ("protocol", "cloud_url", "channel", "token", "connector_id")
+# Every key may be given as a flag or a WEBHOOK_CONNECT_* variable (connector/flags.py derives
+# them from the fields below). Besides the keys, overrides may hold FORWARD_TO:
+# ``default_target.url`` (``--forward-to``), the file's other target keys kept.
+FORWARD_TO = "forward_to"
 
 
 def _http_url(value: str, schemes: tuple[str, ...]) -> str:
@@ -174,6 +176,9 @@ class ConnectorSettings(BaseModel):
     routes: tuple[RouteConfig, ...] = ()
     events: str | None = None
     unmatched: Literal["ack", "nack"] = "ack"
+    # The connector's own /health and /metrics (connector/metrics.py); off unless a port is set.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("cloud_url")
     @classmethod
@@ -227,7 +232,12 @@ def load_connector_settings(
         raise ConfigError(source, "", "expected a JSON object")
     # The Core Webhook Module's key names are taken as ours (shared/config/aliases.py).
     data = aliases.connector_settings(data, ConnectorSettings.model_fields, source)
-    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    forward_to = given.pop(FORWARD_TO, None)
+    data = {**data, **given}
+    if forward_to is not None:
+        target = data.get("default_target")
+        data["default_target"] = {**(target if isinstance(target, dict) else {}), "url": forward_to}
     settings = validate_model(ConnectorSettings, data, source, "")
     http_mode = settings.default_target is not None or bool(settings.targets)
     module_mode = settings.webhooks_config is not None

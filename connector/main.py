@@ -7,7 +7,6 @@ import hashlib
 import logging
 import os
 import signal
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,10 +14,14 @@ from webhook_connect.connector.config import ConnectorSettings
 from webhook_connect.connector.dedup import DeliveredLog
 from webhook_connect.connector.delivery import Deliverer, HttpDeliverer, target_proxies
 from webhook_connect.connector.httpclient import HttpClient
+from webhook_connect.connector.logs import configure_logging
+from webhook_connect.connector.metrics import Metrics, MetricsServer
+from webhook_connect.connector.printer import LinePrinter
 from webhook_connect.connector.runner import Runner
 from webhook_connect.connector.transports import open_transport
 from webhook_connect.shared.config.delivery import DeliveryPlan
 
+logger = logging.getLogger("webhook_connect.connector")
 
 def state_path(settings: ConnectorSettings) -> Path:
     """Where the delivered log of this cloud, channel and group lives."""
@@ -31,16 +34,34 @@ def state_path(settings: ConnectorSettings) -> Path:
     return base / f"{cloud}-{settings.channel}-{settings.group}.delivered"
 
 
-def configure_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
-    root = logging.getLogger("webhook_connect")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+async def serve(
+    settings: ConnectorSettings,
+    plans: Mapping[str, DeliveryPlan] | None,
+    printer: LinePrinter | None = None,
+) -> int:
+    metrics = Metrics()
+    endpoint: MetricsServer | None = None
+    if settings.metrics_port is not None:
+        host, port = settings.metrics_host, settings.metrics_port
+        endpoint = MetricsServer(metrics, host, port, settings.cloud_url, settings.channel)
+        try:
+            await endpoint.start()
+        except OSError as exc:
+            logger.error("cannot serve health and metrics on %s:%d: %s", host, port, exc)
+            return 1
+    try:
+        return await _serve(settings, plans, printer, metrics)
+    finally:
+        if endpoint is not None:
+            await endpoint.aclose()
 
 
-async def serve(settings: ConnectorSettings, plans: Mapping[str, DeliveryPlan] | None) -> int:
+async def _serve(
+    settings: ConnectorSettings,
+    plans: Mapping[str, DeliveryPlan] | None,
+    printer: LinePrinter | None,
+    metrics: Metrics,
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -64,7 +85,9 @@ async def serve(settings: ConnectorSettings, plans: Mapping[str, DeliveryPlan] |
         deliverer = RoutingDeliverer(settings, HttpDeliverer(settings, client), modules)
     try:
         await deliverer.start()
-        runner = Runner(settings, deliverer, delivered, open_transport)
+        runner = Runner(
+            settings, deliverer, delivered, open_transport, printer=printer, metrics=metrics
+        )
         return await runner.run(stop)
     finally:
         delivered.close()
@@ -72,11 +95,17 @@ async def serve(settings: ConnectorSettings, plans: Mapping[str, DeliveryPlan] |
         await client.aclose()
 
 
-def run(settings: ConnectorSettings, plans: Mapping[str, DeliveryPlan] | None = None) -> int:
+def run(
+    settings: ConnectorSettings,
+    plans: Mapping[str, DeliveryPlan] | None = None,
+    *,
+    log_format: str = "auto",
+    log_level: str = "info",
+) -> int:
     """Run until SIGINT/SIGTERM (0) or a refusal by the cloud (1)."""
-    configure_logging()
+    printer = configure_logging(log_format, log_level)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(settings, plans))
-    return uvloop.run(serve(settings, plans))
+        return asyncio.run(serve(settings, plans, printer))
+    return uvloop.run(serve(settings, plans, printer))

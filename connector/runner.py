@@ -17,6 +17,7 @@ from collections.abc import Callable
 from webhook_connect.connector.config import ConnectorSettings
 from webhook_connect.connector.dedup import DeliveredLog
 from webhook_connect.connector.delivery import Deliverer, DeliveryResult
+from webhook_connect.connector.metrics import Metrics
 from webhook_connect.connector.printer import LinePrinter
 from webhook_connect.connector.transports import Disconnected, Refused, Transport
 from webhook_connect.shared.frames import WireMessage
@@ -38,6 +39,7 @@ class Runner:
         open_transport: Callable[[ConnectorSettings], Transport],
         rng: random.Random | None = None,
         printer: LinePrinter | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._deliverer = deliverer
@@ -45,6 +47,7 @@ class Runner:
         self._open_transport = open_transport
         self._rng = rng or random.Random()
         self._printer = printer or LinePrinter(sys.stdout)
+        self.metrics = metrics or Metrics()
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._acks: dict[Transport, list[str]] = {}
@@ -59,8 +62,11 @@ class Runner:
         settings = self._settings
         while not stop.is_set():
             transport = self._open_transport(settings)
+            connected = False
             try:
                 await transport.connect()
+                connected = True
+                self.metrics.up()
                 logger.info(
                     "connected to %s channel %r group %r as %s (%s)",
                     settings.cloud_url,
@@ -72,16 +78,23 @@ class Runner:
                 self._backoff.reset()
                 await self._serve(transport, stop)
             except Refused as exc:
+                self.metrics.down()
                 logger.error("refused: %s — not retrying; check the token and channel", exc)
                 await self._finish(transport)
                 return 1
             except Disconnected as exc:
+                self.metrics.down()
+                self.metrics.reconnects += 1
                 delay = self._backoff.next_delay(self._rng)
-                logger.warning("connection lost: %s; reconnecting in %.1fs", exc, delay)
+                # Anything but the cloud's refusal of the token is retried: a proxy's 403,
+                # a cloud being deployed, a network gone for a while.
+                what = "connection lost" if connected else "cannot connect"
+                logger.warning("%s: %s; reconnecting in %.1fs", what, exc, delay)
                 await transport.aclose()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 continue
+            self.metrics.down()
             await self._finish(transport)
         logger.info("stopped")
         return 0
@@ -108,9 +121,12 @@ class Runner:
             task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, transport: Transport, message: WireMessage) -> None:
+        metrics = self.metrics
+        metrics.in_flight += 1
         try:
             if message.message_id in self._delivered:
                 self._ack_soon(transport, message.message_id)
+                metrics.duplicate()
                 self._log(message, None, "duplicate suppressed (already delivered)")
                 return
             try:
@@ -127,8 +143,10 @@ class Runner:
             else:
                 retry = result.outcome is Outcome.RETRY
                 await transport.nack(message.message_id, retry=retry, reason=result.reason)
+            metrics.delivery(result.outcome, result.seconds, result.status, result.error)
             self._log(message, result)
         finally:
+            metrics.in_flight -= 1
             self._slots.release()
 
     async def _until_settled(self, message: WireMessage, result: DeliveryResult) -> DeliveryResult:
@@ -174,15 +192,8 @@ class Runner:
         self._printer.flush()
 
     def _log(self, message: WireMessage, result: DeliveryResult | None, note: str = "") -> None:
-        webhook_id = message.envelope.webhook_id
         if result is None:
+            webhook_id = message.envelope.webhook_id
             self._printer.line(f"{webhook_id} {message.message_id} {note}")
             return
-        status = result.status if result.status is not None else result.error
-        if not status:  # module mode: the modules confirmed the write
-            status = "ok"
-        outcome = "" if result.outcome is Outcome.DELIVERED else f" ({result.outcome.value})"
-        self._printer.line(
-            f"{webhook_id} {message.message_id} -> {result.target} {status} "
-            f"{result.seconds * 1000:.1f}ms attempt {message.attempt}{outcome}"
-        )
+        self._printer.delivery(message, result)

@@ -195,10 +195,20 @@ def test_the_connector_reconnects_after_the_cloud_restarts(
 def test_a_wrong_token_is_fatal_with_a_clear_line(
     sink: Sink, connectors: Connectors, protocol: str, tmp_path: Path
 ) -> None:
+    """Over SSE its cloud says 401 with its JSON error: fatal. Over the WebSocket it closes
+    before the upgrade, which reaches the connector as a bare 403, the same answer a proxy
+    gives: retried with backoff (issue 15, staying up), each attempt logged with what came
+    back."""
     with running(CoreCloudStandin(tmp_path, "dev", TOKEN)) as standin:
         connector = start_connector(
             connectors, standin.url, sink, tmp_path, protocol, token="wrong-token", wait=False
         )
+        if protocol == "websocket":
+            said = "not the cloud's refusal of the token"
+            wait_until(lambda: connector.output().count(said) >= 2, 20, "two attempts")
+            assert "cannot connect: HTTP 403" in connector.output()
+            assert connector.process is not None and connector.process.poll() is None
+            return
         assert connector.wait() == 1
     assert "refused" in connector.output()
 

@@ -9,6 +9,7 @@ import orjson
 
 from webhook_connect.connector.config import ConnectorSettings
 from webhook_connect.connector.httpclient import HttpClient, HttpClientError, Response
+from webhook_connect.connector.refusal import token_refusal
 from webhook_connect.connector.transports.base import (
     Disconnected,
     Refused,
@@ -18,7 +19,6 @@ from webhook_connect.connector.transports.base import (
 from webhook_connect.shared.frames import NATIVE_SUBPROTOCOL
 
 ACK_TIMEOUT = 10.0
-REFUSING_STATUSES = (401, 403)
 
 
 class HttpSide:
@@ -70,8 +70,10 @@ class HttpSide:
 
 
 def check_refused(response: Response) -> None:
-    if response.status in REFUSING_STATUSES:
-        raise Refused(f"the cloud refused the token (HTTP {response.status})")
+    """Refused on the cloud's explicit refusal of the token only (connector/refusal.py)."""
+    reason = token_refusal(response.status, response.body)
+    if reason is not None:
+        raise Refused(f"the cloud refused the token: {reason}")
     if response.status == 404 and b"unknown_connection" in response.body:
         raise Disconnected("the cloud forgot this connection")
 

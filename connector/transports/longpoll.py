@@ -10,6 +10,7 @@ import orjson
 from webhook_connect.connector.causes import describe
 from webhook_connect.connector.config import ConnectorSettings
 from webhook_connect.connector.httpclient import HttpClientError
+from webhook_connect.connector.refusal import not_a_refusal
 from webhook_connect.connector.transports.base import Disconnected, Refused
 from webhook_connect.connector.transports.http import HttpSide, ack_all, check_refused, nack_one
 from webhook_connect.shared.frames import FrameError, WireMessage, decode_native_json
@@ -47,7 +48,8 @@ class LongPollTransport:
             side.connection_id = response.header("x-connection-id") or side.connection_id
             return []
         if response.status != 200:
-            raise Disconnected(f"poll answered HTTP {response.status}: {response.body[:200]!r}")
+            kind = response.header("content-type") or ""
+            raise Disconnected(f"poll: {not_a_refusal(response.status, response.body, kind)}")
         try:
             data = orjson.loads(response.body)
             if any(isinstance(m, dict) and "body_b64" not in m for m in data["messages"]):

@@ -20,6 +20,7 @@ import orjson
 
 from webhook_connect.connector.causes import describe
 from webhook_connect.connector.config import ConnectorSettings
+from webhook_connect.connector.refusal import not_a_refusal, token_refusal
 from webhook_connect.connector.transports.base import (
     Disconnected,
     Refused,
@@ -27,7 +28,7 @@ from webhook_connect.connector.transports.base import (
     open_socket,
     tls_context,
 )
-from webhook_connect.connector.transports.http import REFUSING_STATUSES, HttpSide, ack_all, nack_one
+from webhook_connect.connector.transports.http import HttpSide, ack_all, nack_one
 from webhook_connect.shared.frames import (
     FrameError,
     WireMessage,
@@ -42,6 +43,7 @@ SILENCE_LIMIT = 20.0  # the cloud sends a heartbeat every 5 s: this long without
 # not announce): three of those.
 SEED_SILENCE_LIMIT = 90.0
 CONNECT_TIMEOUT = 10.0
+ANSWER_TIMEOUT = 2.0
 Event = tuple[bytes, bytes, bytes]  # event type, data, id
 
 
@@ -55,6 +57,10 @@ class _StreamProtocol(asyncio.Protocol):
         self.events: asyncio.Queue[list[Event] | Exception] = asyncio.Queue()
         self.pending = b""
         self.transport: asyncio.Transport | None = None
+        # An answer other than 200 is kept (its first KiB) to say what came back.
+        self.status = 0
+        self.content_type = ""
+        self.answer = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -65,11 +71,19 @@ class _StreamProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(Disconnected(f"bad HTTP from the cloud: {exc}"))
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"content-type":
+            self.content_type = value.decode("latin-1")
+
     def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
         if not self.head.done():
-            self.head.set_result(self.parser.get_status_code())
+            self.head.set_result(self.status)
 
     def on_body(self, body: bytes) -> None:
+        if self.status != 200:
+            self.answer = (self.answer + body)[:1024]
+            return
         data = self.pending + body if self.pending else body
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
@@ -161,10 +175,13 @@ class SseTransport:
         except (OSError, TimeoutError) as exc:
             cause = describe(exc, host, CONNECT_TIMEOUT)
             raise Disconnected(f"cannot connect to {url.netloc}: {cause}") from exc
-        if status in REFUSING_STATUSES:
-            raise Refused(f"the cloud refused the token (HTTP {status})")
         if status != 200:
-            raise Disconnected(f"HTTP {status} from the cloud")
+            await self._rest_of_answer()
+            answer = stream.answer
+            reason = token_refusal(status, answer)
+            if reason is not None:
+                raise Refused(f"the cloud refused the token: {reason}")
+            raise Disconnected(not_a_refusal(status, answer, stream.content_type))
         event, data, _ = await self._next_event()
         if event != b"connected":
             raise Disconnected(f"unexpected first event {event!r}")
@@ -179,6 +196,13 @@ class SseTransport:
         if not self.native:
             self._silence_limit = SEED_SILENCE_LIMIT
             logger.info("the cloud speaks the seed dialect: bodies arrive as it re-encodes them")
+
+    async def _rest_of_answer(self) -> None:
+        """Wait briefly for the body of a refusal (it ends the stream) to read what it says."""
+        assert self._stream is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                await self._stream.events.get()
 
     async def _next_event(self) -> Event:
         assert self._stream is not None

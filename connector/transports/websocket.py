@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from webhook_connect.connector.causes import describe
 from webhook_connect.connector.config import ConnectorSettings
+from webhook_connect.connector.refusal import not_a_refusal, token_refusal
 from webhook_connect.connector.transports.base import (
     Disconnected,
     Refused,
@@ -38,7 +39,6 @@ from webhook_connect.shared.frames import (
 logger = logging.getLogger("webhook_connect.connector")
 
 CLOSE_AUTH = 4001
-REFUSING_STATUSES = (401, 403, 404)
 OPEN_TIMEOUT = 10.0
 MAX_FRAME = 64 * 1024 * 1024
 
@@ -92,10 +92,15 @@ class WebSocketTransport:
                 compression=None,
             )
         except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status in REFUSING_STATUSES:
-                raise Refused(f"the cloud refused the connection (HTTP {status})") from exc
-            raise Disconnected(f"HTTP {status} from the cloud") from exc
+            # Only the cloud's explicit refusal is fatal (connector/refusal.py); this cloud
+            # refuses after the upgrade (close 4001), a proxy before it.
+            answer = exc.response
+            body = bytes(answer.body or b"")
+            reason = token_refusal(answer.status_code, body)
+            if reason is not None:
+                raise Refused(f"the cloud refused the token: {reason}") from exc
+            kind = answer.headers.get("Content-Type", "")
+            raise Disconnected(not_a_refusal(answer.status_code, body, kind)) from exc
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             cause = describe(exc, host, OPEN_TIMEOUT)
             raise Disconnected(f"cannot connect to {parts.netloc}: {cause}") from exc

@@ -59,8 +59,9 @@ CONNECTOR_NOT_APPLIED: Mapping[str, str] = {
     "timeouts detect a dead connection",
     "connection_timeout": "not applied: a connection attempt that hangs is retried with backoff",
     "ack_timeout": "not applied: the channel's ack_timeout_seconds (cloud side) decides",
-    "log_level": "not applied: the connector logs at INFO",
-    "log_format": "not applied: the connector's log format is fixed",
+    "log_level": "not applied from the file: give --log-level (WEBHOOK_CONNECT_LOG_LEVEL)",
+    "log_format": "not applied from the file: give --log-format json|text "
+    "(WEBHOOK_CONNECT_LOG_FORMAT)",
     "client_cert_path": "not applied: the connector presents no client certificate to the "
     "cloud, so a cloud that requires one will refuse it",
     "client_key_path": "not applied: the connector presents no client certificate to the "
