@@ -59,6 +59,7 @@ def channel(name: str, *webhooks: str) -> dict[str, object]:
 WEBHOOKS: dict[str, object] = {
     **{k: v for t in TRANSPORTS for k, v in channel(f"proxied-{t}").items()},
     **{k: v for t in TRANSPORTS for k, v in channel(f"mtls-{t}").items()},
+    **{k: v for t in TRANSPORTS for k, v in channel(f"tunnel-{t}").items()},
     **channel("environment", "environment-local", "environment-remote"),
     **channel("no-proxy"),
     **channel("wrong-password"),
@@ -418,3 +419,32 @@ def test_without_the_client_certificate_the_connector_says_so_and_keeps_trying(
             connector.output()
         )
         assert "connected to" not in connector.output()
+
+
+@pytest.mark.parametrize("protocol", TRANSPORTS)
+def test_tls_and_the_client_certificate_inside_the_proxy_tunnel(
+    module_cloud: Cloud,
+    sink: Sink,
+    mtls: tuple[MutualTlsNginx, ClientCertificate],
+    tmp_path: Path,
+    protocol: str,
+) -> None:
+    """The corporate case in one: an https/wss cloud requiring a client certificate, reached
+    only through the proxy (TLS end to end inside the CONNECT tunnel)."""
+    nginx, client = mtls
+    name = f"tunnel-{protocol}"
+    proxy = Tinyproxy(tmp_path / "proxy", connect_ports=[nginx.port], credentials=CREDENTIALS)
+    settings = settings_for(
+        f"https://localhost:{nginx.port}",
+        name,
+        sink,
+        tmp_path,
+        protocol=protocol,
+        proxy=proxy.url,
+        ca_file=str(nginx.certs.ca_file),
+        client_cert=str(client.pem_file),  # certificate and key in one file
+    )
+    with running(proxy), running(ConnectorProcess(tmp_path, settings)) as connector:
+        relay_one(module_cloud, sink, connector, name, name)
+        tunnels = proxy.tunnels()
+    assert tunnels and set(tunnels) == {f"localhost:{nginx.port}"}, proxy.output()
