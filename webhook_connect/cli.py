@@ -7,11 +7,21 @@ an exit status: 0 clean stop, 2 bad configuration or usage, 1 anything else.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, NoReturn
 
 import click
 
+from webhook_connect.connector.config import FORWARD_TO, ConnectorSettings
+from webhook_connect.connector.flags import (
+    BadValue,
+    SettingOption,
+    flag_specs,
+    given_values,
+    settings_options,
+)
 from webhook_connect.shared.admincli import channels, dlq
 from webhook_connect.shared.exceptions import ConfigError
 
@@ -155,21 +165,44 @@ def announce_webhooks(config: CloudConfig) -> None:
     "config_path",
     type=click.Path(dir_okay=False),
     envvar=ENV_PREFIX + "CONFIG",
-    help="connector.json",
+    show_envvar=True,
+    help="connector.json (optional when flags and variables say everything).",
 )
 @click.option(
-    "--protocol",
-    type=click.Choice(["websocket", "sse", "long_poll"]),
-    envvar=ENV_PREFIX + "PROTOCOL",
+    "--forward-to",
+    FORWARD_TO,
+    metavar="URL",
+    cls=SettingOption,
+    envvar=ENV_PREFIX + "FORWARD_TO",
+    show_envvar=True,
+    help="Deliver to this URL: default_target.url (the file's other target keys kept).",
 )
-@click.option("--cloud-url", envvar=ENV_PREFIX + "CLOUD_URL")
-@click.option("--channel", envvar=ENV_PREFIX + "CHANNEL")
-@click.option("--token", envvar=ENV_PREFIX + "TOKEN")
-@click.option("--connector-id", envvar=ENV_PREFIX + "CONNECTOR_ID")
-def connector(config_path: str | None, **overrides: str | None) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "text"]),
+    cls=SettingOption,
+    envvar=ENV_PREFIX + "LOG_FORMAT",
+    show_envvar=True,
+    help="JSON lines, or text for people; auto (default): text on a terminal, JSON otherwise.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    cls=SettingOption,
+    envvar=ENV_PREFIX + "LOG_LEVEL",
+    show_envvar=True,
+    help="info (default): a line per delivery; warning: failed deliveries and problems only.",
+)
+@settings_options(flag_specs(ConnectorSettings.model_fields))
+def connector(config_path: str | None, **_: object) -> None:
     """Dial out to the cloud and deliver a channel's messages locally.
 
-    Flags (and their WEBHOOK_CONNECT_* variables) override connector.json only when given.
+    \b
+    webhook-connect connector --cloud-url URL --channel C --token T \\
+        --forward-to http://localhost:3000/hook
+
+    Every connector.json key is also a flag and a WEBHOOK_CONNECT_* variable: the file, then
+    the environment, then flags. Structured keys (default_target, targets) take JSON.
     """
     try:
         from webhook_connect.connector.config import load_connector_settings, load_delivery_plans
@@ -181,12 +214,29 @@ def connector(config_path: str | None, **overrides: str | None) -> None:
             err=True,
         )
         sys.exit(2)
+    ctx = click.get_current_context()
+    try:
+        overrides, origins = given_values(ctx, os.environ)
+    except BadValue as exc:
+        fail_config(ConfigError(exc.name, "", exc.reason))
+    log_format = str(overrides.pop("log_format", "auto"))
+    log_level = str(overrides.pop("log_level", "info"))
     try:
         settings = load_connector_settings(config_path, overrides)
         plans = load_delivery_plans(settings, config_path)
     except ConfigError as exc:
-        fail_config(exc)
-    sys.exit(run(settings, plans))
+        fail_config(named_origin(exc, origins))
+    sys.exit(run(settings, plans, log_format=log_format, log_level=log_level))
+
+
+def named_origin(error: ConfigError, origins: Mapping[str, str]) -> ConfigError:
+    """The error of a key given by a flag or variable names that flag or variable."""
+    key = error.key_path.partition(".")[0].split("[", 1)[0]
+    if key == "default_target" and FORWARD_TO in origins and "url" in error.key_path:
+        return ConfigError(origins[FORWARD_TO], "", error.reason)
+    if key not in origins:
+        return error
+    return ConfigError(origins[key], error.key_path.removeprefix(key).lstrip("."), error.reason)
 
 
 @main.command()
