@@ -128,8 +128,8 @@ class RouteConfig(BaseModel):
 
     @property
     def module_keys(self) -> dict[str, Any]:
-        """The route's keys besides ``match`` and ``target``."""
-        return dict(self.model_extra or {})
+        """The route's keys besides ``match`` and ``target`` (``_`` keys are comments)."""
+        return {k: v for k, v in (self.model_extra or {}).items() if not k.startswith("_")}
 
     @property
     def plan(self) -> DeliveryPlan | None:

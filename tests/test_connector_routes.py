@@ -146,7 +146,11 @@ def test_first_matching_route_takes_the_message_and_the_rest_go_to_default_targe
             },
             "target": target(pulls, sign={"secret": SIGN_SECRET}),
         },
-        {"match": {"json": {"$.type": "charge.*", "$.livemode": False}}, "target": target(charges)},
+        {
+            "_comment": "keys starting with _ are comments, as elsewhere in connector.json",
+            "match": {"json": {"$.type": "charge.*", "$.livemode": False}},
+            "target": target(charges),
+        },
         {"match": {"webhook": "github*"}, "target": target(default, headers={"X-Route": "2"})},
     ]
     config = settings(cloud, tmp_path, routes=routes, default_target=target(default))
@@ -230,6 +234,56 @@ def test_events_flag_keeps_the_named_github_stripe_and_standard_webhooks_events(
     wait_until(lambda: "unmatched (acked, 3 so far)" in process.output(), 20, "three unmatched")
     wait_until(lambda: sorted(ids_at(default)) == sorted(kept), 20, "the kept events")
     assert dead_letters(cloud) == []
+
+
+def files_in(directory: Path) -> dict[str, bytes]:
+    """What save_to_disk wrote: file name -> bytes (its temporary files left out)."""
+    if not directory.exists():
+        return {}
+    return {f.name: f.read_bytes() for f in directory.iterdir() if f.suffix == ".json"}
+
+
+def test_routes_deliver_by_module_or_chain_as_module_mode_does(
+    cloud: Cloud, sinks: list[Sink], connector: list[ConnectorProcess], tmp_path: Path
+) -> None:
+    archive, chained = tmp_path / "archive", tmp_path / "chained"
+    routes = [
+        {
+            "match": {"json": {"$.kind": "archive"}},
+            "module": "save_to_disk",
+            "module-config": {"path": str(archive)},
+        },
+        {
+            "match": {"webhook": "github"},
+            "chain": [{"module": "save_to_disk", "module-config": {"path": str(chained)}}],
+        },
+    ]
+    config = settings(cloud, tmp_path, routes=routes, default_target=target(sinks[2]))
+    start(connector, tmp_path, config)
+    archived = post(cloud, "stripe", {"kind": "archive", "n": 1})
+    in_chain = post(cloud, "github", {"kind": "other"})
+    relayed = post(cloud, "stripe", {"kind": "other"})
+    wait_until(lambda: len(files_in(archive)) == 1 and len(files_in(chained)) == 1, 20, "files")
+    wait_until(lambda: ids_at(sinks[2]) == [relayed], 20, "the default target")
+    assert files_in(archive) == {f"stripe-{archived}.json": b'{"kind": "archive", "n": 1}'}
+    assert list(files_in(chained)) == [f"github-{in_chain}.json"]
+
+
+def test_in_module_mode_what_no_route_takes_goes_by_the_webhooks_config_plans(
+    cloud: Cloud, sinks: list[Sink], connector: list[ConnectorProcess], tmp_path: Path
+) -> None:
+    saved = tmp_path / "saved"
+    plans = {"github": {"module": "save_to_disk", "module-config": {"path": str(saved)}}}
+    (tmp_path / "plans.json").write_text(json.dumps(plans))
+    routes = [{"match": {"header": {"X-GitHub-Event": "push"}}, "target": target(sinks[0])}]
+    config = settings(cloud, tmp_path, routes=routes, webhooks_config="plans.json")
+    process = start(connector, tmp_path, config)
+    pushed = post(cloud, "github", {}, X_GitHub_Event="push")
+    opened = post(cloud, "github", {}, X_GitHub_Event="issues")
+    post(cloud, "other", {})  # no route, no plan: unmatched
+    wait_until(lambda: ids_at(sinks[0]) == [pushed], 20, "the routed push")
+    wait_until(lambda: list(files_in(saved)) == [f"github-{opened}.json"], 20, "the planned one")
+    wait_until(lambda: "unmatched (acked, 1 so far)" in process.output(), 20, "the unmatched")
 
 
 BAD_ROUTES: list[tuple[str, dict[str, object], str]] = [
