@@ -123,6 +123,48 @@ async def test_channels_spread_over_masters_and_any_replica_is_woken(
         await second.aclose()
 
 
+async def test_a_slot_in_migration_is_followed_through_ask_tryagain_and_moved(
+    redis_cluster: RedisCluster,
+) -> None:
+    redis_cluster.flush()
+    store = open_buffer(redis_cluster.url)
+    cluster = redis_cluster
+    try:
+        await store.provision(ChannelSpec("moving"))
+        first = await store.append(envelope("moving", b"before"))
+        [held] = await store.read("moving", "default", "c1", 10)
+        stream = channel_keys("moving")[0]
+        slot = key_slot(stream)
+        source = cluster.master_of(stream)
+        target = next(
+            n for n in cluster.live() if n.port in cluster.masters_now(n) and n is not source
+        )
+        source_id, target_id = node_id(cluster, source), node_id(cluster, target)
+        cluster.command(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
+        cluster.command(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+        keys = cluster.command(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
+        cluster.command(
+            source, "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *keys
+        )
+        # Every key is on the target, the slot not yet handed over: the source answers ASK.
+        # A one-key command is served by the target after ASKING.
+        assert await store.pending_count("moving", "default", "c1", 10) == 1
+        # A script names keys the channel never created (its dead letters, say), which the
+        # importing node cannot vouch for: TRYAGAIN until the slot is handed over, then MOVED.
+        appending = asyncio.ensure_future(store.append(envelope("moving", b"during")))
+        await asyncio.sleep(0.5)
+        assert not appending.done()
+        for node in (target, source):
+            cluster.command(node, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        second = await asyncio.wait_for(appending, 10)
+        assert await store.ack("moving", "default", held.message_id, "c1")
+        [later] = await store.read("moving", "default", "c1", 10)
+        assert (later.message_id, held.message_id) == (second, first)
+        assert cluster.master_of(stream).port == target.port
+    finally:
+        await store.aclose()
+
+
 def start_cloud(storage: str, workdir: Path) -> subprocess.CompletedProcess[bytes]:
     """Run ``webhook-connect cloud`` expecting it to stop at start-up; its outcome."""
     webhooks = workdir / "webhooks.json"

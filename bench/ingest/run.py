@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 WEBHOOKS = HERE / "webhooks.json"
 WRK_SCRIPT = HERE / "post.lua"
 WRK = Path("/usr/bin/wrk")
-BACKENDS = ("sqlite", "redis", "rabbitmq")
+BACKENDS = ("sqlite", "redis", "redis-cluster", "rabbitmq")
 HOST = servers.HOST
 AUTHS = ("none", "hmac", "jwt")
 PATHS = {"none": "/webhook/bench", "hmac": "/webhook/bench_hmac", "jwt": "/webhook/bench_jwt"}
@@ -189,6 +189,9 @@ def bench_backend(
             if backend == "redis":
                 redis, storage = servers.start_redis(directory, prefixes[1])
                 started.append(redis)
+            elif backend == "redis-cluster":  # 3 masters + 3 replicas
+                nodes, storage = servers.start_redis_cluster(directory, prefixes[1])
+                started.extend(nodes)
             elif backend == "rabbitmq":  # the messages in RabbitMQ, the registry in Redis
                 redis, registry = servers.start_redis(directory, prefixes[1])
                 started.append(redis)

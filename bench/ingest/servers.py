@@ -115,6 +115,74 @@ def start_redis(directory: Path, prefix: list[str]) -> tuple[subprocess.Popen[by
     return process, f"redis://{HOST}:{port}/0"
 
 
+def start_redis_cluster(
+    directory: Path, prefix: list[str], masters: int = 3, replicas: int = 1
+) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """Start a Redis Cluster (``masters`` masters with ``replicas`` replicas each, the same
+    persistence as :func:`start_redis`) joined by ``redis-cli --cluster create``; its
+    processes (to stop) and its ``redis+cluster://`` URL."""
+    processes: list[subprocess.Popen[bytes]] = []
+    ports = []
+    try:
+        for index in range(masters * (1 + replicas)):
+            node = directory / f"node-{index}"
+            node.mkdir()
+            port = free_port()
+            args = [
+                *prefix,
+                "/usr/bin/redis-server",
+                *("--port", str(port), "--bind", HOST, "--save", ""),
+                *("--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(node)),
+                *("--daemonize", "no", "--loglevel", "warning", "--cluster-enabled", "yes"),
+                *("--cluster-config-file", str(node / "nodes.conf")),
+                *("--cluster-port", str(free_port()), "--repl-diskless-sync-delay", "0"),
+            ]
+            with (node / "redis.log").open("ab") as log:
+                process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            processes.append(process)
+            ports.append(port)
+
+            def answers(port: int = port) -> bool:
+                with socket.create_connection((HOST, port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    return sock.recv(64).startswith(b"+PONG")
+
+            wait_until(answers, f"redis-server on port {port}", process)
+        addresses = [f"{HOST}:{port}" for port in ports]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses]
+            + ["--cluster-replicas", str(replicas), "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+
+        def settled() -> bool:
+            for port in ports:
+                info = subprocess.run(
+                    ["redis-cli", "-p", str(port), "INFO", "replication"],
+                    capture_output=True,
+                    check=True,
+                ).stdout
+                state = subprocess.run(
+                    ["redis-cli", "-p", str(port), "CLUSTER", "INFO"],
+                    capture_output=True,
+                    check=True,
+                ).stdout
+                if b"cluster_state:ok" not in state:
+                    return False
+                if b"role:master" not in info and b"master_link_status:up" not in info:
+                    return False
+            return True
+
+        wait_until(settled, "the redis cluster", processes[0])
+    except BaseException:
+        for process in processes:
+            stop(process)
+        raise
+    return processes, "redis+cluster://" + ",".join(addresses)
+
+
 def start_cloud(
     storage: str, webhooks: Path, log_path: Path, prefix: list[str]
 ) -> tuple[subprocess.Popen[bytes], int]:

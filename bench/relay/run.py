@@ -7,6 +7,10 @@ Measures, on this machine:
   * the connector's CPU time per message (from /proc, user + system).
 
     python bench/relay/run.py [--backlog 20000] [--rates 2000,3000] [--duration 15]
+                              [--backends redis,redis-cluster]
+
+``redis-cluster`` is a Redis Cluster of 3 masters with a replica each
+(docs/STORAGE-REDIS-CLUSTER.md).
 
 Everything listens on 127.0.0.1, is started here and stopped by PID. A benchmark, not a test.
 """
@@ -28,7 +32,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.ingest.servers import free_port, start_cloud, start_redis, stop  # noqa: E402
+from bench.ingest.servers import (  # noqa: E402
+    free_port,
+    start_cloud,
+    start_redis,
+    start_redis_cluster,
+    stop,
+)
 
 HOST = "127.0.0.1"
 TOKEN = "bench-relay-token-0123456789"
@@ -189,9 +199,15 @@ def wait_for_sink(port: int, count: int, timeout: float = 120) -> dict[str, Any]
 
 class Rig:
     def __init__(
-        self, workdir: Path, max_concurrent: int, max_in_flight: int, protocol: str = "websocket"
+        self,
+        workdir: Path,
+        max_concurrent: int,
+        max_in_flight: int,
+        protocol: str = "websocket",
+        backend: str = "redis",
     ) -> None:
         self.protocol = protocol
+        self.backend = backend
         self.workdir = workdir
         self.max_concurrent = max_concurrent
         self.max_in_flight = max_in_flight
@@ -199,8 +215,12 @@ class Rig:
         self.connector: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        redis, url = start_redis(self.workdir, [])
-        self.processes.append(redis)
+        if self.backend == "redis-cluster":
+            nodes, url = start_redis_cluster(self.workdir, [])
+            self.processes.extend(nodes)
+        else:
+            redis, url = start_redis(self.workdir, [])
+            self.processes.append(redis)
         webhooks = self.workdir / "webhooks.json"
         module_config = {
             "channel": "bench",
@@ -316,26 +336,30 @@ def main() -> None:
     parser.add_argument("--max-concurrent", type=int, default=32)
     parser.add_argument("--max-in-flight", type=int, default=200)
     parser.add_argument("--protocols", default="websocket,sse,long_poll")
+    parser.add_argument("--backends", default="redis", help="redis, redis-cluster")
     args = parser.parse_args()
     everything: dict[str, Any] = {}
     for protocol in args.protocols.split(","):
-        with tempfile.TemporaryDirectory(prefix="bench-relay-") as tmp:
-            rig = Rig(Path(tmp), args.max_concurrent, args.max_in_flight, protocol)
-            try:
-                rig.start()
-                results: dict[str, Any] = {"drain": drain(rig, args.backlog)}
-                for rate in (float(r) for r in args.rates.split(",")):
-                    results[f"steady_{int(rate)}"] = steady(rig, rate, args.duration)
-            finally:
-                rig.stop()
-        everything[protocol] = results
-        report(protocol, results, args)
+        for backend in args.backends.split(","):
+            with tempfile.TemporaryDirectory(prefix="bench-relay-") as tmp:
+                rig = Rig(Path(tmp), args.max_concurrent, args.max_in_flight, protocol, backend)
+                try:
+                    rig.start()
+                    results: dict[str, Any] = {"drain": drain(rig, args.backlog)}
+                    for rate in (float(r) for r in args.rates.split(",")):
+                        results[f"steady_{int(rate)}"] = steady(rig, rate, args.duration)
+                finally:
+                    rig.stop()
+            everything[f"{protocol}/{backend}"] = results
+            report(protocol, results, args, backend)
     print(json.dumps(everything))
 
 
-def report(protocol: str, results: dict[str, Any], args: argparse.Namespace) -> None:
+def report(
+    protocol: str, results: dict[str, Any], args: argparse.Namespace, backend: str = "redis"
+) -> None:
     print(
-        f"relay benchmark over {protocol} (Redis storage, one connector, "
+        f"relay benchmark over {protocol} ({backend} storage, one connector, "
         f"max_concurrent_requests={args.max_concurrent}, max_in_flight={args.max_in_flight}, "
         "1 KB JSON)"
     )
