@@ -23,6 +23,7 @@ from webhook_connect.shared.config.delivery import DeliveryPlan
 
 logger = logging.getLogger("webhook_connect.connector")
 
+
 def state_path(settings: ConnectorSettings) -> Path:
     """Where the delivered log of this cloud, channel and group lives."""
     if settings.state_dir:
