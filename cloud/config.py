@@ -107,12 +107,18 @@ def _check_storage(storage: str) -> None:
 
 def _check_redis_url(storage: str) -> None:
     """Refuse a Redis URL no client of ours can use (an unknown option, a CA file that does not
-    load) now, in one line, rather than in every request. RabbitMQ's registry may be one."""
+    load) now, in one line, rather than in every request. RabbitMQ's registry may be one; a
+    cluster URL's options are those of each node's URL."""
     where = ""
     if storage.startswith(("amqp://", "amqps://")):
         from webhook_connect.cloud.buffers.rabbitmq import split_url
 
         where, storage = "registry", split_url(storage)[1]  # checked by _check_storage
+    if storage.startswith(("redis+cluster://", "rediss+cluster://")):
+        from webhook_connect.cloud.buffers.resp_cluster import parse_cluster_url
+
+        cluster = parse_cluster_url(storage)  # checked by _check_storage
+        storage = cluster.node_url(cluster.nodes[0])
     if not storage.startswith(("redis://", "rediss://", "unix://")):
         return
     from webhook_connect.cloud.buffers.redisurl import RedisUrlError, parse_redis_url

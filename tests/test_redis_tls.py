@@ -113,6 +113,30 @@ def test_one_reading_of_the_url_gives_both_clients_the_same_context(files: TLSFi
     assert "p@ss" not in repr(endpoint)
 
 
+def test_a_cluster_reads_its_options_as_a_single_node_does(files: TLSFiles) -> None:
+    """redis-py's RedisCluster takes no SSLContext: it gets the same settings, as redis-py's
+    keyword options, from the same reading; each node's hot-path client gets the context."""
+    from webhook_connect.cloud.buffers.redis_cluster import cold_path_client
+    from webhook_connect.cloud.buffers.resp_cluster import parse_cluster_url
+
+    url = f"rediss+cluster://bob:p%40ss@127.0.0.1:7000,127.0.0.1:7001?ssl_ca_certs={files.ca}"
+    kwargs = cold_path_client(url).nodes_manager.connection_kwargs
+    node = parse_redis_url(parse_cluster_url(url).node_url(("127.0.0.1", 7001)))
+    assert node.tls_settings is not None and node.tls is not None
+    for name, value in node.tls_settings.redis_py_options().items():
+        if name != "ssl":
+            assert kwargs[name] == value, name
+    assert (
+        (kwargs["username"], kwargs["password"])
+        == ("bob", "p@ss")
+        == (
+            node.username,
+            node.password,
+        )
+    )
+    assert node.tls_settings.ca_certs == str(files.ca) and node.tls.check_hostname
+
+
 def test_the_options_of_a_rediss_url(files: TLSFiles) -> None:
     loose = parse_redis_url("rediss://h:1?ssl_cert_reqs=none")
     assert loose.tls is not None
@@ -156,6 +180,7 @@ def test_tls_options_on_a_plain_url_are_refused(files: TLSFiles) -> None:
         ("rediss://127.0.0.1:1/0?ssl_verify=yes", "ssl_verify"),
         ("rediss://u:hunter2@127.0.0.1:1/0?ssl_ca_certs=/nope.pem", "ssl_ca_certs"),
         ("redis://127.0.0.1:1/0?ssl_certfile=/x.pem", "ssl_certfile"),
+        ("rediss+cluster://127.0.0.1:1,127.0.0.1:2?ssl_ca_cert=/x", "ssl_ca_cert"),
     ],
 )
 def test_a_bad_storage_url_stops_the_cloud_in_one_line(

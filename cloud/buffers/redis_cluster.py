@@ -22,7 +22,6 @@ import itertools
 import logging
 import uuid
 from typing import Any, cast
-from urllib.parse import parse_qsl
 
 import orjson
 import redis.asyncio as aioredis
@@ -37,6 +36,8 @@ from webhook_connect.cloud.buffers.redis import (
     _storage_errors,
     channel_keys,
 )
+from webhook_connect.cloud.buffers.redispy import redis_py_client
+from webhook_connect.cloud.buffers.redisurl import parse_redis_url
 from webhook_connect.cloud.buffers.resp_cluster import ClusterRespClient, parse_cluster_url
 from webhook_connect.cloud.buffers.scripts import UNAVAILABLE, load_scripts
 from webhook_connect.cloud.notifier import Notifier
@@ -45,23 +46,17 @@ from webhook_connect.shared.exceptions import StorageUnavailable
 
 logger = logging.getLogger("webhook_connect.redis")
 
-# redis-py's TLS options a cluster URL's query may carry (the same names as for rediss://).
-TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
-
 
 def cold_path_client(url: str) -> RedisCluster:
-    """redis-py's cluster client for the nodes, credentials and TLS options of ``url``."""
+    """redis-py's cluster client for the nodes, credentials and TLS options of ``url``, as
+    every other client reads them (redisurl.py: the options mean the same to each)."""
     parsed = parse_cluster_url(url)
-    options: dict[str, Any] = dict(parse_qsl(parsed.query))
-    tls: dict[str, Any] = {}
-    if parsed.scheme == "rediss":
-        tls = {"ssl": True, **{k: v for k, v in options.items() if k in TLS_OPTIONS}}
-        if options.get("ssl_check_hostname", "").lower() in ("false", "no", "off", "0"):
-            tls["ssl_check_hostname"] = False
+    endpoint = parse_redis_url(parsed.node_url(parsed.nodes[0]))
+    tls = endpoint.tls_settings.redis_py_options() if endpoint.tls_settings is not None else {}
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
-        username=parsed.username if parsed.password is not None and parsed.userinfo else None,
-        password=parsed.password,
+        username=endpoint.username,
+        password=endpoint.password,
         socket_timeout=10,
         socket_connect_timeout=5,
         **tls,
@@ -136,7 +131,7 @@ class RedisClusterBuffer(RedisBuffer):
             try:
                 table = await self._cluster.table()
                 node = table.nodes[attempt % len(table.nodes)]
-                client = aioredis.Redis.from_url(self._cluster.url.node_url(node))
+                client = redis_py_client(parse_redis_url(self._cluster.url.node_url(node)))
                 try:
                     async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                         await pubsub.subscribe(NOTIFY_CHANNEL)

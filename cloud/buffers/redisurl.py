@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import ssl
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 SCHEMES = ("redis", "rediss", "unix")
@@ -67,7 +68,8 @@ class RedisEndpoint:
     username: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     db: int = 0
-    tls: ssl.SSLContext | None = None
+    tls: ssl.SSLContext | None = None  # built once from tls_settings, shared by every client
+    tls_settings: TLSSettings | None = None
 
     def at(self, host: str, port: int) -> RedisEndpoint:
         """The same credentials and TLS for another node (a cluster member, a MOVED target)."""
@@ -113,6 +115,7 @@ def parse_redis_url(url: str) -> RedisEndpoint:
             raise RedisUrlError(given[0], f"needs TLS: use rediss:// instead of {scheme}://")
     if scheme == "unix" and not parts.path:
         raise RedisUrlError("path", "unix:// needs the socket's path (unix:///run/redis.sock)")
+    tls = TLSSettings.from_options(query) if scheme == "rediss" else None
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
     if username is not None and password is None:
@@ -124,7 +127,8 @@ def parse_redis_url(url: str) -> RedisEndpoint:
         username=username,
         password=password,
         db=int(db_text) if db_text else 0,
-        tls=tls_context(query) if scheme == "rediss" else None,
+        tls=tls.context() if tls is not None else None,
+        tls_settings=tls,
     )
 
 
@@ -137,43 +141,71 @@ def _query(text: str) -> dict[str, str]:
     return options
 
 
-def tls_context(options: Mapping[str, str]) -> ssl.SSLContext:
-    """The client SSLContext of a ``rediss://`` URL's options (see the module docstring)."""
-    reqs_text = options.get("ssl_cert_reqs", "required").lower()
-    if reqs_text not in CERT_REQS:
-        raise RedisUrlError("ssl_cert_reqs", f"{reqs_text!r}: use required, optional or none")
-    cert_reqs = CERT_REQS[reqs_text]
-    check_text = options.get(
-        "ssl_check_hostname", "true" if cert_reqs != ssl.CERT_NONE else "false"
-    )
-    if check_text.lower() not in BOOLEANS:
-        raise RedisUrlError("ssl_check_hostname", f"{check_text!r}: use true or false")
-    check_hostname = BOOLEANS[check_text.lower()]
-    if check_hostname and cert_reqs == ssl.CERT_NONE:
-        raise RedisUrlError(
-            "ssl_check_hostname", "true needs the certificate checked: not with ssl_cert_reqs=none"
-        )
-    context = ssl.create_default_context()
-    context.check_hostname = check_hostname
-    context.verify_mode = cert_reqs
-    ca_certs = options.get("ssl_ca_certs")
-    if ca_certs is not None:
-        try:
-            context.load_verify_locations(cafile=ca_certs)
-        except (OSError, ssl.SSLError) as exc:
+@dataclasses.dataclass(frozen=True)
+class TLSSettings:
+    """A ``rediss://`` URL's TLS options, checked. :meth:`context` builds the SSLContext every
+    client shares; :meth:`redis_py_options` says the same to a redis-py client that builds its
+    own (``RedisCluster`` takes no context), with the same meaning redis-py gives them."""
+
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    cert_reqs: str = "required"
+    check_hostname: bool = True
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> TLSSettings:
+        cert_reqs = options.get("ssl_cert_reqs", "required").lower()
+        if cert_reqs not in CERT_REQS:
+            raise RedisUrlError("ssl_cert_reqs", f"{cert_reqs!r}: use required, optional or none")
+        default_check = "false" if cert_reqs == "none" else "true"
+        check_text = options.get("ssl_check_hostname", default_check).lower()
+        if check_text not in BOOLEANS:
+            raise RedisUrlError("ssl_check_hostname", f"{check_text!r}: use true or false")
+        if BOOLEANS[check_text] and cert_reqs == "none":
             raise RedisUrlError(
-                "ssl_ca_certs", f"cannot load {ca_certs!r}: {_reason(exc)}"
-            ) from None
-    certfile, keyfile = options.get("ssl_certfile"), options.get("ssl_keyfile")
-    if keyfile is not None and certfile is None:
-        raise RedisUrlError("ssl_keyfile", "given without ssl_certfile")
-    if certfile is not None:
-        try:
-            context.load_cert_chain(certfile, keyfile)
-        except (OSError, ssl.SSLError) as exc:
-            key = "ssl_certfile" if keyfile is None else "ssl_certfile/ssl_keyfile"
-            raise RedisUrlError(key, f"cannot load {certfile!r}: {_reason(exc)}") from None
-    return context
+                "ssl_check_hostname",
+                "true needs the certificate checked: not with ssl_cert_reqs=none",
+            )
+        if "ssl_keyfile" in options and "ssl_certfile" not in options:
+            raise RedisUrlError("ssl_keyfile", "given without ssl_certfile")
+        return cls(
+            ca_certs=options.get("ssl_ca_certs"),
+            certfile=options.get("ssl_certfile"),
+            keyfile=options.get("ssl_keyfile"),
+            cert_reqs=cert_reqs,
+            check_hostname=BOOLEANS[check_text],
+        )
+
+    def context(self) -> ssl.SSLContext:
+        """The client SSLContext (reading the files named); RedisUrlError if one does not load."""
+        context = ssl.create_default_context()
+        context.check_hostname = self.check_hostname
+        context.verify_mode = CERT_REQS[self.cert_reqs]
+        if self.ca_certs is not None:
+            try:
+                context.load_verify_locations(cafile=self.ca_certs)
+            except (OSError, ssl.SSLError) as exc:
+                reason = f"cannot load {self.ca_certs!r}: {_reason(exc)}"
+                raise RedisUrlError("ssl_ca_certs", reason) from None
+        if self.certfile is not None:
+            try:
+                context.load_cert_chain(self.certfile, self.keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                key = "ssl_certfile" if self.keyfile is None else "ssl_certfile/ssl_keyfile"
+                raise RedisUrlError(key, f"cannot load {self.certfile!r}: {_reason(exc)}") from None
+        return context
+
+    def redis_py_options(self) -> dict[str, Any]:
+        """redis-py's ``ssl_*`` keyword arguments meaning what :meth:`context` builds."""
+        return {
+            "ssl": True,
+            "ssl_ca_certs": self.ca_certs,
+            "ssl_certfile": self.certfile,
+            "ssl_keyfile": self.keyfile,
+            "ssl_cert_reqs": self.cert_reqs,
+            "ssl_check_hostname": self.check_hostname,
+        }
 
 
 def _reason(exc: BaseException) -> str:
