@@ -47,10 +47,11 @@ def acceptance_after(driver: LoadDriver, moment: float) -> Callable[[], bool]:
 
 def inject(fault: str, proxy: FaultProxy, driver: LoadDriver, sink: Sink) -> None:
     """Apply ``fault``, wait until ingest felt it (if it can), heal, wait for a 202 again."""
-    if fault == "cut":
-        proxy.cut()
-    elif fault == "reset":
-        proxy.reset_mid_frame()
+    dialled = proxy.connections_accepted
+    if fault in ("cut", "reset"):
+        broken = proxy.cut() if fault == "cut" else proxy.reset_mid_frame()
+        assert broken > 0, "the cloud had its Redis connections open through the proxy"
+        wait_until(lambda: proxy.connections_accepted > dialled, 30, "the cloud to dial again")
     elif fault == "latency":
         proxy.latency(200)
         wait_until(delivered_more(sink, 2 * RATE), 30, "deliveries through the latency")
