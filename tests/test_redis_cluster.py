@@ -64,7 +64,15 @@ def test_cluster_urls_are_read_and_bad_ones_refused() -> None:
         "rediss://u:p%40ss@10.0.0.2:7002/0?ssl_ca_certs=/ca"
     )
     assert parse_cluster_url("redis+cluster://secret@h:1").password == "secret"
-    for bad in ("redis+cluster://h", "redis+cluster://h:1,", "redis+cluster://h:1/3"):
+    assert url.wait_replicas == 1
+    waitless = parse_cluster_url("redis+cluster://h:1?wait_replicas=0&db=0")
+    assert (waitless.wait_replicas, waitless.query) == (0, "db=0")
+    for bad in (
+        "redis+cluster://h",
+        "redis+cluster://h:1,",
+        "redis+cluster://h:1/3",
+        "redis+cluster://h:1?wait_replicas=one",
+    ):
         with pytest.raises(ValueError):
             parse_cluster_url(bad)
 

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from webhook_connect.cloud.buffers.resp import ReplyError, RespClient
 from webhook_connect.shared.exceptions import StorageUnavailable
@@ -32,7 +32,7 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 RETRY_SECONDS = 3.0
 MAX_REDIRECTS = 16
 # Replica acknowledgement of an accepted message (see replicated()).
-WAIT_REPLICAS = 1
+WAIT_REPLICAS = 1  # the default of the URL option wait_replicas
 WAIT_TIMEOUT_MS = 1000
 ROLE_MAX_AGE = 1.0
 # Replies that mean "the cluster is changing, ask again shortly".
@@ -94,7 +94,9 @@ class ClusterUrl:
     scheme: str  # the single-node scheme: redis or rediss
     userinfo: str  # "user:password@" as written, or ""
     nodes: tuple[Node, ...]
-    query: str
+    query: str  # the options every node's URL carries (TLS), without wait_replicas
+    # Replicas that must have an accepted message before its 202 (0: do not wait).
+    wait_replicas: int = WAIT_REPLICAS
 
     def node_url(self, node: Node) -> str:
         """A single-node URL for ``node`` carrying the credentials and the TLS options."""
@@ -124,6 +126,12 @@ def parse_cluster_url(url: str) -> ClusterUrl:
     if not sep or scheme not in CLUSTER_SCHEMES:
         raise ValueError(f"not a cluster URL (use redis+cluster://HOST:PORT[,HOST:PORT...]): {url}")
     rest, _, query = rest.partition("?")
+    options = parse_qsl(query, keep_blank_values=True)
+    waits = [value for name, value in options if name == "wait_replicas"]
+    if waits and not (len(waits) == 1 and waits[0].isdigit()):
+        raise ValueError("wait_replicas: give it once, a number of replicas (0: do not wait)")
+    # The other options go to every node's URL as written.
+    query = "&".join(p for p in query.split("&") if p.partition("=")[0] != "wait_replicas")
     netloc, _, path = rest.partition("/")
     if path.strip("/") not in ("", "0"):
         raise ValueError("a Redis Cluster has only database 0")
@@ -137,7 +145,8 @@ def parse_cluster_url(url: str) -> ClusterUrl:
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{part.strip() or '(empty)'!r} is not HOST:PORT")
         nodes.append((host.strip("[]"), int(port)))
-    return ClusterUrl(CLUSTER_SCHEMES[scheme], userinfo, tuple(nodes), query)
+    wait = int(waits[0]) if waits else WAIT_REPLICAS
+    return ClusterUrl(CLUSTER_SCHEMES[scheme], userinfo, tuple(nodes), query, wait)
 
 
 @dataclasses.dataclass
@@ -317,30 +326,36 @@ class ClusterRespClient:
         return replies[0]
 
     async def replicated(self, key: Any) -> None:
-        """Return once every write sent so far to the master of ``key`` is on a replica too
-        (``WAIT``), so a failover cannot lose what was acknowledged to a sender. Writes issued
-        together share one ``WAIT``. A master with no replica connected (ROLE, read at most
-        once a second) has no one to hand over to, and is not waited for: a WAIT there would
-        block its connection for the whole timeout. A replica connected but silent past the
-        timeout makes this StorageUnavailable (a 503: the sender sends again)."""
+        """Return once every write sent so far to the master of ``key`` is on replicas too
+        (``WAIT``; how many: the URL's ``wait_replicas``, 1 by default), so a failover cannot
+        lose what was acknowledged to a sender. Writes issued together share one ``WAIT``.
+        Only replicas connected now are waited for (ROLE, read at most once a second): a
+        master with none has no one to hand over to, and a WAIT there would block its
+        connection for the whole timeout. Connected replicas silent past the timeout make
+        this StorageUnavailable (a 503: the sender sends again)."""
+        if not self.url.wait_replicas:
+            return
         table = await self.table()
         node = _serving(table, key_slot(key))
-        if not await self._replica_count(node):
+        wanted = min(self.url.wait_replicas, await self._replica_count(node))
+        if not wanted:
             return
         sent = self._sent.get(node, 0)
         current = self._waits.get(node)
         if current is None or current[0] < sent or current[1].done():
             future = asyncio.ensure_future(
-                self.client(node).execute("WAIT", WAIT_REPLICAS, WAIT_TIMEOUT_MS)
+                self.client(node).execute("WAIT", wanted, WAIT_TIMEOUT_MS)
             )
             current = self._waits[node] = (sent, future)
         acked = await asyncio.shield(current[1])
         if isinstance(acked, ReplyError):
             raise StorageUnavailable(f"redis WAIT refused: {acked}")
-        if int(acked) >= WAIT_REPLICAS or not await self._replica_count(node, fresh=True):
+        connected = await self._replica_count(node, fresh=int(acked) < wanted)
+        if int(acked) >= min(wanted, connected):
             return
         raise StorageUnavailable(
-            f"redis master {node[0]}:{node[1]}: no replica acknowledged within {WAIT_TIMEOUT_MS} ms"
+            f"redis master {node[0]}:{node[1]}: {acked} of {wanted} replicas acknowledged "
+            f"within {WAIT_TIMEOUT_MS} ms"
         )
 
     async def _replica_count(self, node: Node, *, fresh: bool = False) -> int:
