@@ -23,7 +23,7 @@ from tenacity import (
 )
 
 from webhook_connect.connector.causes import describe
-from webhook_connect.connector.config import ConnectorSettings, Target
+from webhook_connect.connector.config import ConnectorSettings, Target, named_targets
 from webhook_connect.connector.httpclient import HttpClient, HttpClientError, InvalidRequest
 from webhook_connect.connector.proxy import ProxyPolicy
 from webhook_connect.connector.proxy import policy as proxy_policy
@@ -172,10 +172,8 @@ class HttpDeliverer:
 
     async def start(self) -> None:
         """Warn once about each target whose certificate is not checked."""
-        targets = {"default_target": self._settings.default_target}
-        targets.update({f"targets.{n}": t for n, t in self._settings.targets.items()})
-        for name, target in targets.items():
-            if target is not None and not target.verify_tls:
+        for name, target in named_targets(self._settings):
+            if not target.verify_tls:
                 logger.warning(
                     "warning: %s (%s): verify_tls is false, its TLS certificate is not checked",
                     name,

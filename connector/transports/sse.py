@@ -174,7 +174,7 @@ class SseTransport:
                 status = await stream.head
         except (OSError, TimeoutError) as exc:
             cause = describe(exc, host, CONNECT_TIMEOUT)
-            raise Disconnected(f"cannot connect to {url.netloc}: {cause}") from exc
+            raise Disconnected(f"{url.netloc}: {cause}") from exc
         if status != 200:
             await self._rest_of_answer()
             answer = stream.answer

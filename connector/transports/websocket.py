@@ -103,7 +103,7 @@ class WebSocketTransport:
             raise Disconnected(not_a_refusal(answer.status_code, body, kind)) from exc
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             cause = describe(exc, host, OPEN_TIMEOUT)
-            raise Disconnected(f"cannot connect to {parts.netloc}: {cause}") from exc
+            raise Disconnected(f"{parts.netloc}: {cause}") from exc
         hello = await self._receive_text()
         if hello.get("type") != "connected":
             raise Disconnected(f"unexpected first frame {hello.get('type')!r}")
