@@ -268,6 +268,15 @@ def load_connector_settings(
     return settings
 
 
+def named_targets(settings: ConnectorSettings) -> list[tuple[str, Target]]:
+    """Every target of the configuration with its key path (``targets.github``,
+    ``routes[0].target``), for checks and warnings that name it."""
+    named = [("default_target", settings.default_target)]
+    named += [(f"targets.{name}", target) for name, target in settings.targets.items()]
+    named += [(f"routes[{i}].target", route.target) for i, route in enumerate(settings.routes)]
+    return [(where, target) for where, target in named if target is not None]
+
+
 def _check_network_settings(
     settings: ConnectorSettings, source: str, environ: Mapping[str, str]
 ) -> None:
@@ -278,12 +287,9 @@ def _check_network_settings(
     places: list[tuple[str, str | None, str | None, str | None]] = [
         ("", cloud_ca, settings.client_cert, settings.client_key)
     ]
-    named = [("default_target", settings.default_target)]
-    named += [(f"targets.{name}", target) for name, target in settings.targets.items()]
-    for where, target in named:
-        if target is not None:
-            ca_file = target.ca_file if target.verify_tls else None
-            places.append((f"{where}.", ca_file, target.client_cert, target.client_key))
+    for where, target in named_targets(settings):
+        ca_file = target.ca_file if target.verify_tls else None
+        places.append((f"{where}.", ca_file, target.client_cert, target.client_key))
     for prefix, ca_file, client_cert, client_key in places:
         problem = check_files(ca_file=ca_file, client_cert=client_cert, client_key=client_key)
         if problem is not None:
