@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -65,6 +66,7 @@ def crc16(data: bytes) -> int:
     return crc
 
 
+@functools.lru_cache(maxsize=4096)  # the keys of busy channels come again and again
 def key_slot(key: bytes | str) -> int:
     """The cluster slot of ``key``: only the part inside the first non-empty ``{...}`` counts,
     so ``wc:{orders}:s`` and ``wc:{orders}:cfg`` share one slot."""
@@ -155,6 +157,8 @@ class SlotTable:
 
     masters: list[Node | None]
     nodes: list[Node]
+    # The distinct masters, worked out once (not per keyless command: 16,384 slots to scan).
+    _primaries: list[Node] | None = None
 
     @classmethod
     def from_reply(cls, reply: list[Any], default_host: str) -> SlotTable:
@@ -171,7 +175,14 @@ class SlotTable:
         return cls(masters, nodes)
 
     def primaries(self) -> list[Node]:
-        return list(dict.fromkeys(node for node in self.masters if node is not None))
+        if self._primaries is None:
+            self._primaries = list(dict.fromkeys(n for n in self.masters if n is not None))
+        return self._primaries
+
+    def assign(self, slot: int, node: Node) -> None:
+        """``slot`` is served by ``node`` now (a MOVED reply said so)."""
+        self.masters[slot] = node
+        self._primaries = None
 
 
 def _node(entry: list[Any], default_host: str) -> Node:
@@ -281,7 +292,7 @@ class ClusterRespClient:
                 if code == "ASK":
                     asking = target
                 else:
-                    table.masters[moved_slot] = target
+                    table.assign(moved_slot, target)
                     if time.monotonic() - self._refreshed_at > 0.5:
                         self._refreshing = asyncio.create_task(self._read_table())
                         self._refreshing.add_done_callback(_ignore)
