@@ -85,7 +85,7 @@ def inject(
         proxy.latency(200)
     else:
         proxy.trickle(2048, 0.02)  # about 100 KB/s each way
-    wait_until(delivered_more(sink, 2 * RATE), 30, f"deliveries through the {fault}")
+    wait_until(delivered_more(sink, RATE), 30, f"deliveries through the {fault}")
     proxy.pass_through()
     return 1
 

@@ -54,7 +54,7 @@ def inject(fault: str, proxy: FaultProxy, driver: LoadDriver, sink: Sink) -> Non
         wait_until(lambda: proxy.connections_accepted > dialled, 30, "the cloud to dial again")
     elif fault == "latency":
         proxy.latency(200)
-        wait_until(delivered_more(sink, 2 * RATE), 30, "deliveries through the latency")
+        wait_until(delivered_more(sink, RATE), 30, "deliveries through the latency")
     else:
         moment = time.monotonic()
         proxy.blackhole()
