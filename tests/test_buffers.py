@@ -363,10 +363,6 @@ async def test_token_hashes_are_stored_found_and_deleted(buffer: Buffer) -> None
 
 
 async def test_another_replica_sees_the_same_channels_and_messages(storage_url: str) -> None:
-    not_kept_by_rabbitmq(
-        storage_url,
-        "an ack on another replica than the one that delivered (AMQP delivery tags)",
-    )
     first, second = open_buffer(storage_url), open_buffer(storage_url)
     try:
         await first.provision(ChannelSpec("orders", max_queue_size=42))
@@ -515,10 +511,6 @@ async def test_rate_counters_refuse_past_the_limit_until_the_window_ends(
 
 
 async def test_replicas_share_replay_keys_and_rate_counters(storage_url: str) -> None:
-    not_kept_by_rabbitmq(
-        storage_url,
-        "append_once's original id across replicas (only the replica that stored it knows it)",
-    )
     one, two = open_buffer(storage_url), open_buffer(storage_url)
     try:
         await one.provision(ChannelSpec("orders"))

@@ -47,6 +47,7 @@ from webhook_connect.cloud.buffers.base import (
     decode_attempts,
     encode_attempts,
 )
+from webhook_connect.cloud.buffers.peers import Peers
 from webhook_connect.cloud.buffers.room import Room
 from webhook_connect.cloud.notifier import Notifier
 from webhook_connect.shared.envelope import Envelope
@@ -66,6 +67,8 @@ RECONNECT_BACKOFF = 0.5
 # A publish the broker has not confirmed by then is answered 503 (see ``_publish``).
 PUBLISH_TIMEOUT = 10.0
 PERSISTENT = 2  # AMQP delivery_mode: written to disk
+# append_once ids kept for repeats: past this many, the expired ones are dropped.
+ONCE_PRUNE_AT = 10_000
 TTL_BACKSTOP_SECONDS = 300
 
 logger = logging.getLogger("webhook_connect.rabbitmq")
@@ -110,6 +113,10 @@ class Names:
     @property
     def dead_exchange(self) -> str:
         return f"{self.prefix}::dead"
+
+    @property
+    def peers_exchange(self) -> str:
+        return f"{self.prefix}::peers"
 
     def exchange(self, channel: str) -> str:
         return f"{self.prefix}:{channel}"
@@ -209,7 +216,8 @@ class RabbitMQBuffer:
         self._events: dict[str, deque[ChannelEvent]] = {}
         self._acked_by: Counter[tuple[str, str]] = Counter()
         self._once: dict[tuple[str, str], tuple[str, float]] = {}
-        self._once_lock = asyncio.Lock()
+        self._storing: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self._peers = Peers(self._names.peers_exchange, self._answer)
 
     # Plumbing -----------------------------------------------------------------------------
 
@@ -230,7 +238,13 @@ class RabbitMQBuffer:
                 return self._channel
             # A closed channel gave its deliveries back to the broker: forget them.
             self._held.clear()
-            self._channel = await self._new_channel()
+            channel = await self._new_channel()
+            try:  # the other replicas reach what it holds through it
+                await self._peers.attach(channel)
+            except (TimeoutError, OSError, RuntimeError, aiormq.exceptions.AMQPError) as exc:
+                await self._close(channel)
+                raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+            self._channel = channel
             return self._channel
 
     async def _open_publisher(self) -> aiormq.abc.AbstractChannel:
@@ -459,19 +473,44 @@ class RabbitMQBuffer:
     async def append_once(
         self, envelope: Envelope, key: str, window_seconds: float
     ) -> tuple[str, bool]:
-        """In this replica the original id is returned; across replicas the companion's
-        replay key refuses the repeat (its id is this replica's to know only)."""
-        async with self._once_lock:
-            now = time.time()
-            known = self._once.get((envelope.channel, key))
-            if known is not None and known[1] > now:
-                return known[0], False
+        """The companion's replay key refuses a repeat on every replica; the original id is
+        this replica's to know, or asked of the replica that stored it (``""`` if it is gone).
+        Concurrent repeats of one key here wait for the first; other keys do not wait."""
+        slot = (envelope.channel, key)
+        now = time.time()
+        known = self._once.get(slot)
+        if known is not None and known[1] > now:
+            return known[0], False
+        pending = self._storing.get(slot)
+        if pending is not None:
+            return await asyncio.shield(pending), False
+        storing: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        storing.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._storing[slot] = storing
+        try:
             spec = await self._prepare(envelope)  # a refused delivery is not remembered
-            if not await self._registry.remember(f"once:{envelope.channel}:{key}", window_seconds):
-                return "", False
-            message_id = await self._store(spec, envelope)
-            self._once[(envelope.channel, key)] = (message_id, now + window_seconds)
-            return message_id, True
+            if await self._registry.remember(f"once:{envelope.channel}:{key}", window_seconds):
+                message_id, stored = await self._store(spec, envelope), True
+                self._remember_once(slot, message_id, now + window_seconds)
+            else:
+                await self._open()  # listening, for the answer
+                answer = await self._peers.ask({"op": "once", "channel": slot[0], "key": key})
+                message_id, stored = str(answer.get("id", "")), False
+        except BaseException as exc:
+            storing.set_exception(exc)
+            raise
+        else:
+            storing.set_result(message_id)
+            return message_id, stored
+        finally:
+            self._storing.pop(slot, None)
+
+    def _remember_once(self, slot: tuple[str, str], message_id: str, until: float) -> None:
+        """Keep the id for repeats; what has expired goes when the map has grown."""
+        self._once[slot] = (message_id, until)
+        if len(self._once) > ONCE_PRUNE_AT:
+            now = time.time()
+            self._once = {k: v for k, v in self._once.items() if v[1] > now}
 
     async def read(self, channel: str, group: str, consumer: str, count: int) -> list[Delivery]:
         """``basic.get`` up to ``count`` messages from the group's queue, held for ``consumer``."""
@@ -541,6 +580,12 @@ class RabbitMQBuffer:
         return True
 
     async def ack(self, channel: str, group: str, message_id: str, consumer: str = "") -> bool:
+        """Ack what this replica holds; what it does not, the replica holding it acks."""
+        if message_id + "/" + group not in self._held:
+            return await self._ask_holder("ack", channel, group, message_id, consumer)
+        return await self._ack_held(channel, group, message_id, consumer)
+
+    async def _ack_held(self, channel: str, group: str, message_id: str, consumer: str) -> bool:
         held = self._take(channel, group, message_id, consumer)
         if held is None:
             return False
@@ -565,12 +610,50 @@ class RabbitMQBuffer:
         consumer: str = "",
         reason: str = "",
     ) -> bool:
+        """Nack what this replica holds; what it does not, the replica holding it nacks."""
+        if message_id + "/" + group not in self._held:
+            return await self._ask_holder(
+                "nack", channel, group, message_id, consumer, retry=retry, reason=reason
+            )
+        return await self._nack_held(channel, group, message_id, consumer, retry, reason)
+
+    async def _nack_held(
+        self, channel: str, group: str, message_id: str, consumer: str, retry: bool, reason: str
+    ) -> bool:
         held = self._take(channel, group, message_id, consumer)
         if held is None:
             return False
         # Shielded: once taken out of the held set it must be settled (see ``read``).
         await asyncio.shield(self._settle_nack(held, nack_reason(reason, retry), retry))
         return True
+
+    async def _ask_holder(
+        self, op: str, channel: str, group: str, message_id: str, consumer: str, **extra: Any
+    ) -> bool:
+        """Have the replica holding the delivery settle it (an SSE or long-poll ack that
+        reached this replica); False when no replica holds it for ``consumer``."""
+        await self._open()  # listening, for the answer
+        request = {"op": op, "channel": channel, "group": group, "id": message_id}
+        answer = await self._peers.ask({**request, "consumer": consumer, **extra})
+        return answer.get("ok") is True
+
+    async def _answer(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Another replica's request: answered when this replica is the one that knows."""
+        op, channel = request.get("op"), str(request.get("channel", ""))
+        if op == "once":
+            known = self._once.get((channel, str(request.get("key", ""))))
+            return {"id": known[0]} if known is not None and known[1] > time.time() else None
+        group, message_id = str(request.get("group", "")), str(request.get("id", ""))
+        if message_id + "/" + group not in self._held:
+            return None
+        consumer = str(request.get("consumer", ""))
+        if op == "ack":
+            return {"ok": await self._ack_held(channel, group, message_id, consumer)}
+        if op == "nack":
+            retry, reason = bool(request.get("retry")), str(request.get("reason", ""))
+            settled = await self._nack_held(channel, group, message_id, consumer, retry, reason)
+            return {"ok": settled}
+        return None
 
     async def _settle_nack(self, held: Held, outcome: str, retry: bool) -> None:
         spec = await self._spec(held.channel)
@@ -847,14 +930,18 @@ class RabbitMQBuffer:
     async def stats(self, channel: str) -> ChannelStats:
         await self._spec(channel)
         depth = in_flight = 0
+        oldest: list[float] = []
         for info in await self._registry.list_groups(channel):
             backlog, flying = await self._backlog(channel, info.name)
             depth, in_flight = max(depth, backlog), in_flight + flying
+            received = await self._oldest(channel, info.name) if backlog else None
+            oldest += [] if received is None else [received]
         counters = self._counters.get(channel, Counter())
         return ChannelStats(
             depth=depth,
             in_flight=in_flight,
             dead_letters=await self._queue_depth(self._names.dead_queue(channel)),
+            oldest_age_seconds=max(0.0, time.time() - min(oldest)) if oldest else None,
             counters={name: counters[name] for name in COUNTERS},
         )
 
