@@ -115,6 +115,8 @@ class LinePrinter:
         tail = ""
         if outcome is not Outcome.DELIVERED:
             tail = f" ({outcome.value})" + (f": {result.error}" if result.error else "")
+        elif result.error:  # acked without a delivery: "unmatched (acked, 3 so far)"
+            tail = f": {result.error}"
         text = (
             f"{status} {envelope.method} {path} {ms:.1f} ms {envelope.webhook_id} "
             f"{message.message_id} -> {target} attempt {message.attempt}"
