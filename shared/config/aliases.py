@@ -62,10 +62,12 @@ CONNECTOR_NOT_APPLIED: Mapping[str, str] = {
     "log_level": "not applied from the file: give --log-level (WEBHOOK_CONNECT_LOG_LEVEL)",
     "log_format": "not applied from the file: give --log-format json|text "
     "(WEBHOOK_CONNECT_LOG_FORMAT)",
-    "client_cert_path": "not applied: the connector presents no client certificate to the "
-    "cloud, so a cloud that requires one will refuse it",
-    "client_key_path": "not applied: the connector presents no client certificate to the "
-    "cloud, so a cloud that requires one will refuse it",
+    # Not taken as client_cert/client_key: ours are read at start (a missing file exits 2),
+    # and a Core Webhook Module file must load unchanged wherever its paths point.
+    "client_cert_path": "not applied: give client_cert (and client_key) for the connector to "
+    "present a client certificate; without one, a cloud that requires it will refuse it",
+    "client_key_path": "not applied: give client_key (with client_cert) for the connector to "
+    "present a client certificate; without one, a cloud that requires it will refuse it",
     "etcd_host": "not applied: configuration from etcd is not supported; use webhooks_config",
     "etcd_port": "not applied: configuration from etcd is not supported",
     "etcd_prefix": "not applied: configuration from etcd is not supported",
