@@ -57,6 +57,9 @@ class DeliveryResult:
     # The short machine word for a failure without an HTTP status (``connection_error``,
     # ``timeout``, ``invalid_request``); ``error`` then says the cause in words.
     code: str = ""
+    # No route, events filter or fallback took it (connector/router.py): acked or
+    # dead-lettered without a delivery, counted apart in the metrics.
+    unmatched: bool = False
 
     @property
     def reason(self) -> str:

@@ -62,9 +62,17 @@ class Metrics:
     last_status: int | None = None
     last_error: str = ""
 
-    def delivery(self, outcome: Outcome, seconds: float, status: int | None, error: str) -> None:
-        """One delivery ended (the runner calls this inline: keep it cheap)."""
-        name = outcome.value
+    def delivery(
+        self,
+        outcome: Outcome,
+        seconds: float,
+        status: int | None,
+        error: str,
+        unmatched: bool = False,
+    ) -> None:
+        """One delivery ended (the runner calls this inline: keep it cheap). An unmatched
+        message (routes, events) counts as ``unmatched``, from its first on, not as delivered."""
+        name = "unmatched" if unmatched else outcome.value
         self.outcomes[name] = self.outcomes.get(name, 0) + 1
         self.buckets[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
         self.latency_sum += seconds

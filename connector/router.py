@@ -82,8 +82,7 @@ class RoutingDeliverer:
         """No route, filter or fallback took it: the delivery line says ``unmatched``."""
         self.unmatched += 1
         if self._nack:
-            return DeliveryResult(Outcome.REJECTED, "-", error=UNMATCHED_REASON)
+            return DeliveryResult(Outcome.REJECTED, "-", error=UNMATCHED_REASON, unmatched=True)
         # Acked: the count on the delivery line is the counter's value since start.
-        return DeliveryResult(
-            Outcome.DELIVERED, "-", error=f"{UNMATCHED_REASON} (acked, {self.unmatched} so far)"
-        )
+        note = f"{UNMATCHED_REASON} (acked, {self.unmatched} so far)"
+        return DeliveryResult(Outcome.DELIVERED, "-", error=note, unmatched=True)

@@ -143,7 +143,9 @@ class Runner:
             else:
                 retry = result.outcome is Outcome.RETRY
                 await transport.nack(message.message_id, retry=retry, reason=result.reason)
-            metrics.delivery(result.outcome, result.seconds, result.status, result.error)
+            metrics.delivery(
+                result.outcome, result.seconds, result.status, result.error, result.unmatched
+            )
             self._log(message, result)
         finally:
             metrics.in_flight -= 1

@@ -225,7 +225,9 @@ def test_events_flag_keeps_the_named_github_stripe_and_standard_webhooks_events(
 ) -> None:
     default = sinks[2]
     config = settings(cloud, tmp_path, default_target=target(default))
-    process = start(connector, tmp_path, config, "--events", "push, charge.succeeded,order.*")
+    port = free_port()
+    flags = ("--events", "push, charge.succeeded,order.*", "--metrics-port", str(port))
+    process = start(connector, tmp_path, config, *flags)
     kept = [
         post(cloud, "github", {"ref": "main"}, X_GitHub_Event="push"),
         post(cloud, "stripe", {"type": "charge.succeeded"}),
@@ -237,6 +239,10 @@ def test_events_flag_keeps_the_named_github_stripe_and_standard_webhooks_events(
     wait_until(lambda: "unmatched (acked, 3 so far)" in process.output(), 20, "three unmatched")
     wait_until(lambda: sorted(ids_at(default)) == sorted(kept), 20, "the kept events")
     assert dead_letters(cloud) == []
+    # Counted apart in /metrics: unmatched, not delivered.
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert 'webhook_connect_connector_deliveries_total{outcome="unmatched"} 3' in metrics
+    assert 'webhook_connect_connector_deliveries_total{outcome="delivered"} 3' in metrics
 
 
 def files_in(directory: Path) -> dict[str, bytes]:
