@@ -203,6 +203,13 @@ class LoadDriver:
                 self.last_refused_at = time.monotonic()
 
 
+def longest_gap(*sinks: Sink) -> float:
+    """The longest time between two deliveries in a row: how long a fault stalled the relay
+    (the load never pauses, so a healthy relay delivers every few milliseconds)."""
+    times = sorted(float(str(r["time"])) for sink in sinks for r in sink.records())
+    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+
 def delivered_ids(*sinks: Sink) -> Counter[str]:
     """How many times each load id reached the sinks."""
     counts: Counter[str] = Counter()
@@ -226,6 +233,7 @@ class Tally:
     refused: dict[str, int] = field(default_factory=dict)
     rate: float = 0.0
     seconds: float = 0.0
+    stall: float = 0.0  # longest_gap at the sinks
     notes: str = ""  # what else the scenario measured, as ``key=value`` words
 
     def line(self) -> str:
@@ -233,8 +241,8 @@ class Tally:
         return (
             f"scenario={self.scenario} accepted={self.accepted} delivered={self.delivered} "
             f"lost={self.lost} duplicated={self.duplicated} unaccepted={self.unaccepted} "
-            f"refused={refused} rate={self.rate:.0f}/s seconds={self.seconds:.1f}"
-            + (f" {self.notes}" if self.notes else "")
+            f"refused={refused} rate={self.rate:.0f}/s seconds={self.seconds:.1f} "
+            f"stall={self.stall:.1f}s" + (f" {self.notes}" if self.notes else "")
         )
 
 
@@ -248,7 +256,11 @@ def settle(driver: LoadDriver, *sinks: Sink, timeout: float = 60.0) -> Counter[s
     return delivered_ids(*sinks)
 
 
-def tally(scenario: str, driver: LoadDriver, deliveries: Counter[str], started: float) -> Tally:
+def tally(
+    scenario: str, driver: LoadDriver, deliveries: Counter[str], started: float, *sinks: Sink
+) -> Tally:
+    """The figures of a scenario from what the driver saw and ``deliveries`` (``settle``);
+    ``sinks`` give the longest stall."""
     delivered = set(deliveries)
     return Tally(
         scenario=scenario,
@@ -260,6 +272,7 @@ def tally(scenario: str, driver: LoadDriver, deliveries: Counter[str], started: 
         refused=dict(driver.refused),
         rate=driver.achieved_rate,
         seconds=time.monotonic() - started,
+        stall=longest_gap(*sinks),
     )
 
 

@@ -95,7 +95,7 @@ def test_a_full_disk_answers_503_and_recovers_when_space_is_freed(
         # is a write too: the cloud closes it with 4503), so nothing would drain.
         connectors(cloud.url, sink)
         deliveries = settle(driver, sink)
-    result = tally("sqlite-disk-full", driver, deliveries, started)
+    result = tally("sqlite-disk-full", driver, deliveries, started, sink)
     result.notes = f"accepted_before_freeing={accepted_before_freeing}"
     report(result, request, tmp_path)
     assert_bounds(result, WINDOW)

@@ -18,7 +18,7 @@ def test_webhooks_nobody_drains_are_counted_lost(tmp_path: Path, sink: Sink) -> 
         with LoadDriver([cloud.url], 100) as driver:
             wait_until(lambda: driver.accepted_count() >= 20, 20, "some 202s")
     deliveries = settle(driver, sink, timeout=0.5)  # no connector: nothing arrives
-    result = tally("no-connector", driver, deliveries, started)
+    result = tally("no-connector", driver, deliveries, started, sink)
     assert result.accepted >= 20
     assert result.lost == result.accepted and result.delivered == 0
     with pytest.raises(AssertionError, match="never delivered"):

@@ -48,7 +48,7 @@ def test_redis_killed_and_restarted_under_load_loses_nothing(
                 wait_until(acceptance_after(driver, restarted), 30, "202s once it is back")
                 wait_until(delivered_more(sink, RATE), 30, "deliveries after the restart")
             deliveries = settle(driver, sink)
-    result = tally("redis-sigkill-restart", driver, deliveries, started)
+    result = tally("redis-sigkill-restart", driver, deliveries, started, sink)
     report(result, request, tmp_path)
     assert_bounds(result, WINDOW)
     assert set(result.refused) <= {"503"}, f"only 202 or 503: {result.refused}"

@@ -85,7 +85,7 @@ def test_one_of_two_replicas_killed_under_load_loses_nothing(
             wait_until(delivered_more(sink, RATE), 30, "deliveries after the kill")
         deliveries = settle(driver, sink, slow_sink)
         given_back = redelivered(survivor)
-    result = tally("replica-sigkill", driver, deliveries, started)
+    result = tally("replica-sigkill", driver, deliveries, started, sink, slow_sink)
     result.notes = f"redelivered={given_back}"
     report(result, request, tmp_path)
     assert_bounds(result, WINDOW)

@@ -88,7 +88,7 @@ def test_a_faulty_link_to_redis_answers_503_and_recovers(
                 inject(fault, proxy, driver, sink)
                 wait_until(delivered_more(sink, RATE), 30, "deliveries after the fault")
             deliveries = settle(driver, sink)
-    result = tally(f"redis-link-{fault}", driver, deliveries, started)
+    result = tally(f"redis-link-{fault}", driver, deliveries, started, sink)
     report(result, request, tmp_path)
     assert_bounds(result, WINDOW)
     assert set(result.refused) <= {"503"}, f"only 202 or 503: {result.refused}"
