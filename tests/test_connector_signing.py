@@ -194,3 +194,66 @@ def test_resign_makes_a_message_sent_hours_ago_verify_at_a_five_minute_target(
     assert not verifies(kind, LOCAL[kind], plain_headers, plain_body)
     if kind != "github":  # GitHub signs no time: its old signature stays valid for its secret
         assert not verifies(kind, PROVIDER[kind], plain_headers, plain_body)
+
+
+ADMIN = "signing-admin-token-0123456789"
+
+
+def test_a_dead_letter_replayed_hours_later_verifies_because_of_resign(tmp_path: Path) -> None:
+    """The replay path as an operator meets it: the target refused a Stripe event, which was
+    dead-lettered; once the target is fixed, the event is replayed from the dead letters, its
+    Stripe-Signature hours old, and resign makes it pass a five-minute tolerance."""
+    path = tmp_path / "webhooks.json"
+    path.write_text(json.dumps(WEBHOOKS))
+    storage = f"sqlite:///{tmp_path / 'buffer.db'}"
+    refusing, fixed = Sink(tmp_path, status=400), Sink(tmp_path)
+    cloud = Cloud(storage, path, tmp_path, "--admin-token", ADMIN)
+    started: list[ConnectorProcess] = []
+    try:
+        for server in (cloud, refusing, fixed):
+            server.start()
+
+        def connector(name: str, target: dict[str, object]) -> ConnectorProcess:
+            config = {
+                "cloud_url": cloud.url,
+                "channel": "dev",
+                "token": TOKEN,
+                "state_dir": str(tmp_path / name),
+                "targets": {"stripe": {"timeout_seconds": 5, **target}},
+            }
+            process = ConnectorProcess(tmp_path, config, name)
+            started.append(process)
+            process.start()
+            wait_until(lambda: "connected to" in process.output(), 20, f"{name} to connect")
+            return process
+
+        before = connector("before", {"url": refusing.url})
+        first = post(cloud, "stripe", provider_headers("stripe", int(time.time()) - HOURS_AGO))
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        letters = f"{cloud.url}/admin/channels/dev/dead-letters"
+
+        def dead() -> list[str]:
+            answer = httpx.get(letters, headers=admin, timeout=5).json()
+            return [str(letter["message_id"]) for letter in answer["dead_letters"]]
+
+        wait_until(lambda: dead() == [first], 20, "the dead letter")
+        before.stop()
+        resign = {"provider": "stripe", "secret": LOCAL["stripe"]}
+        connector("after", {"url": fixed.url, "resign": resign})
+        replayed = httpx.post(f"{letters}/replay", headers=admin, json={"all": True}, timeout=5)
+        assert replayed.json() == {"replayed": 1}
+        wait_until(lambda: len(fixed.records()) == 1, 20, "the replayed delivery")
+        [record] = fixed.records()
+        headers = {str(k).lower(): str(v) for k, v in record["headers"]}  # type: ignore[union-attr]
+        body = base64.b64decode(str(record["body_b64"]))
+        assert body == BODY
+        assert verifies("stripe", LOCAL["stripe"], headers, body)
+        # Relayed as stored, the refusing target saw a signature hours old.
+        [refused] = refusing.records()
+        stale = {str(k).lower(): str(v) for k, v in refused["headers"]}  # type: ignore[union-attr]
+        assert not verifies("stripe", PROVIDER["stripe"], stale, body)
+    finally:
+        for process in started:
+            process.stop(signal.SIGKILL)
+        for server in (fixed, refusing, cloud):
+            server.stop()
