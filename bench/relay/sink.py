@@ -2,7 +2,8 @@
 
 Each webhook body starts with ``{"sent": <epoch seconds>`` written by the load generator when
 it sent the POST; latency is the time of receipt minus that. ``GET /__stats`` answers the
-figures so far as JSON and resets them.
+figures so far as JSON and resets them; ``GET /__count`` answers the counts alone, resetting
+nothing (``bench/soak`` follows a long run with it).
 """
 
 from __future__ import annotations
@@ -87,7 +88,18 @@ class Handler(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        if self.url.startswith(b"/__stats"):
+        if self.url.startswith(b"/__count"):  # how far a run is, without resetting anything
+            count = self.stats
+            report = orjson.dumps(
+                {
+                    "count": len(count.latencies),
+                    "unique": len(count.ids),
+                    "duplicates": count.duplicates,
+                }
+            )
+            head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(report)
+            self.transport.write(head + report)
+        elif self.url.startswith(b"/__stats"):
             report = self.stats.report()
             head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(report)
             self.transport.write(head + report)

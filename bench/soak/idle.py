@@ -36,8 +36,8 @@ from typing import Any
 if not __package__:  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.ingest.servers import REPO, start_redis, stop  # noqa: E402
-from bench.soak.rig import rss_kb, start_cloud  # noqa: E402
+from bench.ingest.servers import REPO, start_redis, stop
+from bench.soak.rig import rss_kb, start_cloud
 
 HERE = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -53,7 +53,9 @@ def cpu_seconds(pid: int) -> float:
 class IdleClients:
     """The client process: commands in, a status line per second out."""
 
-    def __init__(self, transport: str, port: int, channels: Path, log: Path) -> None:
+    def __init__(
+        self, transport: str, port: int, channels: Path, log: Path, opening: int = 200
+    ) -> None:
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -62,6 +64,7 @@ class IdleClients:
                 str(port),
                 str(channels),
                 str(SOURCES),
+                str(opening),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -168,6 +171,12 @@ def print_growth(before: Path, after: Path, count: int, top: int = 25) -> None:
     new = tracemalloc.Snapshot.load(str(after))
     stats = new.compare_to(old, "lineno")
     total = sum(s.size_diff for s in stats)
+    files: dict[str, int] = {}
+    for stat in stats:
+        name = stat.traceback[0].filename.replace(str(REPO) + "/", "").split("site-packages/")[-1]
+        files[name] = files.get(name, 0) + stat.size_diff
+    biggest = sorted(files.items(), key=lambda item: -item[1])[:12]
+    print("    by file: " + ", ".join(f"{name} {size / count:.0f} B" for name, size in biggest))
     print(f"    traced Python memory: +{total / count:.0f} B per connection; largest:")
     for stat in stats[:top]:
         frame = stat.traceback[0]
@@ -206,8 +215,10 @@ def run_transport(transport: str, args: argparse.Namespace) -> dict[str, Any]:
                 entry=entry,
             )
             started.append(cloud)
+            # Under tracemalloc the cloud is several times slower: open fewer at once.
+            opening = 20 if args.tracemalloc else 200
             clients = IdleClients(
-                transport, port, directory / "channels.json", directory / "client.log"
+                transport, port, directory / "channels.json", directory / "client.log", opening
             )
             clients.send(f"open {WARM_UP}")
             clients.wait_connected(WARM_UP, 60)

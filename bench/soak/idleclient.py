@@ -11,7 +11,7 @@ little and the cloud's memory is what is measured:
 * ``long_poll``: a first ``poll?timeout=1`` opens the connection, then ``poll?timeout=25``
   with ``X-Connection-ID`` again and again on one kept-alive HTTP connection.
 
-    python bench/soak/idleclient.py TRANSPORT PORT CHANNELS.json SOURCES
+    python bench/soak/idleclient.py TRANSPORT PORT CHANNELS.json SOURCES [OPENING]
 
 ``CHANNELS.json`` is ``[[channel, token], ...]``; connection *i* uses entry *i* mod its
 length and source address ``127.0.0.(2 + i mod SOURCES)`` (10,000 connections to one port
@@ -29,6 +29,7 @@ import os
 import struct
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httptools
@@ -44,7 +45,9 @@ OPENING_AT_ONCE = 200
 class Pool:
     """The connections of this process and their counts."""
 
-    def __init__(self, transport: str, port: int, channels: list[list[str]], sources: int) -> None:
+    def __init__(
+        self, transport: str, port: int, channels: list[list[str]], sources: int, opening: int
+    ) -> None:
         self.transport = transport
         self.port = port
         self.channels = channels
@@ -53,7 +56,7 @@ class Pool:
         self.connected = 0
         self.closed = 0
         self.errors: Counter[str] = Counter()
-        self.opening = asyncio.Semaphore(OPENING_AT_ONCE)
+        self.opening = asyncio.Semaphore(opening)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -303,10 +306,9 @@ def say(pool: Pool, **more: Any) -> None:
     print(json.dumps({**pool.status(), **more}), flush=True)
 
 
-async def main(transport: str, port: int, channels_path: str, sources: int) -> None:
-    with open(channels_path) as handle:
-        channels = json.load(handle)
-    pool = Pool(transport, port, channels, sources)
+async def main(transport: str, port: int, channels_path: str, sources: int, opening: int) -> None:
+    channels = json.loads(Path(channels_path).read_text())  # noqa: ASYNC240 - before serving
+    pool = Pool(transport, port, channels, sources, opening)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -337,7 +339,8 @@ if __name__ == "__main__":
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    arguments = (sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    opening = int(sys.argv[5]) if len(sys.argv) > 5 else OPENING_AT_ONCE
+    arguments = (sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), opening)
     try:
         import uvloop
 
