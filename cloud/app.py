@@ -33,7 +33,7 @@ from webhook_connect.cloud.responses import refusal_response
 from webhook_connect.cloud.security.guard import build_guards
 from webhook_connect.cloud.security.inbound import Services
 from webhook_connect.cloud.smee import SmeeRoute
-from webhook_connect.cloud.stream import StreamEndpoint
+from webhook_connect.cloud.stream import StreamEndpoint, stream_channel
 from webhook_connect.shared.exceptions import HttpRefusal, StorageError
 
 logger = logging.getLogger("webhook_connect.cloud")
@@ -62,12 +62,13 @@ class CloudApp:
         self.direct = DirectDelivery(self.buffer)
         self._tasks: list[asyncio.Task[None]] = []
         pull = PullRoutes(self.buffer)
+        self.stream = StreamEndpoint(self.buffer)
         self.router: ASGIApp = Starlette(
             routes=[
                 Route("/health", self.health),
                 Route("/ready", self.ready),
                 Route("/metrics", MetricsRoute(self.buffer, config.workers).scrape),
-                WebSocketRoute("/connect/stream/{channel}", StreamEndpoint(self.buffer).handle),
+                WebSocketRoute("/connect/stream/{channel}", self.stream.handle),
                 Route("/connect/stream/{channel}/sse", pull.sse),
                 Route("/connect/stream/{channel}/poll", pull.poll),
                 Route("/connect/ack", pull.ack, methods=["POST"]),
@@ -83,6 +84,10 @@ class CloudApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PREFIX):
             await self.ingest(scope, receive, send)
+        elif scope["type"] == "websocket" and (channel := stream_channel(scope["path"])):
+            # Straight to the stream too: a connector's idle connection then keeps no frames
+            # of the middleware and router layers for its lifetime.
+            await self.stream.serve(scope, receive, send, channel)
         else:
             await self.router(scope, receive, send)
 

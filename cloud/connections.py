@@ -421,8 +421,81 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class Inbox:
+    """What uvicorn's WebSocket protocol asks of its ``asyncio.Queue`` of ASGI events, in far
+    less memory: a list and, while the application waits, one future. (An ``asyncio.Queue``
+    allocates three deques, about 2.3 KB, per connection; uvicorn stops reading the socket
+    while an event is queued, so the list stays short.)"""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+
+class Flag:
+    """What uvicorn's WebSocket protocol asks of its ``asyncio.Event`` (``writable``), without
+    the deque an ``asyncio.Event`` allocates up front (about 760 bytes per connection)."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's WebSocket protocol, counted against the cap and exempt from its deadlines."""
+    """uvicorn's WebSocket protocol, counted against the cap and exempt from its deadlines.
+
+    Lighter per connection than uvicorn's own, for thousands of idle connectors: a leaner
+    queue and event (:class:`Inbox`, :class:`Flag`), and the handshake's request and response
+    (headers and all) dropped once the upgrade is answered.
+    """
 
     def __init__(
         self,
@@ -435,6 +508,15 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.guard = process_guard(limits or ConnectionLimits())
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
+        self.writable.set()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept":
+            # Read only to answer the upgrade, which is done now.
+            self.request = self.response = None  # type: ignore[assignment]
 
     def describe(self) -> str:
         return describe(self.client)

@@ -7,6 +7,7 @@ hands a message to another consumer. Every time is a number the test passes in.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import pytest
@@ -23,7 +24,7 @@ from webhook_connect.cloud.session import (
     remote_plan,
     settle_outcome,
 )
-from webhook_connect.cloud.sessions import Connection, check_liveness, settle
+from webhook_connect.cloud.sessions import Connection, check_liveness, settle, token_cache
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.exceptions import (
     ConnectorRefusal,
@@ -387,6 +388,37 @@ async def test_check_liveness_raises_the_refusal_that_ends_the_connection() -> N
         await check_liveness(buffer, connection())  # type: ignore[arg-type]
     assert fields(removed.value) == REMOVED
     buffer.alive, buffer.tokens = True, []
+    token_cache.forget()  # the tokens read a moment ago are shared for a second
     with pytest.raises(ConnectorRefusal) as revoked:
         await check_liveness(buffer, connection())  # type: ignore[arg-type]
     assert fields(revoked.value) == REVOKED
+
+
+async def test_liveness_checks_of_one_channel_share_one_token_read_a_second() -> None:
+    """10,000 idle connectors check every 5 s: their channel's tokens are read once a second
+    per process, not once per check; a failed read is not remembered."""
+    token_cache.forget()
+    buffer = CountingBuffer(FakeQueue(), tokens=[TokenRecord("t1", CHANNEL, "h")])
+    checks = [check_liveness(buffer, connection(f"c{i}")) for i in range(50)]  # type: ignore[arg-type]
+    await asyncio.gather(*checks)
+    assert buffer.token_reads == 1
+    buffer.fail_reads = True
+    token_cache.forget()
+    with pytest.raises(ConnectorRefusal):
+        await check_liveness(buffer, connection())  # type: ignore[arg-type]
+    buffer.fail_reads = False
+    await check_liveness(buffer, connection())  # type: ignore[arg-type]
+    assert buffer.token_reads == 3
+
+
+@dataclass
+class CountingBuffer(FakeBuffer):
+    token_reads: int = 0
+    fail_reads: bool = False
+
+    async def list_tokens(self, channel: str) -> list[TokenRecord]:
+        self.token_reads += 1
+        await asyncio.sleep(0)
+        if self.fail_reads:
+            raise StorageUnavailable("down")
+        return self.tokens
