@@ -648,3 +648,28 @@ def test_json_log_lines_are_json(sqlite_cloud: Cloud, sink: Sink, tmp_path: Path
         "webhook_connect.connector",
         "webhook_connect.connector.delivery",
     }
+
+
+async def test_json_delivery_lines_stay_json_whatever_the_strings_hold() -> None:
+    """The JSON line is written out field by field (it is cheaper): every string in it must
+    still be escaped."""
+    stream = io.StringIO()
+    printer = LinePrinter(stream, json_lines=True)
+    envelope = Envelope("dev", 'we"ird\\id', 0.0, "POST", "/x", "", (), b"")
+    odd = WireMessage('m"1', 1, 2, "dev", envelope)
+    cause = 'TLS: "bad"\n\x00é'
+    printer.delivery(odd, DeliveryResult(Outcome.REJECTED, 'http://h/a"b?q=1', 404, cause))
+    printer.delivery(odd, DeliveryResult(Outcome.DELIVERED, "kafka", None, "", 1, 3.0))
+    printer.flush()
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (first["webhook_id"], first["message_id"], first["error"]) == (
+        'we"ird\\id',
+        'm"1',
+        cause,
+    )
+    assert (first["target"], first["status"], first["level"]) == (
+        'http://h/a"b?q=1',
+        404,
+        "warning",
+    )
+    assert (second["status"], second["ms"], second["message"][:9]) == (None, 3000.0, "ok POST k")
