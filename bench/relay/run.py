@@ -7,10 +7,11 @@ Measures, on this machine:
   * the connector's CPU time per message (from /proc, user + system).
 
     python bench/relay/run.py [--backlog 20000] [--rates 2000,3000] [--duration 15]
-                              [--backends redis,redis-cluster]
+                              [--backends redis,redis-cluster,rabbitmq]
 
 ``redis-cluster`` is a Redis Cluster of 3 masters with a replica each
-(docs/STORAGE-REDIS-CLUSTER.md).
+(docs/STORAGE-REDIS-CLUSTER.md); ``rabbitmq`` a private rabbitmq-server node holding the
+messages, with a redis-server as its registry (docs/STORAGE-RABBITMQ.md).
 
 Everything listens on 127.0.0.1, is started here and stopped by PID. A benchmark, not a test.
 """
@@ -28,6 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -213,11 +215,20 @@ class Rig:
         self.max_in_flight = max_in_flight
         self.processes: list[subprocess.Popen[bytes]] = []
         self.connector: subprocess.Popen[bytes] | None = None
+        self.broker: Any = None  # tests.servers.RabbitMQServer, for the rabbitmq backend
 
     def start(self) -> None:
         if self.backend == "redis-cluster":
             nodes, url = start_redis_cluster(self.workdir, [])
             self.processes.extend(nodes)
+        elif self.backend == "rabbitmq":  # the messages in RabbitMQ, the registry in Redis
+            from tests.servers import RabbitMQServer
+
+            redis, registry = start_redis(self.workdir, [])
+            self.processes.append(redis)
+            self.broker = RabbitMQServer(self.workdir / "rabbitmq")
+            self.broker.start()
+            url = f"{self.broker.url}?registry={quote(registry, safe='')}"
         else:
             redis, url = start_redis(self.workdir, [])
             self.processes.append(redis)
@@ -282,6 +293,8 @@ class Rig:
             stop(self.connector)
         for process in reversed(self.processes):
             stop(process)
+        if self.broker is not None:
+            self.broker.close()
 
 
 def drain(rig: Rig, backlog: int) -> dict[str, Any]:
@@ -336,7 +349,7 @@ def main() -> None:
     parser.add_argument("--max-concurrent", type=int, default=32)
     parser.add_argument("--max-in-flight", type=int, default=200)
     parser.add_argument("--protocols", default="websocket,sse,long_poll")
-    parser.add_argument("--backends", default="redis", help="redis, redis-cluster")
+    parser.add_argument("--backends", default="redis", help="redis, redis-cluster, rabbitmq")
     args = parser.parse_args()
     everything: dict[str, Any] = {}
     for protocol in args.protocols.split(","):
