@@ -18,7 +18,13 @@ from webhook_connect.cloud.buffers.redisurl import RedisEndpoint, parse_redis_ur
 from webhook_connect.shared.exceptions import StorageUnavailable
 
 CONNECT_TIMEOUT = 5.0
-REPLY_TIMEOUT = 10.0
+# How long replies may stop coming while commands wait before the connection counts as dead.
+# A progress deadline, not a per-command one: under load (appendfsync always) replies keep
+# arriving every few milliseconds, and the longest legitimate silence is a blocking command
+# of ours (the cluster's ``WAIT 1 1000``: 1 s). A blackholed link (no FIN, no RST) shows as
+# silence only, so this is what turns it into 503s quickly enough for a sender with a 10 s
+# timeout (GitHub) to see the 503 rather than its own timeout.
+REPLY_TIMEOUT = 2.5
 
 
 class ReplyError(Exception):
@@ -46,32 +52,38 @@ class _Protocol(asyncio.Protocol):
         self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._out: list[bytes] = []
         self._is_flush_scheduled = False
-        self._replies = 0
+        # loop.time() of the last sign of life: bytes received, or the moment commands
+        # started waiting on an idle connection (an idle connection is not a silent one).
+        self._progress_at = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, data: bytes, future: asyncio.Future[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        if not self.pending:
+            self._progress_at = loop.time()
         self.pending.append(future)
         self._out.append(data)
         if not self._is_flush_scheduled:
             self._is_flush_scheduled = True
-            loop = asyncio.get_running_loop()
             loop.call_soon(self._flush)
-            if self._watchdog is None:
-                self._watchdog = loop.call_later(REPLY_TIMEOUT, self._check, self._replies)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(self._progress_at + REPLY_TIMEOUT, self._check)
 
-    def _check(self, replies_then: int) -> None:
-        """No reply for REPLY_TIMEOUT while commands wait: the connection is dead; drop it."""
+    def _check(self) -> None:
+        """Nothing received for REPLY_TIMEOUT while commands wait: the connection is dead;
+        drop it (``connection_lost`` fails what waits with StorageUnavailable)."""
         self._watchdog = None
-        if not self.pending:
-            return
-        if self._replies == replies_then and self.transport is not None:
-            self.transport.abort()
+        if not self.pending or self.transport is None:
             return
         loop = asyncio.get_running_loop()
-        self._watchdog = loop.call_later(REPLY_TIMEOUT, self._check, self._replies)
+        deadline = self._progress_at + REPLY_TIMEOUT
+        if loop.time() >= deadline:
+            self.transport.abort()
+            return
+        self._watchdog = loop.call_at(deadline, self._check)
 
     def _flush(self) -> None:
         self._is_flush_scheduled = False
@@ -80,12 +92,13 @@ class _Protocol(asyncio.Protocol):
         self._out = []
 
     def data_received(self, data: bytes) -> None:
+        # Any bytes count as progress: a large reply arriving slowly is not a dead link.
+        self._progress_at = asyncio.get_running_loop().time()
         self._reader.feed(data)
         while True:
             reply = self._reader.gets()
             if reply is False:
                 return
-            self._replies += 1
             future = self.pending.popleft()
             if not future.done():
                 future.set_result(reply)

@@ -111,6 +111,7 @@ class LoadDriver:
         self.missing_retry_after = 0
         self.last_accepted_at = 0.0
         self.last_refused_at = 0.0
+        self.refusal_times: list[float] = []
         self.started_at = 0.0
         self.stopped_at = 0.0
         self._stop = threading.Event()
@@ -145,6 +146,11 @@ class LoadDriver:
     def refused_count(self, status: str | None = None) -> int:
         with self._lock:
             return self.refused[status] if status else sum(self.refused.values())
+
+    def first_refused_after(self, moment: float) -> float:
+        """When the first answer other than 202 after ``moment`` came (``inf`` if none)."""
+        with self._lock:
+            return next((t for t in self.refusal_times if t > moment), float("inf"))
 
     def _run(self) -> None:
         asyncio.run(self._drive())
@@ -201,6 +207,7 @@ class LoadDriver:
             else:
                 self.refused[outcome] += 1
                 self.last_refused_at = time.monotonic()
+                self.refusal_times.append(self.last_refused_at)
 
 
 def longest_gap(*sinks: Sink) -> float:
