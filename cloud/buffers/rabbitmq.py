@@ -290,6 +290,10 @@ class RabbitMQBuffer:
                     )
                     self._declared.clear()
                     self._rooms.clear()
+                    # The old connection's channels are gone with it, whatever they report;
+                    # so are the deliveries its reads channel held (the broker requeued them).
+                    self._channel = self._publisher = self._query = None
+                    self._held.clear()
                 return await self._connection.channel(publisher_confirms=confirms)
             except RuntimeError:  # aiormq: the connection closed under the wrapper
                 self._connection = None
