@@ -29,6 +29,7 @@ wire them to the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -36,11 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
-from webhook_connect.cloud import metrics
+from webhook_connect.cloud import metrics, stopping
 from webhook_connect.cloud.config import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
@@ -349,6 +350,20 @@ TIMED_OUT = {
 }
 
 
+STOPPING_BODY = b'{"error":"shutting_down"}'
+
+
+async def _answer_stopping(cycle: RequestResponseCycle) -> None:
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(STOPPING_BODY)).encode()),
+        (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+        (b"connection", b"close"),
+    ]
+    await cycle.send({"type": "http.response.start", "status": 503, "headers": headers})
+    await cycle.send({"type": "http.response.body", "body": STOPPING_BODY, "more_body": False})
+
+
 def describe(client: tuple[str, int] | None) -> str:
     return f"{client[0]}:{client[1]}" if client else "an unknown address"
 
@@ -405,6 +420,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def handle_websocket_upgrade(self) -> None:
         self.guard.handed_over(self)
         super().handle_websocket_upgrade()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown begins: waiting polls answer at once (cloud/stopping.py),
+        and a request still unanswered when the graceful timeout cancels it is answered 503
+        with Retry-After (the sender tries again, elsewhere or once restarted) instead of
+        uvicorn's 500 for a failed application."""
+        stopping.begin()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.send_500_response = functools.partial(_answer_stopping, cycle)  # type: ignore[method-assign]
+        super().shutdown()
 
     def expire(self, reason: str) -> None:
         """Closed by the guard: answer 408 where a request is waiting for one, then close."""

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from webhook_connect.cloud import logs, metrics
+from webhook_connect.cloud import logs, metrics, stopping
 from webhook_connect.cloud.buffers import Buffer
 from webhook_connect.cloud.pull import HEARTBEAT_SECONDS, Puller
 from webhook_connect.cloud.responses import refusal_response
@@ -162,13 +162,20 @@ class PullRoutes:
                 puller.next_batch(max_messages, time.monotonic() + timeout)
             )
             gone = asyncio.ensure_future(_disconnected(request))
-            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            # On shutdown a poll answers "poll again" (204) at once, before uvicorn's graceful
+            # timeout cancels it: the connector polls again, elsewhere or once restarted.
+            shutdown = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait({waiting, gone, shutdown}, return_when=asyncio.FIRST_COMPLETED)
             gone.cancel()
+            shutdown.cancel()
             if not waiting.done():
-                # The client left mid-poll: nothing was read for it, nothing is lost.
+                # Nothing was read for this poll yet, so nothing is lost.
                 waiting.cancel()
-                return Response(status_code=499)
-            messages = waiting.result()
+                if gone.done():  # the client left mid-poll
+                    return Response(status_code=499)
+                messages = []
+            else:
+                messages = waiting.result()
         except ConnectorRefusal as refusal:
             return refused(refusal)
         headers = {"X-Connection-ID": connection.consumer}

@@ -1,0 +1,44 @@
+"""A long poll open when the cloud is told to stop is answered 204 ("poll again"), never 500
+(uvicorn answers 500 to a request its graceful timeout cancels before it answered)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+
+from tests.faults.harness import CHANNEL, TOKEN, write_webhooks
+from tests.servers import Cloud, running, wait_until
+
+
+def test_a_poll_open_at_sigterm_is_answered_poll_again(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'cloud.db'}"
+    answers: list[int] = []
+    with running(Cloud(storage, write_webhooks(tmp_path), tmp_path)) as cloud:
+        url = f"{cloud.url}/connect/stream/{CHANNEL}/poll"
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+
+        def long_poll() -> None:
+            try:
+                answer = httpx.get(url, params={"timeout": 60}, headers=headers, timeout=70)
+                answers.append(answer.status_code)
+            except httpx.HTTPError:
+                answers.append(0)
+
+        poller = threading.Thread(target=long_poll, daemon=True)
+        poller.start()
+        # The poll is open once the cloud counts the connection it opened.
+        wait_until(lambda: "long_poll" in _connections(cloud), 20, "the poll to be open")
+        assert cloud.process is not None
+        cloud.process.send_signal(signal.SIGTERM)
+        poller.join(30)
+    assert answers == [204], f"the open poll was answered {answers}"
+
+
+def _connections(cloud: Cloud) -> str:
+    try:
+        return httpx.get(f"{cloud.url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return ""
