@@ -362,7 +362,8 @@ def test_connector_flags_and_environment_override_the_file(tmp_path: Path) -> No
         "connector", "--config", str(path), env={"WEBHOOK_CONNECT_CLOUD_URL": "gopher://x"}
     )
     assert result.returncode == 2
-    assert "cloud_url: must be a http" in result.stderr
+    # The line names where the bad value came from: the variable, not the file's key.
+    assert "WEBHOOK_CONNECT_CLOUD_URL: must be a http" in result.stderr
 
 
 @pytest.mark.parametrize("name", ["webhooks.json", "webhooks-secure.json"])

@@ -138,7 +138,11 @@ class RespClient:
         try:
             return await asyncio.shield(self._connecting)
         except (OSError, TimeoutError) as exc:
-            raise StorageUnavailable(f"redis unreachable: {exc or type(exc).__name__}") from exc
+            endpoint = self.endpoint
+            where = endpoint.path or f"{endpoint.host}:{endpoint.port}"
+            raise StorageUnavailable(
+                f"redis unreachable at {where}: {exc or type(exc).__name__}"
+            ) from exc
 
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
