@@ -110,6 +110,19 @@ def _storage_errors(cls: type[T]) -> type[T]:
     return cls
 
 
+def channel_config(spec: ChannelSpec) -> dict[str, bytes | int]:
+    """The channel's configuration hash (``wc:{ch}:cfg``), as the Lua scripts read it."""
+    return {
+        "spec": orjson.dumps(dataclasses.asdict(spec)),
+        "max_queue_size": spec.max_queue_size,
+        "ttl_ms": spec.ttl_seconds * 1000,
+        "ack_timeout_ms": int(spec.ack_timeout_seconds * 1000),
+        "max_attempts": spec.max_delivery_attempts,
+        "retry_delay_ms": int(spec.retry_delay_seconds * 1000),
+        "history_ms": spec.history_seconds * 1000,
+    }
+
+
 @_storage_errors
 class RedisBuffer:
     """The production backend. ``url`` is a ``redis://`` or ``rediss://`` URL."""
@@ -183,15 +196,7 @@ class RedisBuffer:
 
     async def provision(self, spec: ChannelSpec) -> None:
         cfg = channel_keys(spec.name)[1]
-        mapping = {
-            "spec": orjson.dumps(dataclasses.asdict(spec)),
-            "max_queue_size": spec.max_queue_size,
-            "ttl_ms": spec.ttl_seconds * 1000,
-            "ack_timeout_ms": int(spec.ack_timeout_seconds * 1000),
-            "max_attempts": spec.max_delivery_attempts,
-            "retry_delay_ms": int(spec.retry_delay_seconds * 1000),
-            "history_ms": spec.history_seconds * 1000,
-        }
+        mapping = channel_config(spec)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(cfg, mapping=mapping)  # type: ignore[arg-type]
             pipe.sadd(CHANNELS_KEY, spec.name)

@@ -17,13 +17,11 @@ docs/STORAGE-REDIS-CLUSTER.md describes the deployment and the guarantees.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import uuid
 from typing import Any, cast
 
-import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
@@ -34,6 +32,7 @@ from webhook_connect.cloud.buffers.redis import (
     TOKENS_KEY,
     RedisBuffer,
     _storage_errors,
+    channel_config,
     channel_keys,
 )
 from webhook_connect.cloud.buffers.redispy import redis_py_client
@@ -88,15 +87,7 @@ class RedisClusterBuffer(RedisBuffer):
         # between them leaves a channel that works but is not listed, until the next
         # provisioning (every start-up and reload) lists it. Each step is idempotent.
         cfg = channel_keys(spec.name)[1]
-        mapping = {
-            "spec": orjson.dumps(dataclasses.asdict(spec)),
-            "max_queue_size": spec.max_queue_size,
-            "ttl_ms": spec.ttl_seconds * 1000,
-            "ack_timeout_ms": int(spec.ack_timeout_seconds * 1000),
-            "max_attempts": spec.max_delivery_attempts,
-            "retry_delay_ms": int(spec.retry_delay_seconds * 1000),
-            "history_ms": spec.history_seconds * 1000,
-        }
+        mapping = channel_config(spec)
         await self._redis.hset(cfg, mapping=mapping)  # type: ignore[arg-type]
         await self._redis.sadd(CHANNELS_KEY, spec.name)
         await self.join(spec.name, DEFAULT_GROUP, from_start=True)
