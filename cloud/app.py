@@ -40,7 +40,10 @@ logger = logging.getLogger("webhook_connect.cloud")
 
 HOUSEKEEPING_INTERVAL = 5.0
 PROVISION_RETRY_MAX = 5.0
-PROVISION_FIRST_WAIT = 3.0
+# How long start-up waits for the first provisioning attempt before serving: a cloud whose
+# storage answers serves ready from its first request (RabbitMQ's new queues take 2 s to be
+# saved, docs/STORAGE-RABBITMQ.md); one whose storage fails serves at once, not ready.
+PROVISION_FIRST_WAIT = 10.0
 # Answered, never raised (a raised instance would keep the frames of its last raise).
 DOCS_DISABLED = HttpRefusal(404, "docs_disabled", "start the cloud with --public-docs")
 
@@ -93,10 +96,11 @@ class CloudApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self._provisioned = asyncio.create_task(self._provision_until_done())
+        tried = asyncio.Event()
+        self._provisioned = asyncio.create_task(self._provision_until_done(tried))
         # Serve ready from the first request when storage is up; otherwise keep trying.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._provisioned), PROVISION_FIRST_WAIT)
+            await asyncio.wait_for(tried.wait(), PROVISION_FIRST_WAIT)
         self._tasks = [
             self._provisioned,
             asyncio.create_task(self._housekeep_forever()),
@@ -128,19 +132,22 @@ class CloudApp:
         self.ingest.guards = reloaded.guards
         await self.direct.apply(reloaded.config.webhooks)
 
-    async def _provision_until_done(self) -> None:
+    async def _provision_until_done(self, tried: asyncio.Event) -> None:
+        """Provision until it works; ``tried`` is set once the first attempt has ended."""
         # Storage may come up after us (a Redis restart): keep trying, stay not-ready meanwhile.
         delay = 0.1
         while True:
             try:
                 await provision(self.buffer, self.config)
             except StorageError as exc:
+                tried.set()
                 logger.warning("storage not ready, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, PROVISION_RETRY_MAX)
             else:
                 await self.direct.apply(self.config.webhooks)
                 self.ingest.is_ready = True
+                tried.set()
                 logger.info(
                     "storage %s ready with %d channel(s)",
                     _safe_url(self.config.storage_url),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 
-from webhook_connect.cloud.buffers import Buffer, TokenRecord
+from webhook_connect.cloud.buffers import Buffer, ChannelSpec, TokenRecord
 from webhook_connect.cloud.config import CloudConfig
 from webhook_connect.cloud.tokens import CONFIG_LABEL_PREFIX, hash_token
 from webhook_connect.shared.config import Webhook
+
+PROVISION_CONCURRENCY = 16
 
 
 async def provision(buffer: Buffer, config: CloudConfig) -> None:
@@ -17,8 +20,19 @@ async def provision(buffer: Buffer, config: CloudConfig) -> None:
     Tokens that an earlier ``webhooks.json`` registered and this one no longer has are removed;
     tokens issued through the admin API are left alone.
     """
-    for spec in config.channels().values():
-        await buffer.provision(spec)
+    # Channels side by side: a backend that makes a new channel wait (RabbitMQ's new queues,
+    # 2 s) then makes them all wait once, not once each.
+    gate = asyncio.Semaphore(PROVISION_CONCURRENCY)
+
+    async def provision_one(spec: ChannelSpec) -> None:
+        async with gate:
+            await buffer.provision(spec)
+
+    # Every call ends before a failure is raised: none is left running behind it.
+    specs = config.channels().values()
+    results = await asyncio.gather(*map(provision_one, specs), return_exceptions=True)
+    if failed := next((r for r in results if isinstance(r, BaseException)), None):
+        raise failed
     wanted = _config_tokens(config.webhooks)
     for channel in config.channels():
         for record in await buffer.list_tokens(channel):

@@ -16,7 +16,7 @@ from starlette.responses import Response, StreamingResponse
 
 from webhook_connect.cloud import logs, metrics, stopping
 from webhook_connect.cloud.buffers import Buffer
-from webhook_connect.cloud.pull import HEARTBEAT_SECONDS, Puller
+from webhook_connect.cloud.pull import HEARTBEAT_SECONDS, Puller, Unacknowledged
 from webhook_connect.cloud.responses import refusal_response
 from webhook_connect.cloud.session import remote_plan
 from webhook_connect.cloud.sessions import (
@@ -81,6 +81,7 @@ class PullRoutes:
         self.buffer = buffer
         self._ack_cache: dict[tuple[str, str], tuple[float, Connection]] = {}
         self._sent = metrics.SentTimes()
+        self._streams: dict[str, Puller] = {}  # this process's SSE streams by connection id
 
     def _sending(self, connection: Connection, messages: list[WireMessage]) -> None:
         """Note when messages left, for the ack latency of acks that come back here."""
@@ -111,8 +112,9 @@ class PullRoutes:
         )
 
     async def _events(self, connection: Connection, native: bool) -> AsyncIterator[bytes]:
-        puller = Puller(self.buffer, connection, HEARTBEAT_SECONDS)
+        puller = Puller(self.buffer, connection, HEARTBEAT_SECONDS, ends_on_own_redelivery=True)
         session = puller.session
+        self._streams[connection.consumer] = puller
         try:
             yield sse_event("connected", hello(connection, native, time.time()))
             while True:
@@ -128,7 +130,17 @@ class PullRoutes:
                     session.heartbeat_sent(time.monotonic())
         except ConnectorRefusal as refusal:
             yield sse_event("error", encode_error(refusal.error, detail=refusal.reason))
+        except Unacknowledged as unacked:
+            # Ending the stream gives back what it held (the message just read again
+            # included) to whichever connection reads next: a live connector dials again.
+            logger.warning(
+                "connector %s acknowledged nothing of message %s within the ack timeout; "
+                "ending its stream (a dead link, or its acks lost)",
+                connection.consumer,
+                unacked,
+            )
         finally:
+            self._streams.pop(connection.consumer, None)
             with anyio.CancelScope(shield=True):
                 await close_connection(self.buffer, connection)
 
@@ -261,6 +273,8 @@ class PullRoutes:
             )
         else:
             self._sent.settled(consumer, frame.ids(), now)  # a retry is timed when resent
+            if (stream := self._streams.get(consumer)) is not None:
+                stream.nacked(frame.ids())  # its retry is no sign of a dead stream
         # A stream of this replica may be waiting for room in its window.
         self.buffer.wake(connection.channel)
         return [ok for _, ok in outcome.settled]

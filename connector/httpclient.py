@@ -426,6 +426,9 @@ class _Pool:
             raise RequestTimeout(f"connecting to {origin.authority} timed out") from exc
         except OSError as exc:
             raise ConnectError(f"cannot connect to {origin.authority}: {exc}") from exc
+        if self.client.is_closed:  # aclose() ran while connecting: it could not close this one
+            connection.close()
+            raise ConnectError("the HttpClient was closed while the request was in flight")
         self.connections.add(connection)
         return connection
 

@@ -2,119 +2,28 @@
 
 Each one is started from the committed configuration under ``deploy/`` with its ``__NAME__``
 placeholders replaced (the files say which), on a free loopback port, terminating TLS with a
-certificate of a test CA made here, and stopped by its PID.
+certificate of a test CA (tests/certs.py), and stopped by its PID.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import re
 import shutil
-import ssl
 import subprocess
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.certs import Certificates, ClientCertificate
+from tests.certs import make_certificates as make_certificates
+from tests.certs import make_client_certificate as make_client_certificate
 from tests.servers import REPO, free_port, stop, wait_until
 
 DEPLOY = REPO / "deploy"
 PLACEHOLDER = re.compile(r"__[A-Z][A-Z0-9_]*__")
-
-
-@dataclass(frozen=True)
-class Certificates:
-    """A private CA and a server certificate it signed for 127.0.0.1 and localhost."""
-
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-    pem_file: Path  # certificate and key in one file, as HAProxy wants them
-
-    def client_context(self) -> ssl.SSLContext:
-        """What a client trusting only the test CA verifies the proxies with."""
-        return ssl.create_default_context(cafile=str(self.ca_file))
-
-
-def make_certificates(directory: Path) -> Certificates:
-    """Write a test CA and a server certificate (EC P-256, valid for a day) to ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "webhook-connect test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names = [
-        x509.DNSName("localhost"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-    ]
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    certs = Certificates(
-        ca_file=directory / "ca.pem",
-        cert_file=directory / "server.pem",
-        key_file=directory / "server.key",
-        pem_file=directory / "server-with-key.pem",
-    )
-    certs.ca_file.write_bytes(ca.public_bytes(pem))
-    certs.cert_file.write_bytes(server.public_bytes(pem))
-    certs.key_file.write_bytes(key_pem)
-    certs.key_file.chmod(0o600)
-    certs.pem_file.write_bytes(server.public_bytes(pem) + key_pem)
-    certs.pem_file.chmod(0o600)
-    return certs
 
 
 def render(template: Path, values: Mapping[str, str]) -> str:
@@ -342,67 +251,6 @@ class HAProxy(Proxy):
 
 
 # Forward proxies and client certificates (the connector on corporate networks) -------------
-
-
-@dataclass(frozen=True)
-class ClientCertificate:
-    """A client CA (what a server requiring client certificates trusts) and a certificate it
-    signed, with its key apart and both in one file."""
-
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-    pem_file: Path  # certificate and key in one file
-
-
-def make_client_certificate(directory: Path, name: str = "connector") -> ClientCertificate:
-    """Write a client CA and a client certificate for ``name`` (EC P-256, a day) to
-    ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "webhook-connect client CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    client = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    key_pem = key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    files = ClientCertificate(
-        ca_file=directory / f"{name}-client-ca.pem",
-        cert_file=directory / f"{name}-client.pem",
-        key_file=directory / f"{name}-client.key",
-        pem_file=directory / f"{name}-client-with-key.pem",
-    )
-    files.ca_file.write_bytes(ca.public_bytes(pem))
-    files.cert_file.write_bytes(client.public_bytes(pem))
-    files.key_file.write_bytes(key_pem)
-    files.key_file.chmod(0o600)
-    files.pem_file.write_bytes(client.public_bytes(pem) + key_pem)
-    files.pem_file.chmod(0o600)
-    return files
 
 
 class MutualTlsNginx(Proxy):

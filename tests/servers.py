@@ -77,9 +77,9 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        args = [
+    def arguments(self) -> list[str]:
+        """The redis-server command line (a TLS node replaces the listening options)."""
+        return [
             self.binary,
             "--port",
             str(self.port),
@@ -97,24 +97,29 @@ class RedisServer:
             "no",
             "--loglevel",
             "warning",
+            *(self.cluster_arguments() if self.cluster_node_timeout_ms else []),
         ]
-        if self.cluster_node_timeout_ms:
-            args += [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                str(self.directory / "nodes.conf"),
-                "--cluster-node-timeout",
-                str(self.cluster_node_timeout_ms),
-                # A port of its own for the cluster bus (the default, port + 10000, may be
-                # taken or past 65535).
-                "--cluster-port",
-                str(free_port()),
-                # A replica syncs at once (not after the default 5 s wait for more replicas).
-                "--repl-diskless-sync-delay",
-                "0",
-            ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+
+    def cluster_arguments(self) -> list[str]:
+        return [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(self.directory / "nodes.conf"),
+            "--cluster-node-timeout",
+            str(self.cluster_node_timeout_ms),
+            # A port of its own for the cluster bus (the default, port + 10000, may be
+            # taken or past 65535).
+            "--cluster-port",
+            str(free_port()),
+            # A replica syncs at once (not after the default 5 s wait for more replicas).
+            "--repl-diskless-sync-delay",
+            "0",
+        ]
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(self.arguments(), stdout=subprocess.DEVNULL)
         wait_until(self._answers, what=f"redis-server on port {self.port}")
 
     def _answers(self) -> bool:
@@ -152,30 +157,43 @@ class RedisCluster:
         """``redis+cluster://`` naming every node (the cloud needs only one to answer)."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
+    def new_node(self, directory: Path) -> RedisServer:
+        """One node, not started (a TLS cluster makes TLS nodes)."""
+        return RedisServer(directory, cluster_node_timeout_ms=self.node_timeout_ms)
+
+    def cli_options(self) -> list[str]:
+        """What ``redis-cli`` needs to reach a node (a TLS cluster: CA, certificate, user)."""
+        return []
+
     def start(self) -> None:
         count = self.masters * (1 + self.replicas)
         for index in range(count):
-            node = RedisServer(
-                self.directory / f"node-{index}",
-                cluster_node_timeout_ms=self.node_timeout_ms,
-            )
+            node = self.new_node(self.directory / f"node-{index}")
             self.nodes.append(node)
             node.start()
-        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
-        subprocess.run(
-            [self.cli, "--cluster", "create", *addresses]
-            + ["--cluster-replicas", str(self.replicas), "--cluster-yes"],
-            check=True,
-            stdout=subprocess.DEVNULL,
+        done = subprocess.run(
+            self.create_command(),
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             timeout=60,
         )
+        if done.returncode:
+            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout.decode()}")
         self.wait_ok()
+
+    def create_command(self) -> list[str]:
+        """``redis-cli --cluster create`` joining every node."""
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        return [self.cli, *self.cli_options(), "--cluster", "create", *addresses] + [
+            "--cluster-replicas",
+            str(self.replicas),
+            "--cluster-yes",
+        ]
 
     def command(self, node: RedisServer, *args: str, timeout: float = 10) -> str:
         """``redis-cli -p PORT ARGS...`` against one node; its output."""
         done = subprocess.run(
-            [self.cli, "-h", "127.0.0.1", "-p", str(node.port), *args],
+            [self.cli, *self.cli_options(), "-h", "127.0.0.1", "-p", str(node.port), *args],
             capture_output=True,
             check=True,
             timeout=timeout,
@@ -497,6 +515,39 @@ class RabbitMQServer:
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
             sock.sendall(b"AMQP\x00\x00\x09\x01")
             return sock.recv(1) == b"\x01"  # a method frame: connection.start
+
+    def is_durable(self) -> bool:
+        """Whether the node has saved its quorum queues' registry (Ra's ``names.dets``).
+
+        RabbitMQ 3.10 (Ra 2.2) writes a queue's log to its fsynced WAL before confirming a
+        publish, but registers the queue's Ra server in a DETS file it saves only about a
+        second later. A node killed before that restarts without the registration: it drops
+        the queue's log (every message in it) and starts the queue afresh with no members,
+        so it never elects a leader and every publish and ``basic.get`` on it times out.
+        DETS marks a saved file "closed properly" (header bytes 8-11 = 1) and clears the
+        mark on the next write."""
+        saved = [
+            names.read_bytes()[8:12] == b"\x00\x00\x00\x01"
+            for names in self.directory.glob("mnesia/*/quorum/*/names.dets")
+        ]
+        return bool(saved) and all(saved)
+
+    def ctl(self, *args: str) -> str:
+        """``rabbitmqctl`` against this node (its epmd and cookie); its output."""
+        env = {
+            **os.environ,
+            "HOME": str(self.directory / "home"),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+        }
+        done = subprocess.run(
+            [str(Path(self.binary).with_name("rabbitmqctl")), "-n", self.node, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return done.stdout
 
     def stop(self) -> None:
         """Kill the VM (its data is on disk; a restart recovers it) and its wrapper script."""

@@ -439,3 +439,29 @@ async def test_closed_client_refuses_requests() -> None:
         await wait_for(lambda: server.closed == 1)
         with pytest.raises(RuntimeError):
             await post(client, server.url)
+
+
+async def test_a_connection_made_after_aclose_is_closed_not_pooled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aclose() while a request is still connecting: the connection, once made, is closed and
+    the request fails. It used to be sent on and then kept idle in a pool aclose() had already
+    dropped, open until the garbage collector found it."""
+    async with scripted(always(OK)) as server:
+        client = HttpClient()
+        loop = asyncio.get_running_loop()
+        connect, go = loop.create_connection, asyncio.Event()
+
+        async def held_connect(*args: Any, **kwargs: Any) -> Any:
+            await go.wait()
+            return await connect(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "create_connection", held_connect)
+        request = asyncio.create_task(post(client, server.url))
+        await asyncio.sleep(0.05)  # the request is now connecting
+        await client.aclose()
+        go.set()
+        with pytest.raises(ConnectError, match="closed"):
+            await request
+        await wait_for(lambda: server.accepted == 1 and server.closed == 1)
+        assert server.requests == []

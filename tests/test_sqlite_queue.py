@@ -68,7 +68,7 @@ def test_unread_messages_are_due_in_order_and_held_by_one_consumer(db: sqlite3.C
         append(db, n, T0)
     assert read(db, T0 + 1) == [(b"1", 1), (b"2", 1), (b"3", 1)]
     assert read(db, T0 + 2, consumer="c2") == []
-    assert queue.pending_count(db, "orders", "default", "c1", 2) == 2
+    assert queue.pending_count(db, "orders", "default", "c1", 2, T0 + 2) == 2
 
 
 def test_a_message_is_due_again_exactly_at_its_ack_timeout(db: sqlite3.Connection) -> None:

@@ -1,140 +1,73 @@
-"""A redis-server speaking only TLS, with certificates made here, and ACL users if asked.
+"""redis-server speaking only TLS, with certificates of a test CA (tests/certs.py), and ACL
+users if asked: one server (:class:`TLSRedisServer`) or a Redis Cluster of them
+(:class:`TLSRedisCluster`).
 
-:func:`make_tls_files` writes a private CA, a server certificate for 127.0.0.1 and localhost,
-a client certificate, and a second CA that signed neither (the "wrong CA").
-:class:`TLSRedisServer` starts redis-server with ``--port 0 --tls-port P`` on loopback and
-stops it by PID.
+A server listens on ``--port 0 --tls-port P`` on loopback and is stopped by its PID. In a
+cluster the bus and replication speak TLS too (``tls-cluster``, ``tls-replication``), so the
+addresses the cluster announces (``CLUSTER SLOTS``, ``MOVED``) are TLS ports.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from tests.servers import free_port, stop, wait_until
-
-PEM = serialization.Encoding.PEM
+from tests.certs import TLSFiles as TLSFiles
+from tests.certs import make_tls_files as make_tls_files
+from tests.servers import RedisCluster, RedisServer, free_port, stop, wait_until
 
 
-@dataclass(frozen=True)
-class TLSFiles:
-    """Everything a TLS Redis and its clients need, as files."""
-
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    wrong_ca: Path  # a CA that signed nothing here
-
-    def client_context(self, *, with_client_cert: bool = True) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.ca))
-        if with_client_cert:
-            context.load_cert_chain(str(self.client_cert), str(self.client_key))
-        return context
-
-
-def _key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-def _ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    now = datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+def tls_arguments(
+    port: int, files: TLSFiles, auth_clients: str, users: dict[str, str]
+) -> list[str]:
+    """redis-server options: TLS only, on ``port`` (``--port 0`` turns plain TCP off), with
+    ``users`` as ACL users and the default user off when there are any."""
+    args = [
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(files.server_cert),
+        "--tls-key-file",
+        str(files.server_key),
+        "--tls-ca-cert-file",
+        str(files.ca),
+        "--tls-auth-clients",
+        auth_clients,
+    ]
+    if users:
+        args += ["--user", "default", "off"]
+        for name, password in users.items():
+            args += ["--user", name, "on", f">{password}", "~*", "&*", "+@all"]
+    return args
 
 
-def _leaf(
-    ca: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    common_name: str,
-    usage: x509.ObjectIdentifier,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    now = datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert, key
+def answers_over_tls(process: subprocess.Popen[bytes] | None, port: int, files: TLSFiles) -> bool:
+    """A TLS handshake with the client certificate and an answer to PING (PONG, or the
+    refusal of a server whose default user is off)."""
+    if process is not None and process.poll() is not None:
+        raise RuntimeError(f"redis-server exited with {process.returncode}")
+    context = files.client_context()
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
 
 
-def make_tls_files(directory: Path) -> TLSFiles:
-    """Write a test CA, server and client certificates it signed, and an unrelated CA."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca, ca_key = _ca("webhook-connect redis test CA")
-    server, server_key = _leaf(ca, ca_key, "localhost", ExtendedKeyUsageOID.SERVER_AUTH)
-    client, client_key = _leaf(ca, ca_key, "webhook-connect", ExtendedKeyUsageOID.CLIENT_AUTH)
-    wrong, _ = _ca("some other CA")
-    files = TLSFiles(
-        ca=directory / "ca.pem",
-        server_cert=directory / "server.pem",
-        server_key=directory / "server.key",
-        client_cert=directory / "client.pem",
-        client_key=directory / "client.key",
-        wrong_ca=directory / "wrong-ca.pem",
-    )
-    files.ca.write_bytes(ca.public_bytes(PEM))
-    files.server_cert.write_bytes(server.public_bytes(PEM))
-    files.client_cert.write_bytes(client.public_bytes(PEM))
-    files.wrong_ca.write_bytes(wrong.public_bytes(PEM))
-    for path, key in ((files.server_key, server_key), (files.client_key, client_key)):
-        path.write_bytes(_key_bytes(key))
-        path.chmod(0o600)
-    return files
+def rediss_url(
+    scheme: str, ports: list[int], user: str, password: str, options: dict[str, str | Path]
+) -> str:
+    """``scheme://[user:password@]127.0.0.1:port[,...]`` with ``options`` as the query, every
+    part escaped."""
+    auth = f"{quote(user, safe='')}:{quote(password, safe='')}@" if password else ""
+    nodes = ",".join(f"127.0.0.1:{port}" for port in ports)
+    query = "&".join(f"{name}={quote(str(value), safe='/')}" for name, value in options.items())
+    return f"{scheme}://{auth}{nodes}/0" + (f"?{query}" if query else "")
 
 
 class TLSRedisServer:
@@ -166,28 +99,15 @@ class TLSRedisServer:
 
     def url(self, *, user: str = "", password: str = "", **options: str | Path) -> str:
         """A ``rediss://`` URL of this server with ``options`` as its query."""
-        auth = f"{quote(user, safe='')}:{quote(password, safe='')}@" if password else ""
-        query = "&".join(f"{name}={quote(str(value), safe='/')}" for name, value in options.items())
-        return f"rediss://{auth}127.0.0.1:{self.port}/0" + (f"?{query}" if query else "")
+        return rediss_url("rediss", [self.port], user, password, options)
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
-            "--port",
-            "0",
-            "--tls-port",
-            str(self.port),
+            *tls_arguments(self.port, self.files, self.auth_clients, self.users),
             "--bind",
             "127.0.0.1",
-            "--tls-cert-file",
-            str(self.files.server_cert),
-            "--tls-key-file",
-            str(self.files.server_key),
-            "--tls-ca-cert-file",
-            str(self.files.ca),
-            "--tls-auth-clients",
-            self.auth_clients,
             "--save",
             "",
             "--appendonly",
@@ -199,25 +119,124 @@ class TLSRedisServer:
             "--loglevel",
             "warning",
         ]
-        if self.users:
-            args += ["--user", "default", "off"]
-            for name, password in self.users.items():
-                args += ["--user", name, "on", f">{password}", "~*", "&*", "+@all"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
         wait_until(self._answers, what=f"TLS redis-server on port {self.port}")
 
     def _answers(self) -> bool:
-        """A TLS handshake with the client certificate and an answer to PING (PONG, or the
-        refusal of a server whose default user is off)."""
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {self.process.returncode}")
-        context = self.files.client_context()
-        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
-            with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+        return answers_over_tls(self.process, self.port, self.files)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None:
             stop(self.process, sig)
             self.process = None
+
+
+class TLSClusterNode(RedisServer):
+    """A Redis Cluster node (append-only, as :class:`RedisServer` makes one) speaking TLS only:
+    to clients, on the cluster bus and to its replicas. Outgoing links (bus, replication)
+    present the test client certificate.
+
+    With a ``plain_port``, the misconfiguration a TLS client can meet: the node also listens
+    on that plain port, and its bus and replication stay plain (``tls-cluster no``), so it
+    announces the plain port in ``CLUSTER SLOTS`` and ``MOVED``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        files: TLSFiles,
+        users: dict[str, str],
+        node_timeout_ms: int,
+        plain_port: int = 0,
+    ) -> None:
+        super().__init__(directory, cluster_node_timeout_ms=node_timeout_ms)
+        self.files = files
+        self.users = users
+        self.plain_port = plain_port
+
+    def arguments(self) -> list[str]:
+        args = super().arguments()
+        at = args.index("--port")
+        del args[at : at + 2]  # the plain port: tls_arguments turns it off
+        tls_links = "no" if self.plain_port else "yes"
+        args += [
+            *tls_arguments(self.port, self.files, "optional", self.users),
+            *(["--port", str(self.plain_port)] if self.plain_port else []),
+            "--tls-cluster",
+            tls_links,
+            "--tls-replication",
+            tls_links,
+            "--tls-client-cert-file",
+            str(self.files.client_cert),
+            "--tls-client-key-file",
+            str(self.files.client_key),
+        ]
+        if self.users:  # a replica logs in to its master as the first user
+            name, password = next(iter(self.users.items()))
+            args += ["--masteruser", name, "--masterauth", password]
+        return args
+
+    def _answers(self) -> bool:
+        return answers_over_tls(self.process, self.port, self.files)
+
+
+class TLSRedisCluster(RedisCluster):
+    """A :class:`RedisCluster` of :class:`TLSClusterNode` nodes, made and driven with
+    ``redis-cli --tls``; with ``users``, every client (the cluster's tools included) logs in
+    as the first one. :attr:`url` is the ``rediss+cluster://`` URL a cloud uses: every node,
+    the first user, the test CA.
+
+    ``tls_cluster=False`` makes the nodes of :class:`TLSClusterNode` with a plain port too
+    (joined over their plain ports), which announce those plain ports."""
+
+    def __init__(
+        self,
+        directory: Path,
+        files: TLSFiles,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        users: dict[str, str] | None = None,
+        node_timeout_ms: int = 2000,
+        tls_cluster: bool = True,
+    ) -> None:
+        super().__init__(directory, masters, replicas, node_timeout_ms)
+        self.files = files
+        self.users = users or {}
+        self.tls_cluster = tls_cluster
+
+    def new_node(self, directory: Path) -> RedisServer:
+        plain = 0 if self.tls_cluster else free_port()
+        return TLSClusterNode(directory, self.files, self.users, self.node_timeout_ms, plain)
+
+    def create_command(self) -> list[str]:
+        command = super().create_command()
+        if self.tls_cluster:
+            return command
+        # Joined over the plain ports (the bus is plain): redis-cli as a plain client.
+        plain = {f"127.0.0.1:{n.port}": f"127.0.0.1:{n.plain_port}" for n in self.tls_nodes()}
+        at = command.index("--cluster")
+        return [self.cli, *self.login_options(), *(plain.get(a, a) for a in command[at:])]
+
+    def tls_nodes(self) -> list[TLSClusterNode]:
+        return [node for node in self.nodes if isinstance(node, TLSClusterNode)]
+
+    def cli_options(self) -> list[str]:
+        options = ["--tls", "--cacert", str(self.files.ca)]
+        options += ["--cert", str(self.files.client_cert), "--key", str(self.files.client_key)]
+        return options + self.login_options()
+
+    def login_options(self) -> list[str]:
+        if not self.users:
+            return []
+        name, password = next(iter(self.users.items()))
+        return ["--user", name, "--pass", password, "--no-auth-warning"]
+
+    def url_with(self, *, user: str = "", password: str = "", **options: str | Path) -> str:
+        """A ``rediss+cluster://`` URL naming every node, with ``options`` as its query."""
+        ports = [node.port for node in self.nodes]
+        return rediss_url("rediss+cluster", ports, user, password, options)
+
+    @property
+    def url(self) -> str:
+        user, password = next(iter(self.users.items()), ("", ""))
+        return self.url_with(user=user, password=password, ssl_ca_certs=self.files.ca)

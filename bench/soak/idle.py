@@ -10,17 +10,20 @@ Prints KB per connection, how many the cloud dropped, and the cloud's CPU while 
 
     python bench/soak/idle.py [--counts 1000,10000] [--transports websocket,sse,long_poll]
                               [--per-channel 100] [--settle 15] [--opening 50] [--tracemalloc]
+                              [--keep]
 
 Connectors are spread over channels of ``--per-channel`` each (one token per channel, as
 deployments have); ``--per-channel 10000`` puts them all on one. ``--tracemalloc`` runs the
 cloud under tracemalloc (``tracedcloud.py``) and prints where the memory went (slower, and
-its RSS is not the figure to report). Everything listens on 127.0.0.1 and is stopped by PID.
+its RSS is not the figure to report); ``--keep`` keeps each run's directory (the cloud's and
+the client's logs) and prints where. Everything listens on 127.0.0.1 and is stopped by PID.
 A benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -109,7 +112,7 @@ class IdleClients:
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
-            stop(self.process)  # type: ignore[arg-type]
+            stop(self.process)
 
 
 def steady_rss(pid: int, seconds: float) -> tuple[int, float]:
@@ -191,8 +194,16 @@ def run_transport(transport: str, args: argparse.Namespace) -> dict[str, Any]:
     most = max(counts)
     channels = max(1, -(-most // args.per_channel))
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix=f"bench-idle-{transport}-") as tmp:
-        directory = Path(tmp)
+    with contextlib.ExitStack() as scratch:
+        if args.keep:
+            directory = Path(tempfile.mkdtemp(prefix=f"bench-idle-{transport}-"))
+            print(f"{transport}: logs kept in {directory}", flush=True)
+        else:
+            directory = Path(
+                scratch.enter_context(
+                    tempfile.TemporaryDirectory(prefix=f"bench-idle-{transport}-")
+                )
+            )
         started: list[subprocess.Popen[bytes]] = []
         clients: IdleClients | None = None
         try:
@@ -272,6 +283,9 @@ def main() -> None:
     parser.add_argument("--per-channel", type=int, default=100)
     parser.add_argument("--settle", type=float, default=15.0)
     parser.add_argument("--tracemalloc", action="store_true")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep each run's directory (cloud and client logs)"
+    )
     # Each connect costs the cloud a few storage round trips; on a busy 2-core machine more at
     # once than this starve the cloud's other work (and some connectors are refused 4503).
     parser.add_argument("--opening", type=int, default=50, help="connections opened at once")

@@ -176,6 +176,15 @@ def masked(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + body
 
 
+def refused(status: int, body: bytes) -> str:
+    """``HTTP 503 storage_unavailable``: the status and the error the cloud named, if any."""
+    try:
+        error = json.loads(body).get("error", "")
+    except (ValueError, AttributeError):
+        error = ""
+    return f"HTTP {status} {error}".rstrip()
+
+
 class WebSocketClient(Client):
     def start(self) -> None:
         assert self.transport is not None
@@ -237,6 +246,7 @@ class SseClient(Client):
     def start(self) -> None:
         assert self.transport is not None
         self.parser = httptools.HttpResponseParser(self)
+        self.refusal = b""
         extra = "Accept: text/event-stream\r\nX-Webhook-Connect-Protocol: webhook-connect.v1\r\n"
         self.transport.write(self.head(f"/connect/stream/{self.channel}/sse?group=default", extra))
 
@@ -246,23 +256,22 @@ class SseClient(Client):
         except httptools.HttpParserError as exc:
             self.fail(f"bad answer: {exc}")
 
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if status != 200:
-            self.fail(f"HTTP {status}")
-
     def on_body(self, body: bytes) -> None:
-        if not self.is_connected and b"event: connected" in body:
+        if self.parser.get_status_code() != 200:
+            self.refusal += body
+        elif not self.is_connected and b"event: connected" in body:
             self.connected()
 
     def on_message_complete(self) -> None:
-        self.fail("stream ended")
+        status = self.parser.get_status_code()
+        self.fail(refused(status, self.refusal) if status != 200 else "stream ended")
 
 
 class LongPollClient(Client):
     def start(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.connection_id = ""
+        self.refusal = b""
         self.poll(1)
 
     def poll(self, seconds: int) -> None:
@@ -285,10 +294,14 @@ class LongPollClient(Client):
         if name.lower() == b"x-connection-id":
             self.connection_id = value.decode()
 
+    def on_body(self, body: bytes) -> None:
+        if self.parser.get_status_code() not in (200, 204):
+            self.refusal += body
+
     def on_message_complete(self) -> None:
         status = self.parser.get_status_code()
         if status not in (200, 204) or not self.connection_id:
-            self.fail(f"HTTP {status}")
+            self.fail(refused(status, self.refusal))
             return
         if self.transport is not None and not self.transport.is_closing():
             self.poll(POLL_SECONDS)

@@ -11,10 +11,15 @@ id, at the sink).
 
     python bench/soak/soak.py [--messages 1000000] [--rate 3000] [--backend redis|sqlite]
                               [--protocol websocket] [--warm-up 60] [--csv soak-rss.csv]
+                              [--tracemalloc]
 
 It stops by itself: when every accepted message has arrived, or when nothing has arrived for
 ``--stall`` seconds. Whatever it started is stopped by PID, on Ctrl-C or a failure too.
-A benchmark, not a test.
+``--tracemalloc`` runs the connector under tracemalloc (``tracedconnector.py``) and prints
+what grew between the end of the warm-up and the end of the run: Python allocations by
+traceback, gc-tracked objects by type and glibc's heap (in use against free), which tell kept
+objects from a fragmented heap. Tracing slows the connector: its RSS is not the figure to
+report. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -36,8 +42,10 @@ if not __package__:  # run as a script: make the `bench` package importable
 
 from bench.ingest.servers import HOST, REPO, free_port, start_redis, stop
 from bench.relay.run import Offer, run_async
+from bench.soak.idle import Snapshots
 from bench.soak.rig import Sampler, start_cloud
 
+HERE = Path(__file__).resolve().parent
 SINK = REPO / "bench" / "relay" / "sink.py"
 TOKEN = "soak-token-0123456789abcdef"
 
@@ -54,6 +62,7 @@ class Soak:
         self.workdir = workdir
         self.args = args
         self.started: list[subprocess.Popen[bytes]] = []
+        self.snapshots = Snapshots(workdir / "snapshot") if args.tracemalloc else None
 
     def start(self) -> tuple[int, int, int]:
         """Storage, cloud, sink and connector; returns (cloud pid, connector pid, cloud port)."""
@@ -98,10 +107,15 @@ class Soak:
             )
         )
         log_path = self.workdir / "connector.log"
+        entry = ["-m", "webhook_connect"]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        if self.snapshots is not None:
+            entry = [str(HERE / "tracedconnector.py")]
+            env["WC_SNAPSHOT_PREFIX"] = str(self.snapshots.prefix)
         with log_path.open("ab") as log:
             connector = subprocess.Popen(
-                [sys.executable, "-m", "webhook_connect", "connector", "--config", str(config)],
-                env={**os.environ, "PYTHONPATH": str(REPO)},
+                [sys.executable, *entry, "connector", "--config", str(config)],
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -160,6 +174,7 @@ def main() -> None:
     parser.add_argument("--csv", default="soak-rss.csv")
     parser.add_argument("--max-concurrent", type=int, default=32)
     parser.add_argument("--max-in-flight", type=int, default=200)
+    parser.add_argument("--tracemalloc", action="store_true", help="trace the connector")
     args = parser.parse_args()
     duration = args.messages / args.rate
     warm_up = min(args.warm_up, duration * 0.2)
@@ -176,14 +191,54 @@ def main() -> None:
                 )
                 offer = Offer(port)
                 sending_started = time.monotonic() - sampler.started
+                traced: list[Path] = []
+                if run.snapshots is not None:
+                    snapshots = run.snapshots
+                    timer = threading.Timer(
+                        warm_up, lambda: traced.append(snapshots.take(connector_pid))
+                    )
+                    timer.start()
                 run_async(offer.at_rate(args.rate, duration))
                 sent_for = time.monotonic() - sampler.started - sending_started
                 counts = wait_delivered(run.sink_port, offer.accepted, args.stall)
                 finished = time.monotonic() - sampler.started
                 time.sleep(5)  # five samples after the last delivery
             report(args, offer, counts, sampler, sending_started, warm_up, sent_for, finished)
+            if run.snapshots is not None and traced:
+                print_growth(traced[0], run.snapshots.take(connector_pid))
         finally:
             run.stop()
+
+
+def print_growth(before: Path, after: Path, top: int = 15) -> None:
+    """What the traced connector grew between two snapshots: Python allocations by
+    traceback (the innermost frames), gc-tracked objects by type, glibc's heap."""
+    import tracemalloc
+
+    print("  connector from the warm-up to the end:")
+    if before.stat().st_size and after.stat().st_size:  # empty: WC_TRACE_FRAMES=0
+        old = tracemalloc.Snapshot.load(str(before))
+        new = tracemalloc.Snapshot.load(str(after))
+        stats = new.compare_to(old, "traceback")
+        total = sum(stat.size_diff for stat in stats)
+        print(f"    traced Python memory {total / 1024:+.0f} KiB; largest changes:")
+        for stat in sorted(stats, key=lambda stat: -abs(stat.size_diff))[:top]:
+            print(f"    {stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+8d} blocks")
+            for frame in list(stat.traceback)[-6:]:  # the innermost frames
+                where = frame.filename.replace(str(REPO) + "/", "").split("site-packages/")[-1]
+                print(f"        {where}:{frame.lineno}")
+    first = json.loads(Path(f"{before}.json").read_text())
+    last = json.loads(Path(f"{after}.json").read_text())
+    names = set(first["objects"]) | set(last["objects"])
+    grown = sorted(
+        ((last["objects"].get(n, 0) - first["objects"].get(n, 0), n) for n in names), reverse=True
+    )
+    print("    gc-tracked objects: " + ", ".join(f"{n} {d:+,}" for d, n in grown[:8] if d))
+    blocks = last["pymalloc_blocks"] - first["pymalloc_blocks"]
+    print(f"    Python memory blocks in use: {last['pymalloc_blocks']:,} ({blocks:+,})")
+    for key in last["heap"]:
+        change = (last["heap"][key] - first["heap"][key]) / 1024
+        print(f"    glibc heap {key}: {last['heap'][key] / 1024:,.0f} KiB ({change:+,.0f})")
 
 
 def report(

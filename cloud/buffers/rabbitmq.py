@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import Counter, deque
@@ -67,6 +68,12 @@ CONNECT_TIMEOUT = 5.0
 RECONNECT_BACKOFF = 0.5
 # A publish the broker has not confirmed by then is answered 503 (see ``_publish``).
 PUBLISH_TIMEOUT = 10.0
+# /ready (``ping``) answers from the last publish, a webhook's or its own probe's (``Publishes``):
+# one that went through serves for READY_FRESH seconds, one that failed for FAILURE_KEPT; past
+# that, a probe publish the broker has not confirmed within PROBE_TIMEOUT is a 503.
+READY_FRESH = 1.0
+FAILURE_KEPT = 2.0
+PROBE_TIMEOUT = 2.0
 PERSISTENT = 2  # AMQP delivery_mode: written to disk
 # A read of this many messages or more takes them with a short-lived consumer, fewer with
 # ``basic.get`` each (see ``_take_batch``); a batch waits at most this long for its messages.
@@ -75,6 +82,14 @@ BATCH_WAIT = 0.02
 # append_once ids kept for repeats: past this many, the expired ones are dropped.
 ONCE_PRUNE_AT = 10_000
 TTL_BACKSTOP_SECONDS = 300
+# Provisioning a channel whose queue this replica created, and an append into it, return only
+# this long after this replica last created a quorum queue. RabbitMQ 3.10 (Ra 2.2) confirms
+# publishes into a new quorum queue at once, but registers its Raft member in a file
+# (quorum/<node>/names.dets) it saves only once that file has gone 1 s without a change
+# (measured: 1.00 s after the last declaration, every time); a node killed before that loses
+# the queue and everything in it. 1 s of slack over the broker's timer
+# (docs/STORAGE-RABBITMQ.md, "A new queue").
+REGISTRATION_MARGIN = 2.0
 
 logger = logging.getLogger("webhook_connect.rabbitmq")
 # Headers a stored message carries besides its body.
@@ -123,6 +138,10 @@ class Names:
     def peers_exchange(self) -> str:
         return f"{self.prefix}::peers"
 
+    @property
+    def probe_queue(self) -> str:
+        return f"{self.prefix}::ready"
+
     def exchange(self, channel: str) -> str:
         return f"{self.prefix}:{channel}"
 
@@ -157,6 +176,36 @@ def retry_arguments(spec: ChannelSpec, group_queue: str) -> dict[str, Any]:
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": group_queue,
     }
+
+
+# The probe's queue: a quorum queue, as the groups' are (a publish takes the same path: a Raft
+# write and a confirm), keeping only the latest probe.
+PROBE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum", "x-max-length": 1}
+
+
+@dataclass(slots=True)
+class Publishes:
+    """What the last publish did, for /ready: the broker answering a channel open is no sign
+    it takes publishes (a memory or disk alarm blocks every publishing connection; a quorum
+    queue without a leader never confirms), so readiness follows the path ingest uses. Pure:
+    the caller passes ``time.monotonic()``."""
+
+    at: float = -math.inf  # when the last publish ended
+    failure: str = ""  # why it failed; "" when the broker answered it
+
+    def answered(self, now: float) -> None:
+        """The broker confirmed the publish, or refused it (a full queue: it is alive)."""
+        self.at, self.failure = now, ""
+
+    def failed(self, now: float, reason: str) -> None:
+        self.at, self.failure = now, reason or "failed"
+
+    def is_ready(self, now: float) -> bool | None:
+        """Ready or not from the last publish; None when it is too old to tell (probe)."""
+        age = now - self.at
+        if self.failure:
+            return False if age < FAILURE_KEPT else None
+        return True if age < READY_FRESH else None
 
 
 @dataclass(slots=True)
@@ -214,6 +263,8 @@ class RabbitMQBuffer:
         self._rooms: dict[str, Room] = {}
         self._measuring: dict[str, asyncio.Future[Room]] = {}
         self._declared: set[str] = set()
+        self._created_at = -math.inf  # when this replica last created a quorum queue
+        self._young: set[str] = set()  # channels with a queue created here, maybe not saved
         self._held: dict[str, Held] = {}
         self._notifier = Notifier()
         # This replica's counters, feed and ack counts (docs/STORAGE-RABBITMQ.md: not shared).
@@ -224,6 +275,8 @@ class RabbitMQBuffer:
         self._storing: dict[tuple[str, str], asyncio.Future[str]] = {}
         self._batch_lock = asyncio.Lock()
         self._peers = Peers(self._names.peers_exchange, self._answer)
+        self._publishes = Publishes()
+        self._probing: asyncio.Future[None] | None = None
 
     # Plumbing -----------------------------------------------------------------------------
 
@@ -341,7 +394,8 @@ class RabbitMQBuffer:
             await self._close(scratch)
         for group in wanted:
             queue = self._names.group_queue(spec.name, group)
-            await self._declare_queue(queue, group_arguments(spec))
+            if await self._declare_queue(queue, group_arguments(spec)):
+                self._young.add(spec.name)
             await self._declare_queue(
                 self._names.retry_queue(spec.name, group), retry_arguments(spec, queue)
             )
@@ -355,9 +409,34 @@ class RabbitMQBuffer:
                 await self._close(scratch)
             self._declared.add(f"{spec.name}/{group}")
 
-    async def _declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
-        """Declare ``name``; one that exists with other limits is kept as it is (RabbitMQ
-        refuses new arguments for a queue: a policy changes them, docs/STORAGE-RABBITMQ.md)."""
+    async def _until_registered(self, channel: str) -> None:
+        """Return once the broker has saved the registration of ``channel``'s queues: at once
+        unless this replica created one of them, else REGISTRATION_MARGIN after the last
+        quorum queue this replica created (the broker saves its registry of them only once it
+        has gone 1 s unchanged, so each creation puts off the save of the ones before it)."""
+        if channel not in self._young:
+            return
+        wait = self._created_at + REGISTRATION_MARGIN - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+            await self._until_registered(channel)  # a queue created meanwhile puts it off
+        else:
+            self._young.discard(channel)
+
+    async def _declare_queue(self, name: str, arguments: dict[str, Any]) -> bool:
+        """Declare ``name``; whether it was created here. One that exists with other limits is
+        kept as it is (RabbitMQ refuses new arguments for a queue: a policy changes them,
+        docs/STORAGE-RABBITMQ.md)."""
+        scratch = await self._scratch()
+        try:
+            await scratch.declare_queue(name, passive=True)
+            created = False
+        except aiormq.exceptions.ChannelNotFoundEntity:  # the broker closed that channel
+            created = True
+        except aiormq.exceptions.AMQPError as exc:
+            raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+        finally:
+            await self._close(scratch)
         scratch = await self._scratch()
         try:
             await scratch.declare_queue(name, durable=True, arguments=arguments)
@@ -367,16 +446,25 @@ class RabbitMQBuffer:
             raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
         finally:
             await self._close(scratch)
+        if created and arguments.get("x-queue-type") == "quorum":
+            self._created_at = time.monotonic()
+        return created
 
     async def _publish(
-        self, exchange: str, routing_key: str, message: Outgoing, channel: str
+        self,
+        exchange: str,
+        routing_key: str,
+        message: Outgoing,
+        channel: str,
+        confirm_within: float = PUBLISH_TIMEOUT,
     ) -> None:
         """Publish and wait for the broker's confirm; its refusal is a full channel.
 
         Straight on the aiormq channel: aio-pika's ``get_exchange`` asks the broker whether
         the exchange exists (a round trip per publish), and its message wrapper costs CPU.
-        A confirm that does not come within ``PUBLISH_TIMEOUT`` is a 503: the sender retries,
-        and a message the broker stored after all is a duplicate, never a loss."""
+        A confirm that does not come within ``confirm_within`` is a 503: the sender retries, and a
+        message the broker stored after all is a duplicate, never a loss. The outcome is
+        what /ready answers from (``Publishes``)."""
         try:
             amqp = await self._open_publisher()
             await amqp.basic_publish(
@@ -384,17 +472,27 @@ class RabbitMQBuffer:
                 exchange=exchange,
                 routing_key=routing_key,
                 properties=message.properties,
-                timeout=PUBLISH_TIMEOUT,
+                timeout=confirm_within,
             )
+        except StorageUnavailable as exc:  # no channel to publish on
+            self._publishes.failed(time.monotonic(), str(exc))
+            raise
         except aiormq.exceptions.DeliveryError as exc:
+            self._publishes.answered(time.monotonic())
             room = self._rooms.get(channel)
             spec = room.spec if room else await self._registry.get_channel(channel)
             raise ChannelFull(channel, spec.max_queue_size if spec else 0) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            self._publishes.answered(time.monotonic())
             self._forget_channel(channel)
             raise UnknownChannel(channel) from exc
         except (TimeoutError, OSError, RuntimeError, aiormq.exceptions.AMQPError) as exc:
-            raise StorageUnavailable(f"rabbitmq: {exc!r}") from exc
+            reason = f"rabbitmq: {exc!r}"
+            if isinstance(exc, TimeoutError):
+                reason = f"rabbitmq: a publish was not confirmed within {confirm_within:g} s"
+            self._publishes.failed(time.monotonic(), reason)
+            raise StorageUnavailable(reason) from exc
+        self._publishes.answered(time.monotonic())
 
     def _count(self, channel: str, name: str, n: int = 1) -> None:
         self._counters.setdefault(channel, Counter())[name] += n
@@ -475,6 +573,8 @@ class RabbitMQBuffer:
         message_id = uuid.uuid4().hex
         message = self._message(envelope, message_id, 0, [])
         await self._publish(self._names.exchange(spec.name), "", message, spec.name)
+        # Nothing accepted is lost: not even to a crash in the first second of a new queue.
+        await self._until_registered(spec.name)
         self._count(spec.name, "accepted")
         self._event(spec.name, "received", message_id)
         self._notifier.notify(spec.name)
@@ -540,16 +640,23 @@ class RabbitMQBuffer:
         amqp = await self._open()
         name = self._names.group_queue(spec.name, group)
         try:
+            # No more than the queue had ready when the read began (at least one: a message
+            # given back a moment ago is counted a little later); what arrives meanwhile is
+            # the next read's. Unbounded, a read under steady load kept taking messages one
+            # round trip each as fast as they arrived, and held back from the consumer what
+            # it had taken until the queue ran dry (relay p50 ~100 ms at 1,000 msg/s).
+            ready = await self._queue_depth(name) if count >= BATCH_AT_LEAST else count
+            want = min(count, max(ready, 1))
             taken: list[Delivery] = []
-            if count >= BATCH_AT_LEAST:
-                for batched in await self._take_batch(amqp, name, count):
+            if want >= BATCH_AT_LEAST:
+                for batched in await self._take_batch(amqp, name, want):
                     delivery = await self._hold(spec, group, consumer, batched)
                     if delivery is not None:
                         taken.append(delivery)
-            # One at a time: small reads, the rest of a batch, and a message the count missed
-            # (one given back a moment ago is counted a little later).
+            # One at a time: small reads, the rest of a batch another reader took from, and
+            # in place of the expired ones dropped (so a read behind them is not empty).
             queue = await amqp.get_queue(name, ensure=False)
-            while len(taken) < count:
+            while len(taken) < want:
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
@@ -561,15 +668,12 @@ class RabbitMQBuffer:
         return taken
 
     async def _take_batch(
-        self, amqp: AbstractChannel, queue: str, count: int
+        self, amqp: AbstractChannel, queue: str, want: int
     ) -> list[AbstractIncomingMessage]:
-        """Up to ``count`` messages in four round trips, however many: a ``basic.get`` per
-        message made a drain as slow as the round trip. A consumer whose prefetch is what the
-        queue has ready (at most ``count``) takes them in order and is cancelled at once; the
-        prefetch bounds what it can receive, so everything it received is held."""
-        want = min(count, await self._queue_depth(queue))
-        if want < BATCH_AT_LEAST:
-            return []
+        """Up to ``want`` messages (what the queue has ready) in three round trips, however
+        many: a ``basic.get`` per message made a drain as slow as the round trip. A consumer
+        whose prefetch is ``want`` takes them in order and is cancelled at once; the prefetch
+        bounds what it can receive, so everything it received is held."""
         underlay = await amqp.get_underlay_channel()
         got: list[AbstractIncomingMessage] = []
         complete = asyncio.Event()
@@ -1006,6 +1110,9 @@ class RabbitMQBuffer:
         self._forget_channel(spec.name)
         groups = [g.name for g in await self._registry.list_groups(spec.name)]
         await self._declare(spec, groups or [DEFAULT_GROUP])
+        # A provisioned channel takes webhooks at once (docs/STORAGE-RABBITMQ.md, "A new
+        # queue"); a group joined later instead holds back the first appends after it.
+        await self._until_registered(spec.name)
 
     async def get_channel(self, name: str) -> ChannelSpec | None:
         return await self._registry.get_channel(name)
@@ -1132,13 +1239,43 @@ class RabbitMQBuffer:
     # Lifecycle ----------------------------------------------------------------------------
 
     async def ping(self) -> None:
-        """The broker answers (a channel opens) and so does the companion store."""
-        channel = await self._open()
-        if channel.is_closed:
-            raise StorageUnavailable("rabbitmq: channel closed")
+        """The companion store answers, and the broker takes publishes: the last publish (a
+        webhook's or a probe's) went through less than ``READY_FRESH`` ago, or a probe does
+        now; one that failed answers 503 for ``FAILURE_KEPT`` without asking again. Concurrent
+        calls share one probe, and none waits for it longer than ``PROBE_TIMEOUT``."""
         await self._registry.ping()
+        ready = self._publishes.is_ready(time.monotonic())
+        if ready is None:
+            if self._probing is None or self._probing.done():
+                self._probing = asyncio.ensure_future(self._probe())
+                # Its outcome is in ``_publishes``; the exception needs no other reader.
+                self._probing.add_done_callback(lambda done: done.cancelled() or done.exception())
+            with contextlib.suppress(StorageUnavailable, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._probing), PROBE_TIMEOUT)
+            if not self._probing.done():  # a channel open the broker does not answer
+                why = f"rabbitmq: a probe publish was not confirmed within {PROBE_TIMEOUT:g} s"
+                self._publishes.failed(time.monotonic(), why)
+            ready = self._publishes.is_ready(time.monotonic())
+        if not ready:
+            raise StorageUnavailable(self._publishes.failure or "rabbitmq: not ready")
+
+    async def _probe(self) -> None:
+        """A confirmed publish on the channel ingest publishes on, to a queue of its own; the
+        channel that holds the deliveries opened on the way (reads and acks need it)."""
+        try:
+            await self._open()
+            if self._names.probe_queue not in self._declared:
+                await self._declare_queue(self._names.probe_queue, PROBE_ARGUMENTS)
+                self._declared.add(self._names.probe_queue)
+        except StorageUnavailable as exc:
+            self._publishes.failed(time.monotonic(), str(exc))
+            raise
+        probe = Outgoing(b"", PublishedProperties(delivery_mode=PERSISTENT))
+        await self._publish("", self._names.probe_queue, probe, "", confirm_within=PROBE_TIMEOUT)
 
     async def aclose(self) -> None:
+        if self._probing is not None:
+            self._probing.cancel()
         try:
             if self._connection is not None and not self._connection.is_closed:
                 await self._connection.close()

@@ -122,7 +122,7 @@ class RedisClusterBuffer(RedisBuffer):
             try:
                 table = await self._cluster.table()
                 node = table.nodes[attempt % len(table.nodes)]
-                client = redis_py_client(parse_redis_url(self._cluster.url.node_url(node)))
+                client = redis_py_client(self._cluster.endpoint(node))
                 try:
                     async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                         await pubsub.subscribe(NOTIFY_CHANNEL)

@@ -360,19 +360,34 @@ local first = redis.call('XRANGE', S, '-', '+', 'COUNT', 1)[1]
 return {redis.call('XLEN', S), in_flight, first and first[1] or false}
 
 -- script: connect
--- ARGV: connection id, record JSON, limit, stale ms. Drops stale records; 1 if registered.
+-- ARGV: connection id, record JSON, limit, stale ms. 1 if registered; 0 if limit connections
+-- of the channel are live. Below the limit the hash's size says so at once (its stale records
+-- only overstate it), so a connect costs O(1) however many connectors the channel has. At the
+-- limit the records are read, stale ones dropped and live ones counted; a refusal keeps, in
+-- the config hash, when the oldest live record could go stale ('conns_full_until'): until
+-- then no record can be stale (records only get younger), so refusals cost no read either.
 local now = now_ms()
-local live = 0
-local all = redis.call('HGETALL', CONNS)
-for i = 1, #all, 2 do
-  local record = cjson.decode(all[i + 1])
-  if record.seen_at * 1000 < now - tonumber(ARGV[4]) then
-    redis.call('HDEL', CONNS, all[i])
-  else
-    live = live + 1
+local limit, stale = tonumber(ARGV[3]), tonumber(ARGV[4])
+if redis.call('HLEN', CONNS) >= limit then
+  if now < tonumber(redis.call('HGET', CFG, 'conns_full_until') or '0') then return 0 end
+  local live, oldest = 0, now
+  local all = redis.call('HGETALL', CONNS)
+  for i = 1, #all, 2 do
+    local seen = cjson.decode(all[i + 1]).seen_at * 1000
+    if seen < now - stale then
+      redis.call('HDEL', CONNS, all[i])
+    else
+      live = live + 1
+      oldest = math.min(oldest, seen)
+    end
+  end
+  if live >= limit then
+    if redis.call('EXISTS', CFG) == 1 then
+      redis.call('HSET', CFG, 'conns_full_until', string.format('%d', oldest + stale))
+    end
+    return 0
   end
 end
-if live >= tonumber(ARGV[3]) then return 0 end
 local record = cjson.decode(ARGV[2])
 record.seen_at = now / 1000
 redis.call('HSET', CONNS, ARGV[1], cjson.encode(record))

@@ -141,7 +141,8 @@ class RespClient:
             endpoint = self.endpoint
             where = endpoint.path or f"{endpoint.host}:{endpoint.port}"
             raise StorageUnavailable(
-                f"redis unreachable at {where}: {exc or type(exc).__name__}"
+                # str(): asyncio.timeout's TimeoutError has no text, yet is true.
+                f"redis unreachable at {where}: {str(exc) or type(exc).__name__}"
             ) from exc
 
     async def _open(self) -> _Protocol:

@@ -21,6 +21,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+from webhook_connect.cloud.buffers.redisurl import RedisEndpoint, parse_redis_url
 from webhook_connect.cloud.buffers.resp import ReplyError, RespClient
 from webhook_connect.shared.exceptions import StorageUnavailable
 
@@ -202,6 +203,19 @@ def reply_code(error: ReplyError) -> str:
     return str(error).partition(" ")[0]
 
 
+def tls_port_hint(reached: Node, table: SlotTable) -> str:
+    """Why the masters a cluster names may not answer TLS, when the node that answered at
+    ``reached`` (over TLS) is announced at no such port: a cluster run with ``tls-cluster no``
+    announces its plain ports, even to a TLS client (Redis 7.0). "" when nothing says so."""
+    if any(port == reached[1] for _, port in table.nodes):
+        return ""
+    announced = ", ".join(f"{host}:{port}" for host, port in table.primaries())
+    return (
+        f"the cluster, reached over TLS at {reached[0]}:{reached[1]}, announces {announced} "
+        "for its masters: plain ports, unless its nodes run with tls-cluster yes"
+    )
+
+
 # I/O -------------------------------------------------------------------------------------
 
 
@@ -210,11 +224,17 @@ class ClusterRespClient:
 
     def __init__(self, url: str) -> None:
         self.url = parse_cluster_url(url)
+        # The URL read once (redisurl.py): every node, those the cluster names later (a MOVED
+        # or ASK target, a promoted replica) included, is reached with the same login and the
+        # one SSLContext, not one built again from the files for each node as it turns up.
+        self._endpoint = parse_redis_url(self.url.node_url(self.url.nodes[0]))
         self._clients: dict[Node, RespClient] = {}
         self._asking: dict[Node, tuple[RespClient, asyncio.Lock]] = {}
         self._table: SlotTable | None = None
         self._refreshing: asyncio.Task[SlotTable] | None = None
         self._refreshed_at = 0.0
+        self._source: list[Node] = []  # the node the table was last read from
+        self._hint = ""  # tls_port_hint of the last table read
         # Replica acknowledgements: per node, the WAIT in progress and how many commands had
         # been sent to the node when it was sent (it covers those, and only those).
         self._sent: dict[Node, int] = {}
@@ -223,10 +243,14 @@ class ClusterRespClient:
         self._replicas: dict[Node, tuple[int, float]] = {}
         self._role_reads: dict[Node, asyncio.Future[Any]] = {}
 
+    def endpoint(self, node: Node) -> RedisEndpoint:
+        """How to reach ``node``: the URL's login and TLS context at the node's address."""
+        return self._endpoint.at(*node)
+
     def client(self, node: Node) -> RespClient:
         client = self._clients.get(node)
         if client is None:
-            client = self._clients[node] = RespClient(self.url.node_url(node))
+            client = self._clients[node] = RespClient(self.endpoint(node))
         return client
 
     async def table(self) -> SlotTable:
@@ -241,7 +265,7 @@ class ClusterRespClient:
     async def _read_table(self) -> SlotTable:
         known = self._table.nodes if self._table is not None else []
         errors = []
-        for node in dict.fromkeys([*known, *self.url.nodes]):
+        for node in dict.fromkeys([*self._source, *known, *self.url.nodes]):
             try:
                 reply = await self.client(node).execute("CLUSTER", "SLOTS")
             except StorageUnavailable as exc:
@@ -250,9 +274,14 @@ class ClusterRespClient:
             if isinstance(reply, ReplyError) or not reply:
                 errors.append(f"{node[0]}:{node[1]}: {reply or 'no slots served'}")
                 continue
-            self._table = SlotTable.from_reply(reply, node[0])
+            self._table = table = SlotTable.from_reply(reply, node[0])
             self._refreshed_at = time.monotonic()
-            return self._table
+            self._source = [node]
+            hint = tls_port_hint(node, table) if self._endpoint.tls is not None else ""
+            if hint and hint != self._hint:
+                logger.warning("redis cluster: %s", hint)
+            self._hint = hint
+            return table
         raise StorageUnavailable("redis cluster unreachable: " + "; ".join(errors))
 
     async def execute(self, *args: Any) -> Any:
@@ -310,7 +339,7 @@ class ClusterRespClient:
         for the next command only, so nothing else may come between)."""
         entry = self._asking.get(node)
         if entry is None:
-            entry = self._asking[node] = (RespClient(self.url.node_url(node)), asyncio.Lock())
+            entry = self._asking[node] = (RespClient(self.endpoint(node)), asyncio.Lock())
         client, lock = entry
         async with lock:
             asked = await client.execute("ASKING")
@@ -393,8 +422,10 @@ class ClusterRespClient:
         for node in table.primaries():
             try:
                 info = await self.client(node).execute("CLUSTER", "INFO")
-            except StorageUnavailable:
+            except StorageUnavailable as exc:
                 await self._refresh_quietly()
+                if self._hint:
+                    raise StorageUnavailable(f"{exc}; {self._hint}") from exc
                 raise
             if isinstance(info, ReplyError):
                 raise StorageUnavailable(f"redis {node[0]}:{node[1]}: {info}")
@@ -433,10 +464,11 @@ async def topology_problem(url: str) -> str | None:
     support disabled, or two listed nodes that do not know each other. Nodes that do not
     answer are not judged (the cloud waits for storage as it does for a single Redis)."""
     parsed = parse_cluster_url(url)
+    endpoint = parse_redis_url(parsed.node_url(parsed.nodes[0]))
     ids: dict[Node, bytes] = {}
     known: dict[Node, set[bytes]] = {}
     for node in parsed.nodes:
-        client = RespClient(parsed.node_url(node))
+        client = RespClient(endpoint.at(*node))
         try:
             async with asyncio.timeout(5):
                 nodes = await client.execute("CLUSTER", "NODES")

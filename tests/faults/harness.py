@@ -33,6 +33,11 @@ WEBHOOK = "load"
 # The window each connector asks for: what one broken connection can have had delivered to
 # the target without the cloud hearing the ack, so the most one disruption can duplicate.
 WINDOW = 50
+# The channel's ack timeout: what a connection was given and never acknowledged (a poll
+# answer or acks lost in a fault) is due again this long after it was given.
+ACK_TIMEOUT = 5.0
+# The longest a connector waits before it dials again.
+RECONNECT_MAX = 1.0
 
 
 def webhooks(**channel: object) -> dict[str, object]:
@@ -42,7 +47,7 @@ def webhooks(**channel: object) -> dict[str, object]:
     config = {
         "channel": CHANNEL,
         "channel_token": TOKEN,
-        "ack_timeout_seconds": 5,
+        "ack_timeout_seconds": ACK_TIMEOUT,
         "retry_delay_seconds": 0.2,
         "max_delivery_attempts": 1000,
         **channel,
@@ -70,7 +75,7 @@ def connector_settings(
         "state_dir": str(workdir / f"state-{name}"),
         "max_in_flight": WINDOW,
         "reconnect_delay_seconds": 0.2,
-        "max_reconnect_delay_seconds": 1,
+        "max_reconnect_delay_seconds": RECONNECT_MAX,
         "default_target": {
             "url": sink.url,
             "timeout_seconds": 5,

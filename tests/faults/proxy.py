@@ -76,6 +76,8 @@ class FaultProxy:
         self.connections_accepted = 0
         self._mode = _Mode()
         self._links: set[_Link] = set()
+        self._accepting: set[asyncio.Task[Any]] = set()  # accepted, upstream not yet answered
+        self._closing = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
@@ -160,11 +162,22 @@ class FaultProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections_accepted += 1
+        task = asyncio.current_task()
+        assert task is not None
+        if self._closing:
+            writer.transport.abort()
+            return
+        self._accepting.add(task)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
             writer.close()
             return
+        except asyncio.CancelledError:  # stop() while the upstream had not answered yet
+            writer.transport.abort()
+            raise
+        finally:
+            self._accepting.discard(task)
         link = _Link(writer, up_writer, dead=self._mode.name == "blackhole")
         self._links.add(link)
         link.tasks = [
@@ -248,14 +261,22 @@ class FaultProxy:
         self._links.discard(link)
 
     async def _shutdown(self) -> None:
+        """Close every socket this proxy holds before its loop stops: one left to the garbage
+        collector surfaces later as a ResourceWarning in whichever test is running then."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
+        await asyncio.sleep(0)  # a connection accepted just now gets to see _closing
+        tasks = list(self._accepting)
         for link in list(self._links):
             self._drop(link)
-            for task in link.tasks:
-                task.cancel()
+            tasks += link.tasks
             for writer in link.writers():
                 writer.transport.abort()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # the aborted transports close their sockets
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.faults.proxy import FaultProxy
+from tests.servers import wait_until
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -105,3 +106,33 @@ def test_trickle_paces_the_bytes(proxy: FaultProxy) -> None:
         started = time.monotonic()
         assert echo(sock, b"a" * 100) == b"a" * 100
         assert time.monotonic() - started >= 0.4  # 10 slices of 50 ms, at least one way
+
+
+def test_stop_closes_a_connection_whose_upstream_has_not_answered() -> None:
+    """A client the proxy took while its upstream connect was still pending (a connector
+    reconnecting as a test ends): stop() closes it. It used to be left to the garbage
+    collector, whose ResourceWarning then failed whichever test was running at the time."""
+    with socket.socket() as upstream:
+        upstream.bind(("127.0.0.1", 0))
+        upstream.listen(0)
+        # Fill the upstream's accept queue: from here on its SYNs go unanswered.
+        fillers = [socket.socket() for _ in range(4)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(upstream.getsockname())
+        proxy = FaultProxy(upstream.getsockname()[1])
+        proxy.start()
+        try:
+            with dial(proxy) as sock:
+                wait_until(lambda: proxy.connections_accepted == 1)
+                time.sleep(0.2)  # the proxy is now waiting on the upstream
+                assert proxy.open_connections == 0
+                proxy.stop()
+                try:
+                    assert sock.recv(10) == b""
+                except ConnectionResetError:
+                    pass  # closed with an RST: closed all the same
+        finally:
+            proxy.stop()
+            for filler in fillers:
+                filler.close()

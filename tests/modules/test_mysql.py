@@ -39,19 +39,28 @@ class MariaDBServer:
         self.port = free_port()
         self.socket = str(directory / "mariadb.sock")
         self.process: subprocess.Popen[bytes] | None = None
-        subprocess.run(
-            [
-                "mariadb-install-db",
-                "--no-defaults",
-                f"--datadir={directory / 'data'}",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-                "--user=root",
-                *NO_SYNC,
-            ],
-            check=True,
-            capture_output=True,
-        )
+        # Once in a full CI run (2026-12-05, 3 workers on 2 cores) the bootstrap exited 1
+        # half-way, its output unseen; a second try starts from an empty data directory, and a
+        # second failure shows what mariadb-install-db said.
+        for attempt in range(2):
+            done = subprocess.run(
+                [
+                    "mariadb-install-db",
+                    "--no-defaults",
+                    f"--datadir={directory / 'data'}",
+                    "--auth-root-authentication-method=normal",
+                    "--skip-test-db",
+                    "--user=root",
+                    *NO_SYNC,
+                ],
+                capture_output=True,
+            )
+            if done.returncode == 0:
+                break
+            shutil.rmtree(directory / "data", ignore_errors=True)
+            if attempt == 1:
+                said = (done.stdout + done.stderr).decode(errors="replace")[-2000:]
+                raise RuntimeError(f"mariadb-install-db exited {done.returncode}:\n{said}")
 
     def start(self) -> None:
         args = [

@@ -234,7 +234,7 @@ class SQLiteBuffer:
         return await self._run(queue.housekeep, channel, self._clock())
 
     async def pending_count(self, channel: str, group: str, consumer: str, limit: int) -> int:
-        return await self._run(queue.pending_count, channel, group, consumer, limit)
+        return await self._run(queue.pending_count, channel, group, consumer, limit, self._clock())
 
     # Message queue: dead letters, history, activity, stats --------------------------------
 

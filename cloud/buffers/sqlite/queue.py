@@ -408,12 +408,15 @@ def release(db: sqlite3.Connection, channel: str, group: str, consumer: str, now
 
 
 def pending_count(
-    db: sqlite3.Connection, channel: str, group: str, consumer: str, limit: int
+    db: sqlite3.Connection, channel: str, group: str, consumer: str, limit: int, now: float
 ) -> int:
-    """How many messages ``consumer`` holds, counted up to ``limit``."""
+    """How many messages ``consumer`` holds, counted up to ``limit``. One past its ack timeout
+    is not held any more but due again: counted, it could fill the window of a connection that
+    lost it (a long-poll answer cut off) for good, as only a read hands it out again."""
     row = db.execute(
-        "SELECT COUNT(*) FROM pending WHERE channel = ? AND grp = ? AND consumer = ?",
-        (channel, group, consumer),
+        "SELECT COUNT(*) FROM pending WHERE channel = ? AND grp = ? AND consumer = ? "
+        "AND due_at > ?",
+        (channel, group, consumer, now),
     ).fetchone()
     return min(int(row[0]), limit)
 
