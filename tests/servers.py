@@ -46,6 +46,24 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str
         time.sleep(0.02)
 
 
+def freeze(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it is stopped (alive, silent).
+
+    ``kill`` only queues the signal: a multi-threaded server (a JVM, the Erlang VM) stops
+    when one of its threads takes it, and on a loaded machine another thread could still
+    answer a request sent meanwhile (once each in CI runs, for ActiveMQ and RabbitMQ)."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def all_stopped() -> bool:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                states.append(stat.read_text().rpartition(")")[2].split()[0])
+        return bool(states) and all(state in "tT" for state in states)
+
+    wait_until(all_stopped, timeout, f"every thread of process {pid} to stop")
+
+
 def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
     """Stop a process we started, by PID; kill it if it does not go in time."""
     if process.poll() is None:

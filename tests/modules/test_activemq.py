@@ -4,7 +4,6 @@ raw STOMP subscriber; and the STOMP frame codec on its own."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.servers import free_port, running, stop, wait_until
+from tests.servers import free_port, freeze, running, stop, wait_until
 from webhook_connect.shared.config.connections import ConnectionEntry
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.modules.activemq import ActiveMQConfig, ActiveMQModule
@@ -283,24 +282,12 @@ async def test_broker_down_is_transient_and_the_module_reconnects(
     ]
 
 
-def all_threads_stopped(pid: int) -> bool:
-    """Whether every thread of ``pid`` is stopped: a SIGSTOP reaches a JVM's threads one by
-    one, and on a loaded machine one could still answer a receipt (once in a CI run)."""
-    states = []
-    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            states.append(stat.read_text().rpartition(")")[2].split()[0])
-    return bool(states) and all(state in "tT" for state in states)
-
-
 async def test_an_overdue_receipt_is_transient(broker: ActiveMQServer, pools: Pools) -> None:
     sender = module(broker, pools, destination="ok.frozen", timeout_seconds=0.5)
     await sender.deliver(message(JSON, 1))
     assert broker.process is not None
-    broker.process.send_signal(signal.SIGSTOP)  # alive, silent
+    freeze(broker.process.pid)  # alive, silent
     try:
-        pid = broker.process.pid
-        wait_until(lambda: all_threads_stopped(pid), 10, "the JVM to stop")
         with pytest.raises(Transient):
             await sender.deliver(message(JSON, 2))
     finally:

@@ -17,7 +17,7 @@ import aiomqtt
 import pytest
 from pydantic import ValidationError
 
-from tests.servers import free_port, running, stop, wait_until
+from tests.servers import free_port, freeze, running, stop, wait_until
 from webhook_connect.shared.config.connections import ConnectionEntry
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.modules.base import Message, Permanent, Pools, Transient
@@ -223,7 +223,7 @@ async def test_an_overdue_acknowledgement_is_transient(
     sender = module(mosquitto, pools, topic="ok/frozen", timeout_seconds=0.5)
     await sender.deliver(message(JSON, 1))
     assert mosquitto.process is not None
-    mosquitto.process.send_signal(signal.SIGSTOP)  # alive, silent
+    freeze(mosquitto.process.pid)  # alive, silent
     try:
         with pytest.raises(Transient):
             await sender.deliver(message(JSON, 2))

@@ -15,7 +15,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from tests.servers import RABBITMQ_MAX_MESSAGE_SIZE, RabbitMQServer
+from tests.servers import RABBITMQ_MAX_MESSAGE_SIZE, RabbitMQServer, freeze
 from webhook_connect.shared.envelope import Envelope
 from webhook_connect.shared.modules.amqp import PublishedProperties
 from webhook_connect.shared.modules.base import Message, Permanent, Pools, Transient
@@ -205,7 +205,7 @@ async def test_an_overdue_confirm_is_transient(rabbit: RabbitMQServer, pools: Po
     sender = module(rabbit, pools, queue_name="frozen", timeout_seconds=0.5)
     await sender.deliver(message(JSON, 1))
     vm = int((rabbit.directory / "vm.pid").read_text())
-    os.kill(vm, signal.SIGSTOP)  # alive, silent
+    freeze(vm)  # alive, silent
     try:
         with pytest.raises(Transient):
             await sender.deliver(message(JSON, 2))
