@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import json
 import os
 import uuid
@@ -12,6 +13,15 @@ import redis
 
 from tests.servers import Cloud, RabbitMQServer, RedisCluster, RedisServer, Sink, running
 from webhook_connect.cloud.buffers import Buffer, open_buffer
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect garbage after each test, so an unclosed socket or transport is reported (a
+    ResourceWarning, an error in this suite) by the test that left it open, not by whichever
+    later test the collector happened to run in."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,15 @@ sleep), and stops exactly that process by its PID.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,9 +30,50 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
+    """A loopback port no socket holds, for a server a test starts.
+
+    Not the kernel's pick (``bind(0)``): that comes from the ephemeral range, where another
+    xdist worker's server or any outgoing connection may take the same port between this
+    check and the server's own bind, and a readiness check would then find the other
+    worker's server (whose tests flush it).
+    Each worker takes ports from a block of its own below the ephemeral range, in turn, so a
+    port is not handed out again while a stopped server's sockets may linger on it."""
+    with _PORTS_LOCK:
+        for _ in range(len(_PORTS)):
+            port = _PORTS[next(_PORT_TURN) % len(_PORTS)]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _port_block(size: int = 1500, first: int = 10_000) -> range:
+    """This process's block of ports: one per xdist worker (``gw0``, ``gw1`` …) and one for
+    a run without workers, all below the kernel's ephemeral range (empty if they don't fit)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker[:2] == "gw" and worker[2:].isdigit() else 0
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    start = first + index * size
+    return range(start, start + size) if start + size <= ephemeral else range(0)
+
+
+_PORTS = _port_block()
+# Where in the block to begin: anywhere, so a run right after another does not meet the
+# sockets the previous run's servers left lingering.
+_PORT_TURN = itertools.count(random.randrange(max(len(_PORTS), 1)))
+_PORTS_LOCK = threading.Lock()
+
+
+class Exited(RuntimeError):
+    """A server process ended while a test waited for it to be ready."""
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
@@ -39,7 +83,9 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str
         try:
             if condition():
                 return
-        except Exception:  # not ready yet: any exception here means "try again"
+        except Exited:
+            raise
+        except Exception:  # not ready yet: any other exception here means "try again"
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what or condition}")
@@ -141,6 +187,8 @@ class RedisServer:
         wait_until(self._answers, what=f"redis-server on port {self.port}")
 
     def _answers(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise Exited(f"redis-server on port {self.port} exited ({self.process.returncode})")
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith(b"+PONG")
@@ -335,7 +383,7 @@ class Cloud:
 
     def _healthy(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"cloud exited: {self.log.read_text()}")
+            raise Exited(f"cloud exited: {self.log.read_text()}")
         return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -400,6 +448,8 @@ class Sink:
         wait_until(self._listening, what=f"sink on port {self.port}")
 
     def _listening(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise Exited(f"sink exited: {self.log.read_text()}")
         with socket.create_connection(("127.0.0.1", self.port), timeout=1):
             return True
 

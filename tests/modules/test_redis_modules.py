@@ -42,6 +42,18 @@ def record_call(payload: Any, headers: dict[str, str]) -> dict[str, Any]:
     return {"payload": payload, "headers": headers, "meta": job.meta}
 
 
+class Worker(SimpleWorker):
+    """rq's in-process worker without its pub/sub listener (remote commands, unused here).
+    Stopping that listener sometimes hung for its 60 s wait on a loaded machine, and the jobs
+    (``result_ttl`` 60) had expired by the time the test looked at them."""
+
+    def subscribe(self) -> None:
+        pass
+
+    def unsubscribe(self) -> None:
+        pass
+
+
 def message(body: bytes, message_id: str = "1700000000000-0", channel: str = "ch") -> Message:
     envelope = Envelope(
         channel, "github", 1700000000.5, "POST", "/webhook/github", "a=1", HEADERS, body
@@ -86,7 +98,7 @@ async def test_rq_job_is_run_by_an_rq_worker(
     assert job.get_status() == JobStatus.QUEUED
     assert job.timeout == 180 and job.result_ttl == 60 and job.origin == "webhooks"
 
-    assert SimpleWorker([queue], connection=sync_redis).work(burst=True)
+    assert Worker([queue], connection=sync_redis).work(burst=True)
     first = Job.fetch(job_id(json_message), connection=sync_redis)
     assert first.get_status() == JobStatus.FINISHED
     result = first.return_value()
