@@ -135,8 +135,15 @@ class RespClient:
     async def _connect(self) -> _Protocol:
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.create_task(self._open())
+        connecting = self._connecting
         try:
-            return await asyncio.shield(self._connecting)
+            return await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            # The connection being made was given up by aclose(), not this caller.
+            task = asyncio.current_task()
+            if connecting.cancelled() and (task is None or not task.cancelling()):
+                raise StorageUnavailable("redis client closed") from None
+            raise
         except (OSError, TimeoutError) as exc:
             endpoint = self.endpoint
             where = endpoint.path or f"{endpoint.host}:{endpoint.port}"
@@ -148,23 +155,29 @@ class RespClient:
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         endpoint = self.endpoint
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            if endpoint.path:
-                _, protocol = await loop.create_unix_connection(
-                    lambda: _Protocol(self), endpoint.path
-                )
-            else:
-                _, protocol = await loop.create_connection(
-                    lambda: _Protocol(self), endpoint.host, endpoint.port, ssl=endpoint.tls
-                )
-            for command in endpoint.handshake():
-                future: asyncio.Future[Any] = loop.create_future()
-                protocol.send(encode_command(command), future)
-                reply = await future
-                if isinstance(reply, ReplyError):
-                    if protocol.transport is not None:
-                        protocol.transport.close()
-                    raise StorageUnavailable(f"redis refused {command[0]}: {reply}")
+        protocol: _Protocol | None = None
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                if endpoint.path:
+                    _, protocol = await loop.create_unix_connection(
+                        lambda: _Protocol(self), endpoint.path
+                    )
+                else:
+                    _, protocol = await loop.create_connection(
+                        lambda: _Protocol(self), endpoint.host, endpoint.port, ssl=endpoint.tls
+                    )
+                for command in endpoint.handshake():
+                    future: asyncio.Future[Any] = loop.create_future()
+                    protocol.send(encode_command(command), future)
+                    reply = await future
+                    if isinstance(reply, ReplyError):
+                        raise StorageUnavailable(f"redis refused {command[0]}: {reply}")
+        except BaseException:
+            # Connected, then the handshake failed, timed out or was given up (aclose()):
+            # this connection will never be used, so it is closed now, not left open.
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.close()
+            raise
         self._protocol = protocol
         return protocol
 
@@ -173,6 +186,12 @@ class RespClient:
             self._protocol = None
 
     async def aclose(self) -> None:
+        """Close the connection, and give up one being made (its callers get
+        StorageUnavailable); nothing stays open after this returns."""
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and not connecting.done():
+            connecting.cancel()
+            await asyncio.wait({connecting})
         protocol = self._protocol
         self._protocol = None
         if protocol is not None and protocol.transport is not None:

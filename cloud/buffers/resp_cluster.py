@@ -435,12 +435,15 @@ class ClusterRespClient:
             raise StorageUnavailable("redis cluster: some slots are served by no master")
 
     async def aclose(self) -> None:
+        # The table read first: it would open connections to nodes after they were closed.
+        refreshing, self._refreshing = self._refreshing, None
+        if refreshing is not None and not refreshing.done():
+            refreshing.cancel()
+            await asyncio.wait({refreshing})
         for client in self._clients.values():
             await client.aclose()
         for client, _ in self._asking.values():
             await client.aclose()
-        if self._refreshing is not None:
-            self._refreshing.cancel()
 
 
 def _serving(table: SlotTable, slot: int | None) -> Node:
