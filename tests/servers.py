@@ -76,6 +76,16 @@ class Exited(RuntimeError):
     """A server process ended while a test waited for it to be ready."""
 
 
+def check_running(
+    process: subprocess.Popen[bytes] | None, what: str, log: Path | None = None
+) -> None:
+    """Raise :class:`Exited`, with ``log``'s text, if ``process`` has ended (``wait_until``
+    then fails at once)."""
+    if process is not None and process.poll() is not None:
+        output = f": {log.read_text()}" if log is not None else ""
+        raise Exited(f"{what} exited ({process.returncode}){output}")
+
+
 def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
     """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -187,8 +197,7 @@ class RedisServer:
         wait_until(self._answers, what=f"redis-server on port {self.port}")
 
     def _answers(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise Exited(f"redis-server on port {self.port} exited ({self.process.returncode})")
+        check_running(self.process, f"redis-server on port {self.port}")
         with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(64).startswith(b"+PONG")
@@ -382,8 +391,7 @@ class Cloud:
         wait_until(self._healthy, timeout=20, what=f"cloud on port {self.port}")
 
     def _healthy(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise Exited(f"cloud exited: {self.log.read_text()}")
+        check_running(self.process, f"cloud on port {self.port}", self.log)
         return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -448,8 +456,7 @@ class Sink:
         wait_until(self._listening, what=f"sink on port {self.port}")
 
     def _listening(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise Exited(f"sink exited: {self.log.read_text()}")
+        check_running(self.process, f"sink on port {self.port}", self.log)
         with socket.create_connection(("127.0.0.1", self.port), timeout=1):
             return True
 
