@@ -42,12 +42,17 @@ class MariaDBServer:
         # Once in a full CI run (2026-12-05, 3 workers on 2 cores) the bootstrap exited 1
         # half-way, its output unseen; a second try starts from an empty data directory, and a
         # second failure shows what mariadb-install-db said.
+        # Temporary tables in a directory of its own: once (2026-12-06) both bootstraps failed
+        # "Error on delete of '/tmp/#sql-temptable-….MAI' (Errcode: 2)" in the shared /tmp.
+        self.tmpdir = directory / "tmp"
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
         for attempt in range(2):
             done = subprocess.run(
                 [
                     "mariadb-install-db",
                     "--no-defaults",
                     f"--datadir={directory / 'data'}",
+                    f"--tmpdir={self.tmpdir}",
                     "--auth-root-authentication-method=normal",
                     "--skip-test-db",
                     "--user=root",
@@ -67,6 +72,7 @@ class MariaDBServer:
             shutil.which("mariadbd") or "/usr/sbin/mariadbd",
             "--no-defaults",
             f"--datadir={self.directory / 'data'}",
+            f"--tmpdir={self.tmpdir}",
             f"--socket={self.socket}",
             f"--port={self.port}",
             "--bind-address=127.0.0.1",
